@@ -1,0 +1,8 @@
+"""Drafters: each file defines one and registers it by decorator. Importing this package registers the built-ins."""
+
+from specdec.drafters.base import (DraftContext, Drafter, TargetView, make_drafter, parse_spec, register_drafter,
+                                   registered_drafters)
+from specdec.drafters import ngram  # noqa: F401  (registers "ngram")
+
+__all__ = ["DraftContext", "Drafter", "TargetView", "make_drafter", "parse_spec", "register_drafter",
+           "registered_drafters"]

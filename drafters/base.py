@@ -1,0 +1,103 @@
+"""The drafter plugin point: a protocol of three methods and a registry.
+
+A drafter proposes a `DraftTree` below the last committed token; the verifier tells it what the target said
+(`observe`); `reset` starts a new sequence. Drafters register by the `@register_drafter("name")` decorator or by the
+entry-point group `specdec.drafters`; the generator never looks at a drafter's name.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, runtime_checkable
+
+import torch
+
+from specdec.controllers.base import Budget
+from specdec.sampling import SamplingParams
+from specdec.tree import DraftTree
+
+if TYPE_CHECKING:
+    from specdec.verify import VerifyResult
+
+
+@dataclass(frozen=True)
+class TargetView:
+    """What a drafter may know of the target: its vocabulary size, device, and the model itself (for drafters that
+    share its layers)."""
+
+    vocab_size: int
+    device: torch.device
+    model: Any = None
+
+
+@dataclass(frozen=True)
+class DraftContext:
+    """token_ids: the committed sequence (prompt + generated); its last token is the root of the tree to propose."""
+
+    token_ids: Sequence[int]
+    budget: Budget
+    params: SamplingParams
+    target: TargetView
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    """vocab_size: the vocabulary the drafter's token ids live in, or None when it copies ids from the context."""
+
+    vocab_size: int | None
+
+    def propose(self, ctx: DraftContext) -> DraftTree: ...
+
+    def observe(self, result: VerifyResult) -> None: ...
+
+    def reset(self) -> None: ...
+
+
+_DRAFTERS: dict[str, Callable[..., Drafter]] = {}
+
+
+def register_drafter(name: str):
+    """Class decorator: make a drafter constructible by name (`make_drafter(name, **options)`)."""
+
+    def add(cls):
+        _DRAFTERS[name] = cls
+        cls.name = name
+        return cls
+
+    return add
+
+
+def registered_drafters() -> dict[str, Callable[..., Drafter]]:
+    """Name -> factory, including drafters of installed packages (entry-point group `specdec.drafters`)."""
+    for entry in entry_points(group="specdec.drafters"):
+        if entry.name not in _DRAFTERS:
+            _DRAFTERS[entry.name] = entry.load()
+    return dict(_DRAFTERS)
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """`"ngram:max_n=4,min_n=2"` -> ("ngram", {"max_n": 4, "min_n": 2}); values are Python literals or strings."""
+    name, _, tail = spec.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in tail.split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"bad option {item!r} in {spec!r}: write key=value, e.g. 'ngram:max_n=4'")
+        try:
+            options[key.strip()] = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            options[key.strip()] = raw.strip()
+    return name.strip(), options
+
+
+def make_drafter(spec: str | Drafter, **options) -> Drafter:
+    """A drafter from a registered name or spec string (`"ngram:max_n=4"`), or the object itself."""
+    if not isinstance(spec, str):
+        return spec
+    name, spec_options = parse_spec(spec)
+    known = registered_drafters()
+    if name not in known:
+        raise ValueError(f"unknown drafter {name!r}; registered drafters: {', '.join(sorted(known))}")
+    return known[name](**{**spec_options, **options})

@@ -1,0 +1,100 @@
+"""The backend for any transformers causal LM: tree verification through a custom 4D float mask, depth-based
+position ids and a `DynamicCache`; the model's own code is not touched."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from specdec.tree import DraftTree, ancestor_mask, depths
+
+
+@dataclass
+class HFState:
+    """One sequence's target cache; `length` = cached tokens (the root's position id)."""
+
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    length: int = 0
+
+
+def tree_attention_mask(tree: DraftTree, past_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(1, 1, N+1, past_len+N+1) additive mask for [root] + tree queries over [cache] + [root] + tree keys.
+
+    Every query sees the whole cache and the root; node i also sees its ancestors and itself. Blocked entries hold
+    `finfo.min` (not -inf, which turns fully masked rows into NaN; not bool, which eager attention misreads)."""
+    n = len(tree)
+    allowed = torch.zeros(n + 1, past_len + n + 1, dtype=torch.bool, device=device)
+    allowed[:, : past_len + 1] = True
+    allowed[1:, past_len + 1:] = ancestor_mask(tree).to(device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def context_window(config) -> int | None:
+    """Positions the model can attend over: max_position_embeddings, capped by a sliding window if it has one
+    (a custom tree mask cannot express the window, so specdec stays inside it)."""
+    limits = [getattr(config, name, None) for name in ("max_position_embeddings", "sliding_window")]
+    limits = [limit for limit in limits if isinstance(limit, int) and limit > 0]
+    return min(limits) if limits else None
+
+
+class HFBackend:
+    """Runs a transformers `PreTrainedModel` (batch 1) in whatever dtype and device it is on."""
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model.eval()
+        self.device = model.device
+        self.dtype = next(model.parameters()).dtype
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.max_positions = context_window(model.config)
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    @torch.inference_mode()
+    def _forward(self, state: HFState, token_ids: torch.Tensor, positions: torch.Tensor,
+                 mask: torch.Tensor | None, last_only: bool = False) -> torch.Tensor:
+        kwargs = {"logits_to_keep": 1} if last_only and self._logits_to_keep else {}
+        out = self.model(input_ids=token_ids[None], position_ids=positions[None], attention_mask=mask,
+                         past_key_values=state.cache, use_cache=True, **kwargs)
+        state.length += token_ids.numel()
+        return out.logits[0]
+
+    def _ids(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(token_ids, dtype=torch.long).to(self.device)
+
+    def _positions(self, start: int, count: int) -> torch.Tensor:
+        return torch.arange(start, start + count, device=self.device)
+
+    def prefill(self, token_ids: Sequence[int]) -> HFState:
+        state = HFState()
+        if len(token_ids):
+            self._forward(state, self._ids(token_ids), self._positions(0, len(token_ids)), None, last_only=True)
+        return state
+
+    def decode(self, state: HFState, token: int) -> torch.Tensor:
+        return self._forward(state, self._ids([token]), self._positions(state.length, 1), None)[-1]
+
+    def score_tree(self, state: HFState, root_token: int, tree: DraftTree) -> torch.Tensor:
+        token_ids = torch.cat([self._ids([root_token]), tree.tokens.to(self.device)])
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), depths(tree).cpu()]).to(self.device)
+        mask = tree_attention_mask(tree, state.length, self.dtype, self.device)
+        return self._forward(state, token_ids, state.length + offsets, mask)
+
+    @torch.inference_mode()
+    def commit(self, state: HFState, accepted_nodes: Sequence[int], tree_size: int) -> None:
+        """Move the accepted nodes' KV rows right behind the root, then crop the rejected rest."""
+        root = state.length - tree_size - 1
+        accepted = len(accepted_nodes)
+        if accepted and list(accepted_nodes) != list(range(accepted)):
+            source = torch.as_tensor(accepted_nodes, device=self.device) + root + 1
+            for layer in state.cache.layers:
+                layer.keys[..., root + 1: root + 1 + accepted, :] = layer.keys[..., source, :]
+                layer.values[..., root + 1: root + 1 + accepted, :] = layer.values[..., source, :]
+        dropped = tree_size - accepted
+        if dropped:
+            state.cache.crop(-dropped)
+        state.length -= dropped

@@ -1,0 +1,296 @@
+"""The public API: `SpeculativeGenerator`.
+
+    gen = SpeculativeGenerator(model, tokenizer=tok, drafter="ngram", controller="heuristic")
+    out = gen.generate("def fib(n):", max_new_tokens=64)         # out.text, out.token_ids, out.stats
+    for chunk in gen.stream("def fib(n):"): print(chunk.text, end="")
+
+Each step: budget -> draft -> verify (one target forward, lossless acceptance, KV compaction) -> commit -> observe.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Generator, Iterator, Sequence
+
+import torch
+
+from specdec.backends.hf import HFBackend
+from specdec.controllers import Budget, Controller, StepStats, make_controller
+from specdec.drafters import DraftContext, Drafter, TargetView, make_drafter
+from specdec.sampling import SamplingParams, make_generator
+from specdec.stopping import StopRule
+from specdec.timing import PhaseTimer
+from specdec.tree import DraftTree, depths
+from specdec.verify import verify
+
+
+@dataclass
+class GenerationStats:
+    """tau = committed tokens per target forward (the bonus included; prefill not counted).
+    accepted_hist[k] = steps that accepted k draft tokens. seconds: wall time per phase (prefill, draft, verify,
+    accept, commit, observe); wall_s: the whole generation."""
+
+    new_tokens: int = 0
+    target_forwards: int = 0
+    drafted_nodes: int = 0
+    accepted_hist: Counter = field(default_factory=Counter)
+    seconds: dict[str, float] = field(default_factory=dict)
+    wall_s: float = 0.0
+    drafter_errors: int = 0
+    stop_reason: str | None = None
+
+    @property
+    def tau(self) -> float:
+        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """New tokens / wall time of the whole generation, prefill included (as Spec-Bench counts)."""
+        return self.new_tokens / self.wall_s if self.wall_s else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"new_tokens": self.new_tokens, "target_forwards": self.target_forwards, "tau": self.tau,
+                "tokens_per_s": self.tokens_per_s, "drafted_nodes": self.drafted_nodes,
+                "accepted_hist": dict(sorted(self.accepted_hist.items())), "seconds": dict(self.seconds),
+                "wall_s": self.wall_s, "drafter_errors": self.drafter_errors, "stop_reason": self.stop_reason}
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """token_ids: the new tokens only; text: their decoded text (None without a tokenizer)."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    stats: GenerationStats
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """Tokens committed by one step (after stopping rules) and the text they complete."""
+
+    token_ids: list[int]
+    text: str
+
+
+class _TextStream:
+    """Incremental detokenisation that never emits half a UTF-8 character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.emitted = tokenizer, ""
+
+    def push(self, token_ids: Sequence[int], final: bool = False) -> str:
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):
+            return ""
+        delta, self.emitted = text[len(self.emitted):], text
+        return delta
+
+
+class SpeculativeGenerator:
+    """Lossless speculative decoding for a transformers causal LM (batch 1; a list of prompts runs one by one).
+
+    target:     a `PreTrainedModel`, or a model id / local path loaded with `AutoModelForCausalLM`
+    drafter:    a registered drafter name or spec (`"ngram:max_n=4"`) or a `Drafter` object
+    controller: a registered controller name or spec (`"static:max_depth=6"`) or a `Controller` object
+    """
+
+    def __init__(self, target, tokenizer=None, drafter: str | Drafter = "ngram",
+                 controller: str | Controller = "heuristic", backend=None, dtype: torch.dtype | str = "auto",
+                 device: str | None = None):
+        if isinstance(target, str):
+            target, tokenizer = _load(target, tokenizer, dtype, device)
+        self.tokenizer = tokenizer
+        self.backend = backend or HFBackend(target)
+        self.drafter = make_drafter(drafter)
+        self.controller = make_controller(controller)
+        vocab = getattr(self.drafter, "vocab_size", None)
+        if vocab is not None and vocab != self.backend.vocab_size:
+            raise ValueError(f"drafter vocab {vocab} != target vocab {self.backend.vocab_size}; "
+                             f"pass a drafter built for this tokenizer")
+        self.target_view = TargetView(self.backend.vocab_size, self.backend.device, self.backend.model)
+
+    def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | None = 0, stop: Sequence[str] = (), chat: bool = False):
+        """One prompt (str, list of token ids, 1-D tensor) -> a `GenerationOutput`; a list of strings or a 2-D
+        tensor -> a list of them, generated one after another."""
+        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                       seed=seed, stop=stop, chat=chat)
+        if _is_batch(prompt):
+            return [self.generate(one, **options) for one in prompt]
+        steps = self.stream(prompt, **options)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as finished:
+                return finished.value
+
+    def stream(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, seed: int | None = 0, stop: Sequence[str] = (),
+               chat: bool = False) -> Generator[StreamChunk, None, GenerationOutput]:
+        """Yields a `StreamChunk` per step; the generator's return value is the `GenerationOutput`."""
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        prompt_ids = self.encode(prompt, chat)
+        room = None if self.backend.max_positions is None else self.backend.max_positions - len(prompt_ids)
+        rule = StopRule(max_new_tokens, self._eos_ids(), tuple(stop), self.tokenizer, room)
+        return self._decode_loop(prompt_ids, params, rule)
+
+    def _decode_loop(self, prompt_ids: list[int], params: SamplingParams,
+                     rule: StopRule) -> Iterator[StreamChunk]:
+        stats, timer, text = GenerationStats(), PhaseTimer(), _TextStream(self.tokenizer)
+        started = time.perf_counter()
+        generator = make_generator(params, self.backend.device)
+        with timer("prefill"):
+            state = self.backend.prefill(prompt_ids[:-1])
+        self._drafter_call("reset", stats)
+        committed, generated, history = list(prompt_ids), [], []
+        end = rule.cut(generated, 0)
+        while end is None:
+            budget = self._clamp(self.controller.budget(history), len(committed), rule.limit - len(generated))
+            with timer("draft"):
+                tree = self._propose(DraftContext(committed, budget, params, self.target_view), budget, stats)
+            result = verify(self.backend, state, committed[-1], tree, params, generator, timer)
+            start = len(generated)
+            generated += result.committed_tokens
+            end = rule.cut(generated, start)
+            committed = list(prompt_ids) + generated[:end]
+            with timer("observe"):
+                step = StepStats(len(tree), _depth(tree), result.accepted_len)
+                history.append(step)
+                self.controller.observe(step)
+                self._drafter_call("observe", stats, result)
+            stats.target_forwards += 1
+            stats.drafted_nodes += len(tree)
+            stats.accepted_hist[result.accepted_len] += 1
+            yield StreamChunk(generated[start:end], text.push(generated[:end]))
+        generated = generated[:end]
+        tail = text.push(generated, final=True)
+        if tail:
+            yield StreamChunk([], tail)
+        stats.new_tokens, stats.stop_reason = len(generated), rule.reason
+        stats.seconds, stats.wall_s = dict(timer.seconds), time.perf_counter() - started
+        return GenerationOutput(list(prompt_ids), generated, self._decode(generated), stats)
+
+    def _clamp(self, budget: Budget, committed_len: int, tokens_left: int) -> Budget:
+        """No node past the context window, and no deeper than the tokens still wanted (the bonus comes free)."""
+        depth = min(budget.max_depth, max(tokens_left - 1, 0))
+        if self.backend.max_positions is not None:
+            depth = min(depth, self.backend.max_positions - committed_len)
+        return Budget(max_nodes=budget.max_nodes if depth else 0, max_depth=depth,
+                      min_confidence=budget.min_confidence)
+
+    def _propose(self, ctx: DraftContext, budget: Budget, stats: GenerationStats) -> DraftTree:
+        """The drafter's tree, checked; a drafter that raises or returns a bad tree costs one plain step."""
+        if budget.max_nodes == 0 or budget.max_depth == 0:
+            return DraftTree.empty(self.backend.device)
+        tree = self._drafter_call("propose", stats, ctx)
+        if tree is None:
+            return DraftTree.empty(self.backend.device)
+        problem = self._tree_problem(tree, budget)
+        if problem:
+            self._drafter_failed(stats, ValueError(problem))
+            return DraftTree.empty(self.backend.device)
+        return tree.to(self.backend.device)
+
+    def _tree_problem(self, tree, budget: Budget) -> str | None:
+        if not isinstance(tree, DraftTree):
+            return f"propose() returned {type(tree).__name__}, expected a DraftTree"
+        if len(tree) == 0:
+            return None
+        if int(tree.tokens.min()) < 0 or int(tree.tokens.max()) >= self.backend.vocab_size:
+            return f"draft token ids must lie in [0, {self.backend.vocab_size})"
+        if _depth(tree) > budget.max_depth:
+            return f"draft depth {_depth(tree)} exceeds the budget's max_depth {budget.max_depth}"
+        return None
+
+    def _drafter_call(self, method: str, stats: GenerationStats, *args):
+        try:
+            return getattr(self.drafter, method)(*args)
+        except Exception as error:  # noqa: BLE001 - any drafter failure falls back to plain decoding
+            self._drafter_failed(stats, error)
+            return None
+
+    def _drafter_failed(self, stats: GenerationStats, error: Exception) -> None:
+        if stats.drafter_errors == 0:
+            warnings.warn(f"drafter {type(self.drafter).__name__} failed ({type(error).__name__}: {error}); "
+                          f"falling back to plain decoding for that step", RuntimeWarning, stacklevel=3)
+        stats.drafter_errors += 1
+
+    def encode(self, prompt, chat: bool = False) -> list[int]:
+        """A prompt (str, token ids) -> checked token ids; `chat` applies the tokenizer's chat template."""
+        if isinstance(prompt, str):
+            ids = self._tokenize(prompt, chat)
+        elif isinstance(prompt, torch.Tensor):
+            if prompt.dim() != 1 or prompt.dtype.is_floating_point:
+                raise TypeError(f"token ids must be a 1-D integer tensor, got {prompt.dim()}-D {prompt.dtype}")
+            ids = prompt.tolist()
+        elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise TypeError(f"prompt must be a str, a list of token ids or a 1-D tensor, got {type(prompt).__name__}")
+        return self._check_ids(ids)
+
+    def _tokenize(self, prompt: str, chat: bool) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer: pass tokenizer=... or give token ids")
+        if not prompt:
+            raise ValueError("the prompt is empty: give some text or token ids")
+        if not chat:
+            return list(self.tokenizer(prompt).input_ids)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("chat=True but this tokenizer has no chat template")
+        ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                 tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def _check_ids(self, ids: list[int]) -> list[int]:
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        vocab = self.backend.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the target's vocabulary [0, {vocab})")
+        limit = self.backend.max_positions
+        if limit is not None and len(ids) >= limit:
+            raise ValueError(f"the prompt has {len(ids)} tokens but the model's context window is {limit}; "
+                             f"shorten the prompt to at most {limit - 1} tokens")
+        return ids
+
+    def _eos_ids(self) -> frozenset[int]:
+        model = self.backend.model
+        config = getattr(model, "generation_config", None) or model.config
+        eos = getattr(config, "eos_token_id", None)
+        if eos is None and self.tokenizer is not None:
+            eos = self.tokenizer.eos_token_id
+        return frozenset([eos] if isinstance(eos, int) else eos or [])
+
+    def _decode(self, token_ids: list[int]) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def _depth(tree: DraftTree) -> int:
+    return int(depths(tree).max()) if len(tree) else 0
+
+
+def _is_batch(prompt) -> bool:
+    if isinstance(prompt, torch.Tensor):
+        return prompt.dim() == 2
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(p, str) for p in prompt)
+
+
+def _load(path: str, tokenizer, dtype, device):
+    """Model (and tokenizer, unless given) from an id or a local directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    elif isinstance(tokenizer, str):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    return model, tokenizer

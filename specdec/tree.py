@@ -1,0 +1,157 @@
+"""Draft token trees.
+
+Terms (used across specdec):
+- **root**: the last committed token. Its KV is not in the target's cache yet; the verifier feeds it together with the
+  tree, and the target's distribution at the root scores the tree's first level.
+- **node i**: a drafted token `tokens[i]` whose parent is node `parents[i]` (-1 = the root). Nodes are topologically
+  ordered: `parents[i] < i`.
+- **depth**: the root has depth 0, its children depth 1, and so on. A node's position id is `root_position + depth`.
+- **chain**: a tree with branching 1 (node i's parent is i - 1). The **empty tree** is a plain autoregressive step.
+
+Worked example: the drafts "a b c" and "a d" share the prefix "a":
+
+    tokens  = [a, b, c, d]
+    parents = [-1, 0, 1, 0]      depths = [1, 2, 3, 2]      paths = [[0, 1, 2], [0, 3]]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class DraftTree:
+    """A tree of drafted tokens below the root (the last committed token).
+
+    tokens:      (N,) int64   drafted token ids
+    parents:     (N,) int64   parent node index, -1 for a child of the root; parents[i] < i
+    draft_probs: (N, V) float or None
+                 row i = the distribution q the drafter sampled node i from (at node i's parent). None means every
+                 node is a deterministic draft: q is one-hot on tokens[i].
+    source:      N names or None: which drafter proposed each node (fused trees, per-source statistics).
+    """
+
+    tokens: torch.Tensor
+    parents: torch.Tensor
+    draft_probs: torch.Tensor | None = None
+    source: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        tokens, parents = self.tokens, self.parents
+        if tokens.dim() != 1 or parents.shape != tokens.shape:
+            raise ValueError(f"tokens and parents must be 1-D of one length, got {tuple(tokens.shape)} "
+                             f"and {tuple(parents.shape)}")
+        if tokens.dtype != torch.long or parents.dtype != torch.long:
+            raise TypeError(f"tokens and parents must be int64, got {tokens.dtype} and {parents.dtype}")
+        n = tokens.numel()
+        if n and not bool(((parents >= -1) & (parents < torch.arange(n, device=parents.device))).all()):
+            raise ValueError(f"parents must satisfy -1 <= parents[i] < i (topological order), got {parents.tolist()}")
+        if self.draft_probs is not None and (self.draft_probs.dim() != 2 or self.draft_probs.shape[0] != n):
+            raise ValueError(f"draft_probs must be (N, V) with N={n}, got {tuple(self.draft_probs.shape)}")
+        if self.source is not None and len(self.source) != n:
+            raise ValueError(f"source must name {n} nodes, got {len(self.source)}")
+
+    def __len__(self) -> int:
+        return self.tokens.numel()
+
+    @classmethod
+    def empty(cls, device: torch.device | str = "cpu") -> DraftTree:
+        """The tree with no nodes: the verifier then does a plain autoregressive step."""
+        none = torch.empty(0, dtype=torch.long, device=device)
+        return cls(tokens=none, parents=none.clone())
+
+    @classmethod
+    def chain(cls, tokens: Sequence[int] | torch.Tensor, draft_probs: torch.Tensor | None = None,
+              source: str | None = None) -> DraftTree:
+        """A single draft sequence: node i is the child of node i - 1."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
+        parents = torch.arange(tokens.numel(), dtype=torch.long, device=tokens.device) - 1
+        names = None if source is None else (source,) * tokens.numel()
+        return cls(tokens=tokens, parents=parents, draft_probs=draft_probs, source=names)
+
+    @classmethod
+    def from_paths(cls, paths: Sequence[Sequence[int]], source: str | None = None,
+                   max_nodes: int | None = None) -> DraftTree:
+        """A deterministic tree (a trie) from token sequences; shared prefixes become shared nodes.
+
+        Paths are inserted in order, so put the most promising first: with `max_nodes`, insertion stops at the
+        budget (a path may be cut part-way; its prefix stays)."""
+        tokens: list[int] = []
+        parents: list[int] = []
+        child_of: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
+        for path in paths:
+            parent = -1
+            for token in path:
+                node = child_of.get((parent, int(token)))
+                if node is None:
+                    if max_nodes is not None and len(tokens) >= max_nodes:
+                        break
+                    node = len(tokens)
+                    child_of[(parent, int(token))] = node
+                    tokens.append(int(token))
+                    parents.append(parent)
+                parent = node
+        names = None if source is None else (source,) * len(tokens)
+        return cls(tokens=torch.tensor(tokens, dtype=torch.long),
+                   parents=torch.tensor(parents, dtype=torch.long), source=names)
+
+    def to(self, device: torch.device | str) -> DraftTree:
+        probs = None if self.draft_probs is None else self.draft_probs.to(device)
+        return DraftTree(self.tokens.to(device), self.parents.to(device), probs, self.source)
+
+
+def depths(tree: DraftTree) -> torch.Tensor:
+    """(N,) int64: depth of each node (children of the root have depth 1)."""
+    parents = tree.parents.tolist()
+    out: list[int] = []
+    for parent in parents:
+        out.append(1 if parent < 0 else out[parent] + 1)
+    return torch.tensor(out, dtype=torch.long, device=tree.tokens.device)
+
+
+def ancestor_mask(tree: DraftTree) -> torch.Tensor:
+    """(N, N) bool: mask[i, j] is True iff node j is node i or one of its ancestors (root excluded).
+
+    This is the tree-attention pattern: row i may attend to exactly the nodes set in it."""
+    n = len(tree)
+    mask = torch.eye(n, dtype=torch.bool, device=tree.tokens.device)
+    for i, parent in enumerate(tree.parents.tolist()):
+        if parent >= 0:
+            mask[i] |= mask[parent]
+    return mask
+
+
+def position_ids(tree: DraftTree, root_position: int) -> torch.Tensor:
+    """(N,) int64 position ids of the nodes: root_position + depth."""
+    return depths(tree) + root_position
+
+
+def paths(tree: DraftTree) -> list[list[int]]:
+    """Root-to-leaf paths as lists of node indices, in leaf order."""
+    parents = tree.parents.tolist()
+    has_child = [False] * len(parents)
+    for parent in parents:
+        if parent >= 0:
+            has_child[parent] = True
+    out = []
+    for leaf, leafy in enumerate(has_child):
+        if leafy:
+            continue
+        path = [leaf]
+        while parents[path[-1]] >= 0:
+            path.append(parents[path[-1]])
+        out.append(path[::-1])
+    return out
+
+
+def path_to(tree: DraftTree, node: int) -> list[int]:
+    """Node indices from the root's child down to `node` (empty for node -1, the root)."""
+    parents = tree.parents.tolist()
+    path = []
+    while node >= 0:
+        path.append(node)
+        node = parents[node]
+    return path[::-1]

@@ -1,0 +1,60 @@
+"""Verification: one target forward over [root] + tree, lossless acceptance, KV compaction.
+
+After `verify` the target's cache holds exactly the committed tokens but the new root (the bonus token)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from specdec.accept import accept
+from specdec.backends.base import Backend
+from specdec.sampling import SamplingParams
+from specdec.timing import PhaseTimer
+from specdec.tree import DraftTree, path_to
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """What the target said about one draft tree.
+
+    tree:            the verified tree (on the target's device)
+    accepted_nodes:  node indices of the accepted path, root's child first (possibly empty)
+    accepted_tokens: their token ids;  accepted_len = len(accepted_tokens)
+    bonus_token:     the target's own token after the accepted path; committed = accepted_tokens + [bonus_token]
+    logits:          (N+1, V) target logits, row 0 at the root, row 1+i at node i (for drafters that learn)
+    """
+
+    tree: DraftTree
+    accepted_nodes: list[int]
+    accepted_tokens: list[int]
+    bonus_token: int
+    logits: torch.Tensor
+
+    @property
+    def accepted_len(self) -> int:
+        return len(self.accepted_nodes)
+
+    @property
+    def committed_tokens(self) -> list[int]:
+        return self.accepted_tokens + [self.bonus_token]
+
+
+def verify(backend: Backend, state: Any, root_token: int, tree: DraftTree, params: SamplingParams,
+           generator: torch.Generator | None, timer: PhaseTimer | None = None) -> VerifyResult:
+    """Score [root] + tree in one target forward, accept the longest correct path, keep only its KV."""
+    timer = timer or PhaseTimer()
+    with timer("verify"):
+        logits = backend.score_tree(state, root_token, tree)
+    with timer("accept"):
+        acceptance = accept(tree, logits, params, generator)
+        deepest_node, bonus_token = torch.stack([acceptance.deepest_node, acceptance.bonus_token]).tolist()  # sync
+    with timer("commit"):
+        accepted_nodes = path_to(tree, deepest_node)
+        backend.commit(state, accepted_nodes, len(tree))
+    tokens = tree.tokens.tolist()
+    return VerifyResult(tree=tree, accepted_nodes=accepted_nodes,
+                        accepted_tokens=[tokens[node] for node in accepted_nodes],
+                        bonus_token=bonus_token, logits=logits)
