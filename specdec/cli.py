@@ -1,0 +1,89 @@
+"""The `specdec` command line: `specdec generate ...` (more subcommands register themselves in `COMMANDS`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from rich.console import Console
+from rich.table import Table
+
+from specdec.config import (DEFAULT_PROMPT, GENERATE_PRESETS, GenerateConfig, add_config_arguments,
+                            config_from_arguments)
+
+console = Console(stderr=True)
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    """Stream the generated text to stdout, then print a table of the run's statistics."""
+    import torch
+
+    from specdec.generator import SpeculativeGenerator
+
+    config = config_from_arguments(GenerateConfig, args, GENERATE_PRESETS)
+    model = config.model
+    if model is None:
+        from specdec.train.pretrain import ensure_model
+
+        model = str(ensure_model())
+    dtype = config.dtype if config.dtype == "auto" else getattr(torch, config.dtype)
+    generator = SpeculativeGenerator(model, drafter=config.drafter, controller=config.controller, dtype=dtype,
+                                     device=config.device)
+    prompt = DEFAULT_PROMPT if config.prompt is None else config.prompt.replace("\\n", "\n").replace("\\t", "\t")
+    sys.stdout.write(prompt)
+    steps = generator.stream(prompt, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                             top_p=config.top_p, top_k=config.top_k, seed=config.seed, stop=config.stop,
+                             chat=config.chat)
+    while True:
+        try:
+            sys.stdout.write(next(steps).text)
+            sys.stdout.flush()
+        except StopIteration as finished:
+            output = finished.value
+            break
+    sys.stdout.write("\n")
+    console.print(stats_table(output.stats, config))
+    return 0
+
+
+def stats_table(stats, config: GenerateConfig) -> Table:
+    table = Table(title=f"specdec generate · drafter {config.drafter} · controller {config.controller}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [("new tokens", f"{stats.new_tokens}"), ("target forwards", f"{stats.target_forwards}"),
+            ("tau (tokens / forward)", f"{stats.tau:.2f}"), ("tokens/s (prefill incl.)", f"{stats.tokens_per_s:.1f}"),
+            ("drafted nodes", f"{stats.drafted_nodes}"),
+            ("accepted length: steps", "  ".join(f"{k}:{v}" for k, v in sorted(stats.accepted_hist.items()))),
+            ("stop reason", f"{stats.stop_reason}"), ("drafter errors", f"{stats.drafter_errors}")]
+    rows += [(f"time: {phase}", f"{seconds * 1e3:.1f} ms") for phase, seconds in stats.seconds.items()]
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _generate_parser(sub) -> None:
+    parser = sub.add_parser("generate", help="generate text with speculative decoding")
+    parser.add_argument("--preset", choices=sorted(GENERATE_PRESETS), help="a named set of defaults")
+    add_config_arguments(parser, GenerateConfig)
+    parser.set_defaults(run=generate_command)
+
+
+COMMANDS: list[Callable] = [_generate_parser]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="specdec", description="Lossless speculative decoding for HF models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_parser in COMMANDS:
+        add_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as error:
+        console.print(f"[bold red]error:[/] {error}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
