@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable
 
 from rich.console import Console
@@ -12,7 +13,7 @@ from rich.table import Table
 from specdec.config import (DEFAULT_PROMPT, GENERATE_PRESETS, GenerateConfig, add_config_arguments,
                             config_from_arguments)
 
-console = Console(stderr=True)
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def generate_command(args: argparse.Namespace) -> int:
@@ -69,7 +70,32 @@ def _generate_parser(sub) -> None:
     parser.set_defaults(run=generate_command)
 
 
-COMMANDS: list[Callable] = [_generate_parser]
+def bench_command(args: argparse.Namespace) -> int:
+    """`specdec bench [flags]` runs the benchmark; `specdec bench compare A.json B.json` compares two runs."""
+    if args.action == "compare":
+        from specdec.evals.report import compare, load_payload
+
+        if len(args.files) != 2:
+            raise ValueError("specdec bench compare takes two results.json files")
+        console.print(compare(load_payload(Path(args.files[0])), load_payload(Path(args.files[1]))))
+        return 0
+    from specdec.evals import bench
+
+    return bench.bench_command(args, args.argv[1:])
+
+
+def _bench_parser(sub) -> None:
+    from specdec.evals.bench import BENCH_PRESETS, BenchConfig
+
+    parser = sub.add_parser("bench", help="Spec-Bench-style benchmark (or: bench compare A.json B.json)")
+    parser.add_argument("action", nargs="?", choices=["run", "compare"], default="run")
+    parser.add_argument("files", nargs="*", help="with compare: two results.json files")
+    parser.add_argument("--preset", choices=sorted(BENCH_PRESETS), help="a named set of defaults")
+    add_config_arguments(parser, BenchConfig)
+    parser.set_defaults(run=bench_command)
+
+
+COMMANDS: list[Callable] = [_generate_parser, _bench_parser]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     for add_parser in COMMANDS:
         add_parser(sub)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.run(args)
     except (ValueError, OSError) as error:

@@ -1,0 +1,203 @@
+"""`specdec bench`: a Spec-Bench-style run over one target, every method in the same process, and its report.
+
+Exit codes: 0 = every method's output equals `ar`'s (temperature 0); 3 = an algorithmic mismatch; 4 = only near-tie
+flips (the target's two competing logits within --tie-tolerance: rounding, not a bug); 130 = interrupted (what
+finished is still written); 2 = bad input.
+
+Several GPUs: `accelerate launch -m specdec.evals ...` shards the questions across processes and merges the results
+on the main process."""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from specdec.config import option
+from specdec.evals.data import load_questions
+from specdec.evals.methods import BenchContext
+from specdec.evals.metrics import summarize
+from specdec.evals.runner import BenchSettings, check_lossless, run_bench
+from specdec.sampling import SamplingParams
+
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+EXIT_ALGORITHMIC, EXIT_NEAR_TIE, EXIT_INTERRUPTED = 3, 4, 130
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    target: str | None = option(None, "model path or id, or zoo:<preset> (a locally trained target; default "
+                                      "zoo:cpu-tiny)")
+    data: str = option("code", "spec_bench, code[:N] (held-out code prompts), a .jsonl path, or a datasets name")
+    field: str = option("turns", "the record field holding the prompt (a string or a list of turns)")
+    categories: tuple[str, ...] = option((), "only these categories (repeatable)")
+    limit: int | None = option(None, "at most this many questions per category")
+    shuffle_seed: int | None = option(None, "shuffle the questions with this seed before --limit")
+    methods: str = option("ar,ngram,hf,hf-lookup", "comma-separated: ar, hf, hf-lookup, hf-assisted, or drafter "
+                                                   "specs such as ngram:max_n=4,min_n=2")
+    controller: str = option("heuristic", "the draft-size controller of the specdec methods")
+    assistant: str | None = option(None, "draft model path for hf-assisted")
+    max_new_tokens: int = option(128, "new tokens per turn")
+    runs: int = option(1, "timed repetitions (mean ± std over them)")
+    warmup: int = option(1, "untimed questions per method before timing")
+    temperature: float = option(0.0, "0 = greedy, where outputs are checked against ar")
+    top_p: float = option(1.0, "nucleus mass")
+    top_k: int = option(0, "top-k (0 = off)")
+    seed: int = option(0, "sampling seed")
+    template: str = option("auto", "prompt format: auto, chat, plain, none (raw text)")
+    dtype: str = option("auto", "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
+    device: str | None = option(None, "default: cuda if available")
+    tie_tolerance: float = option(0.0, "a mismatch whose logit gap is within this is a near-tie flip "
+                                       "(default 0: 0.125 on bf16/fp16, 1e-4 on fp32)")
+    out: str | None = option(None, "write results.json, results.md and chart.png here")
+
+
+BENCH_PRESETS = {
+    "smoke": {"limit": 2, "max_new_tokens": 32, "methods": "ar,ngram"},
+    "code": {"data": "code:20", "max_new_tokens": 128},
+    "spec-bench": {"data": "spec_bench", "max_new_tokens": 256, "limit": 10},
+}
+
+
+def split_methods(methods: str) -> list[str]:
+    """'ar,ngram:max_n=4,min_n=2,hf' -> ['ar', 'ngram:max_n=4,min_n=2', 'hf'] (key=value parts join the last
+    method's options)."""
+    out: list[str] = []
+    for part in filter(None, (p.strip() for p in methods.split(","))):
+        if "=" in part and ":" not in part and out:
+            out[-1] += "," + part
+        else:
+            out.append(part)
+    if len(set(out)) != len(out):
+        raise ValueError(f"a method is listed twice in {methods!r}")
+    return out
+
+
+def load_target(config: BenchConfig):
+    """(model, tokenizer, description) for `--target`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = config.target or "zoo:cpu-tiny"
+    path = target
+    if target.startswith("zoo:"):
+        from specdec.train.pretrain import ensure_model
+
+        path = str(ensure_model(target[4:]))
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if config.dtype == "auto":
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    else:
+        dtype = getattr(torch, config.dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(path), target
+
+
+def environment(model, target: str) -> dict:
+    import transformers
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor() or "cpu"
+    return {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
+            "triton": triton_version, "python": platform.python_version(), "dtype": str(model.dtype).split(".")[-1],
+            "target": target, "target_params": sum(p.numel() for p in model.parameters()),
+            "threads": torch.get_num_threads()}
+
+
+def run(config: BenchConfig, argv: list[str] | None = None, show_progress: bool = True) -> tuple[dict, int]:
+    """Run the benchmark; returns (payload, exit code). On several processes only the main one gets the payload."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    settings = BenchSettings(split_methods(config.methods), config.max_new_tokens, config.runs, config.warmup,
+                             config.template)
+    params = SamplingParams(config.temperature, config.top_k, config.top_p, config.seed)
+    questions = load_questions(config.data, config.categories, config.limit, config.shuffle_seed, config.field)
+    state = PartialState()
+    model, tokenizer, target = load_target(dataclasses.replace(config, device=config.device or (
+        str(state.device) if state.device.type == "cuda" else None)))
+    assistant = None
+    if config.assistant:
+        from transformers import AutoModelForCausalLM
+        assistant = AutoModelForCausalLM.from_pretrained(config.assistant, dtype=model.dtype).to(model.device)
+    context = BenchContext(model, tokenizer, params, config.controller, assistant)
+    with state.split_between_processes(questions) as shard:
+        bench = run_bench(context, shard, settings, show_progress and state.is_main_process)
+    tolerance = config.tie_tolerance or (1e-4 if model.dtype == torch.float32 else 0.125)
+    compared, mismatches = check_lossless(bench.records, model, tolerance) if params.greedy else (0, [])
+    gathered = gather_object([{"records": [r.as_dict() for r in bench.records], "compared": compared,
+                               "mismatches": [dataclasses.asdict(m) for m in mismatches],
+                               "interrupted": bench.interrupted}])
+    if not state.is_main_process:
+        return {}, 0
+    return _payload(config, argv, model, target, gathered, tolerance)
+
+
+def _payload(config: BenchConfig, argv, model, target: str, shards: list[dict], tolerance: float) -> tuple[dict, int]:
+    records = [r for shard in shards for r in shard["records"]]
+    mismatches = [m for shard in shards for m in shard["mismatches"]]
+    kinds = [m["kind"] for m in mismatches]
+    interrupted = any(shard["interrupted"] for shard in shards)
+    payload = {"schema": "specdec.bench/1", "command": " ".join(["specdec bench", *(argv or [])]),
+               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "env": environment(model, target), "config": {**dataclasses.asdict(config), "tie_tolerance": tolerance},
+               "interrupted": interrupted, "records": records, "summary": summarize(records),
+               "lossless": {"checked": sum(shard["compared"] for shard in shards), "mismatches": mismatches,
+                            "near_ties": kinds.count("near-tie"), "algorithmic": kinds.count("algorithmic")}}
+    code = (EXIT_INTERRUPTED if interrupted else EXIT_ALGORITHMIC if "algorithmic" in kinds
+            else EXIT_NEAR_TIE if kinds else 0)
+    return payload, code
+
+
+def report(payload: dict, out: str | None) -> None:
+    """Print the summary and the lossless verdict; write the files when `out` is given."""
+    from specdec.evals.report import summary_table, write_results
+
+    console.print(summary_table(payload))
+    lossless = payload["lossless"]
+    for mismatch in lossless["mismatches"]:
+        console.print(f"[bold red]MISMATCH[/] {mismatch['method']} question {mismatch['question_id']} turn "
+                      f"{mismatch['turn']}: first differing token at {mismatch['position']} "
+                      f"(expected {mismatch['expected']}, got {mismatch['got']}; {mismatch['kind']}, "
+                      f"logit gap {mismatch['logit_gap']})")
+    if not lossless["mismatches"] and lossless["checked"]:
+        console.print(f"lossless: all {lossless['checked']} answers identical to ar")
+    if payload["interrupted"]:
+        console.print("[yellow]interrupted: the results cover what finished[/]")
+    if out:
+        for path in write_results(payload, Path(out)):
+            console.print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m specdec.evals` / `accelerate launch -m specdec.evals`: the same flags as `specdec bench`."""
+    import argparse
+
+    from specdec.config import add_config_arguments, config_from_arguments
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="specdec bench")
+    parser.add_argument("--preset", choices=sorted(BENCH_PRESETS))
+    add_config_arguments(parser, BenchConfig)
+    args = parser.parse_args(argv)
+    return bench_command(args, argv)
+
+
+def bench_command(args, argv: list[str]) -> int:
+    from specdec.config import config_from_arguments
+
+    config = config_from_arguments(BenchConfig, args, BENCH_PRESETS)
+    payload, code = run(config, argv)
+    if payload:
+        report(payload, config.out)
+    return code

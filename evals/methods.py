@@ -1,0 +1,158 @@
+"""Benchmark methods: `ar` (specdec's reference decoder, the baseline), any registered drafter spec (`ngram`,
+`ngram:max_n=4`, ...), and peers run on the same model in the same process: `hf` (HF `generate`), `hf-lookup`
+(HF prompt lookup), `hf-assisted` (HF assisted generation with `--assistant`).
+
+Every method turns prompt token ids into a `TurnRun`. Methods register by name with `@register_method`; a name that
+is not a method is tried as a drafter spec."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from specdec.backends.hf import HFBackend
+from specdec.drafters import registered_drafters
+from specdec.drafters.base import parse_spec
+from specdec.evals.peers import hf_generate
+from specdec.generator import SpeculativeGenerator
+from specdec.reference import reference_decode
+from specdec.sampling import SamplingParams
+from specdec.stopping import StopRule
+
+
+@dataclass(frozen=True)
+class TurnRun:
+    """One generated answer. forwards: target forwards that produced tokens; phase_seconds: where the time went
+    (draft, verify, accept, commit, observe, prefill; empty for peers, which cannot be split)."""
+
+    token_ids: list[int]
+    seconds: float
+    forwards: int
+    accepted_hist: dict[int, int] = field(default_factory=dict)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BenchContext:
+    """What every method is built from: the shared target, its tokenizer, and the run's settings."""
+
+    model: object
+    tokenizer: object
+    params: SamplingParams
+    controller: str = "heuristic"
+    assistant: object = None
+
+
+class Method(Protocol):
+    name: str
+
+    def run(self, prompt_ids: list[int], max_new_tokens: int) -> TurnRun: ...
+
+
+_METHODS: dict[str, Callable[[str, BenchContext], Method]] = {}
+
+
+def register_method(name: str):
+    def add(factory):
+        _METHODS[name] = factory
+        return factory
+
+    return add
+
+
+def make_method(spec: str, context: BenchContext) -> Method:
+    """A method by name, or a drafter spec (`ngram:max_n=4`) run through `SpeculativeGenerator`."""
+    name = parse_spec(spec)[0]
+    if name in _METHODS:
+        return _METHODS[name](spec, context)
+    if name in registered_drafters():
+        return SpecMethod(spec, context)
+    known = sorted(set(_METHODS) | set(registered_drafters()))
+    raise ValueError(f"unknown method {spec!r}; known methods: {', '.join(known)}")
+
+
+def _timed(fn):
+    """Run fn() with the GPU synchronised on both sides; returns (result, seconds)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    result = fn()
+    sync()
+    return result, time.perf_counter() - start
+
+
+def _eos_ids(model) -> frozenset[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    return frozenset([eos] if isinstance(eos, int) else eos or [])
+
+
+@register_method("ar")
+class ArMethod:
+    """specdec's reference decoder on the HF backend: one forward per token. The baseline of every speedup."""
+
+    def __init__(self, spec: str, context: BenchContext):
+        self.name, self.context = spec, context
+        self.backend = HFBackend(context.model)
+
+    def run(self, prompt_ids: list[int], max_new_tokens: int) -> TurnRun:
+        rule = StopRule(max_new_tokens, _eos_ids(self.context.model),
+                        room=self.backend.max_positions and self.backend.max_positions - len(prompt_ids))
+        tokens, seconds = _timed(lambda: reference_decode(self.backend, prompt_ids, self.context.params, rule))
+        return TurnRun(tokens, seconds, forwards=len(tokens), accepted_hist={0: len(tokens)},
+                       phase_seconds={"verify": seconds})
+
+
+class SpecMethod:
+    """A drafter spec through `SpeculativeGenerator`, with the run's controller."""
+
+    def __init__(self, spec: str, context: BenchContext):
+        self.name, self.context = spec, context
+        self.generator = SpeculativeGenerator(context.model, tokenizer=context.tokenizer, drafter=spec,
+                                              controller=context.controller)
+
+    def run(self, prompt_ids: list[int], max_new_tokens: int) -> TurnRun:
+        params = self.context.params
+        out, seconds = _timed(lambda: self.generator.generate(
+            prompt_ids, max_new_tokens=max_new_tokens, temperature=params.temperature, top_p=params.top_p,
+            top_k=params.top_k, seed=params.seed))
+        stats = out.stats
+        return TurnRun(out.token_ids, seconds, stats.target_forwards, dict(stats.accepted_hist),
+                       dict(stats.seconds))
+
+
+class _HFPeer:
+    """HF `generate` (greedy only): plain, prompt lookup, or assisted."""
+
+    options: dict = {}
+
+    def __init__(self, spec: str, context: BenchContext):
+        if not context.params.greedy:
+            raise ValueError(f"{spec} is measured greedy only; run it with --temperature 0")
+        self.name, self.context = spec, context
+        self.extra = {**self.options, **parse_spec(spec)[1]}
+
+    def run(self, prompt_ids: list[int], max_new_tokens: int) -> TurnRun:
+        peer = hf_generate(self.context.model, prompt_ids, max_new_tokens, **self.extra)
+        return TurnRun(peer.token_ids, peer.seconds, peer.forwards)
+
+
+@register_method("hf")
+class HFGenerate(_HFPeer):
+    pass
+
+
+@register_method("hf-lookup")
+class HFLookup(_HFPeer):
+    options = {"prompt_lookup_num_tokens": 10}
+
+
+@register_method("hf-assisted")
+class HFAssisted(_HFPeer):
+    def __init__(self, spec: str, context: BenchContext):
+        if context.assistant is None:
+            raise ValueError("hf-assisted needs a draft model: pass --assistant PATH")
+        super().__init__(spec, context)
+        self.extra["assistant_model"] = context.assistant
