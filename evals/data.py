@@ -8,9 +8,14 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
+
+
+# Spec-Bench reports the 8 MT-bench categories together as one subtask
+SPEC_BENCH_GROUPS = {c: "mt_bench" for c in ("writing", "roleplay", "reasoning", "math", "coding", "extraction",
+                                              "stem", "humanities")}
 
 
 @dataclass(frozen=True)
@@ -33,13 +38,15 @@ def shared_dir() -> Path:
 
 def load_questions(data: str, categories: Sequence[str] = (), limit: int | None = None,
                    shuffle_seed: int | None = None, field: str = "turns", split: str = "test") -> list[Question]:
-    """`data`: "spec_bench", "code" (held-out code prompts), a .jsonl path, or a `datasets` name / path."""
+    """`data`: "spec_bench", "code[:N]" / "code-rewrite[:N]" (held-out code prompts, one or two turns), a .jsonl
+    path, or a `datasets` name / path."""
     if data == "spec_bench":
         path = shared_dir() / "data" / "spec_bench" / "question.jsonl"
         if not path.exists():
             raise FileNotFoundError(f"Spec-Bench questions not found at {path}; set SPECDEC_SHARED or pass a path")
-        questions = _from_jsonl(path, field)
-    elif data == "code" or data.startswith("code:"):
+        questions = [replace(q, category=SPEC_BENCH_GROUPS.get(q.category, q.category))
+                     for q in _from_jsonl(path, field)]
+    elif data.split(":")[0] in ("code", "code-rewrite"):
         questions = _code_prompts(data)
     elif data.endswith((".jsonl", ".json")):
         if not Path(data).exists():
@@ -117,8 +124,14 @@ def _from_datasets(name: str, field: str, split: str) -> list[Question]:
 
 
 def _code_prompts(data: str) -> list[Question]:
-    """`code` or `code:N`: N held-out code-completion prompts (default 20)."""
+    """`code[:N]`: N held-out code-completion prompts (default 20), category "code".
+    `code-rewrite[:N]`: the same prompts as two turns, the second asking for the code again (raw text: the prompt,
+    the model's answer, then the prompt once more, so the answer is worth copying), category "code-rewrite"."""
     from specdec.train.pretrain import heldout_code_prompts
 
-    count = int(data.partition(":")[2] or 20)
-    return [Question(f"code-{i}", "code", (prompt,)) for i, prompt in enumerate(heldout_code_prompts(count))]
+    kind, _, count = data.partition(":")
+    prompts = heldout_code_prompts(int(count or 20))
+    if kind == "code":
+        return [Question(f"code-{i}", "code", (prompt,)) for i, prompt in enumerate(prompts)]
+    again = "# The same file again, unchanged:\n"
+    return [Question(f"rewrite-{i}", "code-rewrite", (prompt, again + prompt)) for i, prompt in enumerate(prompts)]

@@ -61,19 +61,19 @@ class BenchRecords:
 def encode_turn(tokenizer, history: list[dict], template: str) -> list[int]:
     """Token ids of the conversation so far, ending where the assistant's next answer starts.
 
-    none: the raw text of a single-turn prompt (code completion); chat: the tokenizer's chat template; plain: a
-    `### User / ### Assistant` transcript; auto: chat if the tokenizer has a template, else plain."""
+    none: raw text (code completion; later turns follow the earlier answer after a blank line); chat: the tokenizer's
+    chat template; plain: a `### User / ### Assistant` transcript; auto: chat if the tokenizer has a template, else
+    plain."""
     if template == "auto":
         template = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
     if template == "chat":
         ids = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     if template == "none":
-        if len(history) != 1:
-            raise ValueError("--template none is for single-turn prompts; use plain or chat for multi-turn data")
-        return list(tokenizer(history[0]["content"]).input_ids)
-    text = "".join(PLAIN_TEMPLATE.format(content=m["content"]) if m["role"] == "user" else m["content"] + "\n\n"
-                   for m in history)
+        text = "".join(m["content"] if m["role"] == "user" else m["content"] + "\n\n" for m in history)
+    else:
+        text = "".join(PLAIN_TEMPLATE.format(content=m["content"]) if m["role"] == "user" else m["content"] + "\n\n"
+                       for m in history)
     return list(tokenizer(text).input_ids)
 
 
@@ -81,7 +81,8 @@ def answer(method: Method, tokenizer, question: Question,
            settings: BenchSettings) -> list[tuple[list[int], TurnRun]]:
     """All turns of one question: [(prompt ids, result)]; each turn sees this method's own earlier answers."""
     history, turns = [], []
-    template = "none" if question.category == "code" and settings.template == "auto" else settings.template
+    raw_text = question.category.startswith("code") and settings.template == "auto"
+    template = "none" if raw_text else settings.template
     for user_turn in question.turns:
         history.append({"role": "user", "content": user_turn})
         prompt_ids = encode_turn(tokenizer, history, template)

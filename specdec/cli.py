@@ -95,7 +95,13 @@ def _bench_parser(sub) -> None:
     parser.set_defaults(run=bench_command)
 
 
-COMMANDS: list[Callable] = [_generate_parser, _bench_parser]
+def _datastore_parser(sub) -> None:
+    from specdec.drafters.retrieval import add_datastore_parser
+
+    add_datastore_parser(sub)
+
+
+COMMANDS: list[Callable] = [_generate_parser, _bench_parser, _datastore_parser]
 
 
 def main(argv: list[str] | None = None) -> int:

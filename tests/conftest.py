@@ -13,7 +13,7 @@ import torch  # noqa: E402
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 STORIES = SHARED / "models" / "stories260K"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)  # tiny models: OpenMP start-up costs more than it saves, and CI has 2 cores
 
 
 @pytest.fixture(scope="session")
