@@ -152,6 +152,7 @@ class SpeculativeGenerator:
         end = rule.cut(generated, 0)
         while end is None:
             budget = self._clamp(self.controller.budget(history), len(committed), rule.limit - len(generated))
+            spent_before = dict(timer.seconds)
             with timer("draft"):
                 tree = self._propose(DraftContext(committed, budget, params, self.target_view), budget, stats)
             result = verify(self.backend, state, committed[-1], tree, params, generator, timer)
@@ -160,7 +161,9 @@ class SpeculativeGenerator:
             end = rule.cut(generated, start)
             committed = list(prompt_ids) + generated[:end]
             with timer("observe"):
-                step = StepStats(len(tree), _depth(tree), result.accepted_len)
+                spent = {phase: timer.seconds[phase] - spent_before.get(phase, 0.0) for phase in timer.seconds}
+                step = StepStats(len(tree), _depth(tree), result.accepted_len, draft_s=spent["draft"],
+                                 verify_s=spent["verify"] + spent["accept"] + spent["commit"])
                 history.append(step)
                 self.controller.observe(step)
                 self._drafter_call("observe", stats, result)
@@ -198,14 +201,25 @@ class SpeculativeGenerator:
         return tree.to(self.backend.device)
 
     def _tree_problem(self, tree, budget: Budget) -> str | None:
+        """Why a drafter's tree cannot be verified, or None. A draft q that gives its own token probability 0 (or
+        is not a distribution) would bias sampling, so it is refused too."""
         if not isinstance(tree, DraftTree):
             return f"propose() returned {type(tree).__name__}, expected a DraftTree"
         if len(tree) == 0:
             return None
-        if int(tree.tokens.min()) < 0 or int(tree.tokens.max()) >= self.backend.vocab_size:
-            return f"draft token ids must lie in [0, {self.backend.vocab_size})"
-        if _depth(tree) > budget.max_depth:
-            return f"draft depth {_depth(tree)} exceeds the budget's max_depth {budget.max_depth}"
+        vocab = self.backend.vocab_size
+        if int(tree.tokens.min()) < 0 or int(tree.tokens.max()) >= vocab:
+            return f"draft token ids must lie in [0, {vocab})"
+        if len(tree) > budget.max_nodes or _depth(tree) > budget.max_depth:
+            return (f"the tree ({len(tree)} nodes, depth {_depth(tree)}) exceeds the budget "
+                    f"({budget.max_nodes} nodes, depth {budget.max_depth})")
+        q = tree.draft_probs
+        if q is not None:
+            if q.shape[1] != vocab:
+                return f"draft_probs cover {q.shape[1]} tokens, the target's vocab is {vocab}"
+            own = q.gather(1, tree.tokens.to(q.device)[:, None])
+            if not (torch.isfinite(q).all() and (q >= 0).all() and (own > 0).all()):
+                return "draft_probs must be finite, non-negative, and positive at each node's own token"
         return None
 
     def _drafter_call(self, method: str, stats: GenerationStats, *args):

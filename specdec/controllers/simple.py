@@ -26,23 +26,30 @@ class StaticController:
 class HeuristicController:
     """HF assisted generation's schedule: draft depth +2 after a fully accepted draft, -1 (not below 1) otherwise.
 
-    The depth carries over from one generation to the next, as HF's `num_assistant_tokens` does. `tree_width`
-    scales the node budget for drafters that can branch (nodes = depth * tree_width)."""
+    The depth is a function of this generation's history alone (each generation starts at `start_depth`), so a
+    seeded generation is reproducible. `tree_width` scales the node budget for drafters that can branch
+    (nodes = depth * tree_width)."""
 
     def __init__(self, start_depth: int = 8, max_depth: int = 32, tree_width: int = 2):
         if not 1 <= start_depth <= max_depth:
             raise ValueError(f"need 1 <= start_depth <= max_depth, got {start_depth} and {max_depth}")
-        self.depth = start_depth
-        self.max_depth = max_depth
-        self.tree_width = tree_width
+        self.start_depth, self.max_depth, self.tree_width = start_depth, max_depth, tree_width
+        self._folded = (0, start_depth)  # (steps of history folded in, depth after them)
 
     def budget(self, history: Sequence[StepStats]) -> Budget:
-        return Budget(max_nodes=self.depth * self.tree_width, max_depth=self.depth)
+        depth = self._depth_after(history)
+        return Budget(max_nodes=depth * self.tree_width, max_depth=depth)
 
     def observe(self, step: StepStats) -> None:
-        if step.draft_depth == 0:
-            return  # nothing was drafted: no evidence either way
-        if step.accepted_len >= step.draft_depth:
-            self.depth = min(self.depth + 2, self.max_depth)
-        else:
-            self.depth = max(self.depth - 1, 1)
+        pass  # the schedule reads the history it is given
+
+    def _depth_after(self, history: Sequence[StepStats]) -> int:
+        """Fold the +2 / -1 rule over the history, resuming from the last fold when the history only grew."""
+        folded, depth = self._folded if self._folded[0] <= len(history) else (0, self.start_depth)
+        for step in history[folded:]:
+            if step.draft_depth == 0:
+                continue  # nothing was drafted: no evidence either way
+            full = step.accepted_len >= step.draft_depth
+            depth = min(depth + 2, self.max_depth) if full else max(depth - 1, 1)
+        self._folded = (len(history), depth)
+        return depth

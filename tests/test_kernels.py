@@ -1,0 +1,248 @@
+"""Kernels under TRITON_INTERPRET=1 (conftest), flash-attention style: a float64 reference, tolerance = 2x the error
+of the same computation in the input dtype plus a small floor, odd sizes (P = 97, 1025; head dims 59, 80), and a
+rerun for bitwise determinism. Then the registered attention function inside a tiny HF Llama, and KV compaction."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import transformers  # noqa: E402
+
+from specdec.backends.hf import HFBackend  # noqa: E402
+from specdec.generator import SpeculativeGenerator  # noqa: E402
+from specdec.kernels import tree_attention as tree_attention_module  # noqa: E402
+from specdec.kernels.kv_compact import kv_compact, kv_compact_reference  # noqa: E402
+from specdec.kernels.tree_attention import (register_tree_attention, tree_attention,  # noqa: E402
+                                            tree_attention_forward, tree_attention_reference)
+from specdec.reference import reference_decode  # noqa: E402
+from specdec.sampling import SamplingParams  # noqa: E402
+from specdec.stopping import StopRule  # noqa: E402
+from specdec.tree import DraftTree, ancestor_mask  # noqa: E402
+from tiny_models import repetitive_prompt  # noqa: E402
+
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def random_tree(num_nodes: int, generator: torch.Generator) -> DraftTree:
+    parents = [int(torch.randint(-1, i, (), generator=generator)) for i in range(num_nodes)]
+    return DraftTree(torch.zeros(num_nodes, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
+
+
+def tree_block(tree: DraftTree) -> torch.Tensor:
+    """(N+1, N+1) bool: row 0 (the root) sees column 0 only; node i sees the root, its ancestors and itself."""
+    n = len(tree)
+    mask = torch.zeros(n + 1, n + 1, dtype=torch.bool)
+    mask[:, 0] = True
+    mask[1:, 1:] = ancestor_mask(tree)
+    return mask
+
+
+def make_inputs(batch, kv_heads, group, tree_size, prefix_len, head_dim, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, kv_heads * group, tree_size, head_dim, generator=generator).to(dtype)
+    k, v = (torch.randn(batch, kv_heads, prefix_len + tree_size, head_dim, generator=generator).to(dtype)
+            for _ in range(2))
+    return q, k, v, tree_block(random_tree(tree_size - 1, generator))
+
+
+def assert_close_to_reference(out, q, k, v, prefix_len, mask, scale=None):
+    exact = tree_attention_reference(q, k, v, prefix_len, mask, scale, dtype=torch.float64)
+    same_dtype = tree_attention_reference(q, k, v, prefix_len, mask, scale, dtype=q.dtype)
+    baseline = (same_dtype.double() - exact).abs().max().item()
+    error = (out.double() - exact).abs().max().item()
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert error <= 2 * baseline + FLOOR[q.dtype], f"kernel error {error:.3g} vs torch {q.dtype} {baseline:.3g}"
+
+
+# (batch, kv heads, GQA group, T, P, head dim, dtype): every T, P, group, dtype and head dim, not their product.
+CASES = [
+    (1, 2, 1, 1, 0, 64, torch.float32),
+    (2, 1, 8, 1, 97, 128, torch.float16),
+    (1, 2, 4, 1, 1025, 64, torch.bfloat16),   # auto split-KV: 2 programs, 1025 keys -> 4 splits
+    (1, 2, 4, 3, 0, 128, torch.bfloat16),
+    (1, 1, 8, 3, 1, 80, torch.float32),
+    (2, 2, 1, 3, 97, 64, torch.float16),
+    (1, 1, 8, 63, 0, 64, torch.float16),       # 504 rows: two row tiles
+    (1, 1, 4, 63, 1, 128, torch.float32),
+    (1, 2, 1, 63, 97, 80, torch.bfloat16),
+    (1, 1, 4, 3, 1025, 59, torch.float32),
+]
+
+
+@pytest.mark.parametrize("batch,kv_heads,group,tree_size,prefix_len,head_dim,dtype", CASES)
+def test_tree_attention_matches_reference(batch, kv_heads, group, tree_size, prefix_len, head_dim, dtype):
+    q, k, v, mask = make_inputs(batch, kv_heads, group, tree_size, prefix_len, head_dim, dtype)
+    assert_close_to_reference(tree_attention(q, k, v, mask), q, k, v, prefix_len, mask)
+
+
+def test_split_kv_matches_reference_and_is_deterministic():
+    q, k, v, mask = make_inputs(1, 1, 4, 63, 1025, 64, torch.float16, seed=1)
+    split = tree_attention(q, k, v, mask, scale=0.2, num_splits=3)
+    assert_close_to_reference(split, q, k, v, 1025, mask, scale=0.2)
+    assert torch.equal(split, tree_attention(q, k, v, mask, scale=0.2, num_splits=3))  # bitwise on a rerun
+    assert (split.double() - tree_attention(q, k, v, mask, scale=0.2, num_splits=1).double()).abs().max() < 2e-3
+
+
+def test_non_contiguous_inputs_and_static_cache_tail():
+    """Strided q/k/v; keys past P + T (a static cache's unused tail) are ignored, with P given as a device tensor
+    and the tree block read from full-width mask rows (the rows of an HF 4D mask)."""
+    prefix_len, tree_size, capacity = 97, 3, 140
+    q, k, v, mask = make_inputs(1, 2, 4, tree_size, capacity - tree_size, 64, torch.float32, seed=2)
+    q_strided = q.transpose(1, 2).contiguous().transpose(1, 2)
+    k_strided, v_strided = (x.transpose(2, 3).contiguous().transpose(2, 3) for x in (k, v))
+    full_rows = torch.zeros(tree_size, capacity, dtype=torch.bool)
+    full_rows[:, :prefix_len] = True
+    full_rows[:, prefix_len: prefix_len + tree_size] = mask
+    out = tree_attention(q_strided, k_strided, v_strided, full_rows, prefix_len=torch.tensor(prefix_len))
+    assert_close_to_reference(out, q, k, v, prefix_len, mask)
+
+
+# --------------------------------------------------------------------------------- transformers integration
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def tiny_llama() -> transformers.PreTrainedModel:
+    """Random-init float32 Llama with GQA 4 (8 query heads, 2 kv heads); logits spread wide enough that float32
+    rounding cannot flip an argmax."""
+    config = transformers.LlamaConfig(
+        vocab_size=100, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=False,
+        initializer_range=0.1, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).float().eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the registered function's launches of the Triton kernel (a silent SDPA fallback must not pass)."""
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return tree_attention(*args, **kwargs)
+
+    monkeypatch.setattr(tree_attention_module, "tree_attention", counting)
+    return calls
+
+
+def test_registered_function_matches_sdpa_on_a_tree_forward(kernel_calls):
+    model, name = tiny_llama(), register_tree_attention()
+    tree = DraftTree(torch.tensor([5, 6, 7, 8, 9]), torch.tensor([-1, 0, 0, 1, -1]))
+    prompt = repetitive_prompt(100, seed=0, length=40)
+
+    def tree_logits(implementation: str) -> torch.Tensor:
+        model.set_attn_implementation(implementation)
+        backend = HFBackend(model)
+        state = backend.prefill(prompt[:-1])
+        return backend.score_tree(state, prompt[-1], tree)
+
+    expected = tree_logits("sdpa")
+    got = tree_logits(name)
+    assert model.config._attn_implementation == name
+    assert len(kernel_calls) == model.config.num_hidden_layers  # the prefill went to SDPA, the tree forward not
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_generation_through_the_kernel_equals_reference_decoder(kernel_calls):
+    model, name = tiny_llama(), register_tree_attention()
+    prompt = repetitive_prompt(100, seed=1, length=48)
+    rule = StopRule(24)
+    model.set_attn_implementation("sdpa")
+    expected = reference_decode(HFBackend(model), prompt, GREEDY, rule)
+    model.set_attn_implementation(name)
+    out = SpeculativeGenerator(model, drafter="ngram").generate(prompt, max_new_tokens=24)
+    assert out.token_ids == expected
+    assert len(kernel_calls) == 2 * out.stats.target_forwards
+    assert out.stats.tau > 1.0, "no draft was ever accepted: the test would not exercise tree verification"
+
+
+def hf_call_inputs(prefix_len=20, tree_size=4, seed=3):
+    q, k, v, mask = make_inputs(1, 2, 4, tree_size, prefix_len, 32, torch.float32, seed=seed)
+    allowed = torch.ones(tree_size, prefix_len + tree_size, dtype=torch.bool)
+    allowed[:, prefix_len:] = mask
+    float_mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 4, True
+    return module, q, k, v, float_mask
+
+
+def sdpa_reference(module, q, k, v, mask):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, q, k, v, mask)[0]
+
+
+def test_fallback_warns_once_and_stays_correct(monkeypatch, kernel_calls):
+    module, q, k, v, mask = hf_call_inputs()
+    monkeypatch.setattr(tree_attention_module, "kernel_available", lambda device: False)
+    tree_attention_module._warn_fallback.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = tree_attention_forward(module, q, k, v, mask)[0]
+        second = tree_attention_forward(module, q, k, v, mask)[0]
+    assert [str(w.message) for w in caught] == ["specdec tree attention falls back to SDPA: Triton or CUDA is "
+                                                "unavailable"]
+    assert not kernel_calls
+    expected = sdpa_reference(module, q, k, v, mask)
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(second, expected)
+
+
+def test_masked_prefix_and_causal_prefill_go_to_sdpa(kernel_calls):
+    module, q, k, v, mask = hf_call_inputs()
+    padded = mask.clone()
+    padded[..., :3] = torch.finfo(torch.float32).min  # left padding: the prefix is not all visible
+    torch.testing.assert_close(tree_attention_forward(module, q, k, v, padded)[0],
+                               sdpa_reference(module, q, k, v, padded))
+    prefill = tree_attention_forward(module, q, k[:, :, -4:], v[:, :, -4:], None)[0]  # T = K = 4, no mask
+    torch.testing.assert_close(prefill, sdpa_reference(module, q, k[:, :, -4:], v[:, :, -4:], None))
+    assert not kernel_calls
+    torch.testing.assert_close(tree_attention_forward(module, q, k, v, mask)[0], sdpa_reference(module, q, k, v, mask))
+    assert len(kernel_calls) == 1
+
+
+# ------------------------------------------------------------------------------------------------ KV compaction
+
+def accepted_path_positions(tree_size: int, path_len: int, root: int, generator: torch.Generator) -> torch.Tensor:
+    """Positions root + 1 + node of a strictly increasing node path (as an accepted path is): src[j] >= dst[j]."""
+    nodes = torch.randperm(tree_size, generator=generator)[:path_len].sort().values
+    return root + 1 + nodes
+
+
+@pytest.mark.parametrize("dtype,head_dim,path_len", [(torch.float32, 64, 5), (torch.bfloat16, 59, 8),
+                                                     (torch.float16, 128, 0)])
+def test_kv_compact_matches_reference(dtype, head_dim, path_len):
+    generator = torch.Generator().manual_seed(path_len)
+    kv = torch.randn(3, 2, 2, 2, 48, head_dim, generator=generator).to(dtype)  # (L, 2, B, Hkv, S_max, D)
+    root = 20
+    src = accepted_path_positions(12, path_len, root, generator)  # overlaps its destination range
+    for dst_start in (root + 1, torch.tensor(root + 1)):
+        expected, got = kv.clone(), kv.clone()
+        kv_compact_reference(expected, src, dst_start)
+        kv_compact(got, src, dst_start, check=True)
+        assert torch.equal(got, expected)
+
+
+def test_kv_compact_adjacent_overlap_and_strided_cache():
+    """src[j] = dst[j + 1] (path [1, 2, 3]): a parallel copy over j would read an overwritten row."""
+    kv = torch.randn(2, 48, 2, 2, 1, 32).permute(0, 2, 3, 4, 1, 5)  # non-contiguous (L, 2, B, Hkv, S_max, D)
+    expected, got = kv.clone(), kv.clone()
+    src = torch.tensor([11, 12, 13])
+    kv_compact_reference(expected, src, 10)
+    kv_compact(got, src, 10)
+    assert torch.equal(got, expected)
+    assert torch.equal(got[..., 10:13, :], kv[..., 11:14, :])
+
+
+def test_kv_compact_refuses_a_source_before_its_destination():
+    kv = torch.zeros(1, 2, 1, 1, 16, 16)
+    with pytest.raises(ValueError, match="dst_start"):
+        kv_compact(kv, torch.tensor([3, 4]), 4, check=True)
