@@ -1,0 +1,373 @@
+"""Tree attention: T = N+1 queries ([root] + N drafted nodes) over a KV of length P + T, as one Triton kernel.
+
+Terms: the **prefix** is the committed cache (P keys, every query sees all of it); the **tree block** is the last T
+keys (the root and the nodes themselves), seen through a (T, T) **tree mask** (True = may attend): row 0, the root,
+sees column 0 only; row 1+i sees the root, node i's ancestors and node i. Worked example (tree "a b c" + "a d",
+parents [-1, 0, 1, 0]), rows/columns = [root, a, b, c, d]:
+
+    root  1 . . . .
+    a     1 1 . . .
+    b     1 1 1 . .
+    c     1 1 1 1 .
+    d     1 1 . . 1
+
+The kernel (DESIGN §3): each program takes one (batch, kv head) and a tile of its GQA query heads x tree queries
+packed as rows (row r = g*T + t: query head kv_head*G + g, tree query t), so the prefix KV is read once for all of
+them. It streams the prefix without any mask, then the tree block with the tree mask, in one online softmax (fp32
+accumulators, running max and sum, exp2 with log2(e) folded into the scale). Long prefixes with few (batch, kv head)
+programs are split over a grid axis; each split writes a partial (out, lse) and `_merge_kernel` combines them by
+log-sum-exp. The last split also takes the tree block.
+
+    out = tree_attention(q, k, v, tree_mask, scale)     # q (B, Hq, T, D); k, v (B, Hkv, P+T, D) -> (B, Hq, T, D)
+    register_tree_attention()                             # then model.set_attn_implementation("specdec_tree")
+"""
+
+from __future__ import annotations  # annotations stay strings: `tl.constexpr` parses without Triton installed
+
+import functools
+import math
+import os
+import warnings
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton wheel (macOS, Windows): the registered attention function falls back to SDPA
+    triton = tl = None
+
+LOG2E = 1.4426950408889634
+MIN_KEYS_PER_SPLIT = 256  # a split-KV chunk below this costs more in the merge than it saves
+
+
+def _jit(fn):
+    return triton.jit(fn) if triton is not None else fn
+
+
+def interpret_mode() -> bool:
+    """Triton runs on the CPU through its interpreter (tests, CI)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernel_available(device: torch.device) -> bool:
+    """Whether the Triton kernel can run on tensors of `device`."""
+    return triton is not None and (device.type == "cuda" or interpret_mode())
+
+
+# ------------------------------------------------------------------------------------------------------ kernels
+
+@_jit
+def _softmax_step(scores, v, m_i, l_i, acc, FP32_MATH: tl.constexpr):
+    """One online-softmax update with a (BLOCK_M, BLOCK_N) block of log2-scaled scores (-inf = masked)."""
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if FP32_MATH:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@_jit
+def _scores(q, k, qk_scale, FP32_MATH: tl.constexpr):
+    if FP32_MATH:
+        return tl.dot(q, k, input_precision="ieee") * qk_scale
+    return tl.dot(q, k) * qk_scale
+
+
+@_jit
+def _tree_attention_kernel(
+    Q, K, V, Mask, Out, PartOut, PartLse, prefix_arg, qk_scale,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_mi, stride_mj,
+    num_kv_heads, T, D, num_splits,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREFIX_IN_TENSOR: tl.constexpr, MASK_FULL_WIDTH: tl.constexpr, SPLIT: tl.constexpr, FP32_MATH: tl.constexpr,
+):
+    batch_head = tl.program_id(0)
+    split = tl.program_id(1)
+    batch = batch_head // num_kv_heads
+    kv_head = batch_head % num_kv_heads
+    if PREFIX_IN_TENSOR:
+        prefix_len = tl.load(prefix_arg).to(tl.int32)
+    else:
+        prefix_len = prefix_arg
+
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # row = g * T + t
+    row_ok = rows < GROUP * T
+    query = rows % T
+    head = kv_head * GROUP + rows // T
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    q = tl.load(Q + batch * stride_qb + head[:, None] * stride_qh + query[:, None] * stride_qt
+                + dims[None, :] * stride_qd, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    if FP32_MATH:
+        q = q.to(tl.float32)
+    k_base = K + batch * stride_kb + kv_head * stride_kh
+    v_base = V + batch * stride_vb + kv_head * stride_vh
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked block leaves alpha = 1, p = 0
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Prefix keys [start, end) of this split: no mask but the bounds.
+    chunk = tl.cdiv(tl.cdiv(prefix_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, prefix_len)
+    for block in range(start, end, BLOCK_N):
+        cols = block + tl.arange(0, BLOCK_N)
+        col_ok = cols < end
+        k = tl.load(k_base + cols[None, :] * stride_kn + dims[:, None] * stride_kd,
+                    mask=col_ok[None, :] & dim_ok[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + dims[None, :] * stride_vd,
+                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        if FP32_MATH:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        scores = tl.where(col_ok[None, :], _scores(q, k, qk_scale, FP32_MATH), float("-inf"))
+        m_i, l_i, acc = _softmax_step(scores, v, m_i, l_i, acc, FP32_MATH)
+
+    # Tree block: keys [P, P + T) through the tree mask, in the last split only.
+    tree_end = tl.where(split == num_splits - 1, T, 0)
+    mask_col0 = prefix_len if MASK_FULL_WIDTH else 0
+    for block in range(0, tree_end, BLOCK_N):
+        cols = block + tl.arange(0, BLOCK_N)
+        col_ok = cols < T
+        k = tl.load(k_base + (prefix_len + cols[None, :]) * stride_kn + dims[:, None] * stride_kd,
+                    mask=col_ok[None, :] & dim_ok[:, None], other=0.0)
+        v = tl.load(v_base + (prefix_len + cols[:, None]) * stride_vn + dims[None, :] * stride_vd,
+                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        allowed = tl.load(Mask + query[:, None] * stride_mi + (mask_col0 + cols[None, :]) * stride_mj,
+                          mask=row_ok[:, None] & col_ok[None, :], other=0)
+        if FP32_MATH:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        scores = tl.where(allowed != 0, _scores(q, k, qk_scale, FP32_MATH), float("-inf"))
+        m_i, l_i, acc = _softmax_step(scores, v, m_i, l_i, acc, FP32_MATH)
+
+    # A row that saw no key at all (only possible with P = 0 and an empty mask row) gets zeros, lse = -inf.
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    io_mask = row_ok[:, None] & dim_ok[None, :]
+    if SPLIT:  # partials (B, Hq, S, T, D) and lse (B, Hq, S, T), contiguous fp32, log2 domain
+        part_row = ((batch * num_kv_heads * GROUP + head) * num_splits + split) * T + query
+        tl.store(PartOut + part_row[:, None] * D + dims[None, :], out, mask=io_mask)
+        lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(PartLse + part_row, lse, mask=row_ok)
+    else:
+        tl.store(Out + batch * stride_ob + head[:, None] * stride_oh + query[:, None] * stride_ot
+                 + dims[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=io_mask)
+
+
+@_jit
+def _merge_kernel(PartOut, PartLse, Out, num_rows, num_heads, T, D, num_splits,
+                  stride_ob, stride_oh, stride_ot, stride_od,
+                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """BLOCK_R rows r = (batch * Hq + head) * T + query of out = sum_s 2^lse_s * out_s / sum_s 2^lse_s."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < num_rows
+    query = rows % T
+    head = (rows // T) % num_heads
+    batch = rows // (T * num_heads)
+    dims = tl.arange(0, BLOCK_D)
+    io_mask = row_ok[:, None] & (dims[None, :] < D)
+    first_part = (rows // T) * num_splits * T + query  # partial row of split 0; split s adds s * T
+    top = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    for split in range(num_splits):
+        top = tl.maximum(top, tl.load(PartLse + first_part + split * T, mask=row_ok, other=float("-inf")))
+    top = tl.where(top > float("-inf"), top, 0.0)  # rows that saw no key: every weight is 0
+    total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for split in range(num_splits):
+        part = first_part + split * T
+        weight = tl.exp2(tl.load(PartLse + part, mask=row_ok, other=float("-inf")) - top)
+        total += weight
+        acc += weight[:, None] * tl.load(PartOut + part[:, None] * D + dims[None, :], mask=io_mask, other=0.0)
+    out = acc / tl.where(total > 0.0, total, 1.0)[:, None]
+    tl.store(Out + batch[:, None] * stride_ob + head[:, None] * stride_oh + query[:, None] * stride_ot
+             + dims[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=io_mask)
+
+
+# ----------------------------------------------------------------------------------------------------- launcher
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_kv_splits(programs: int, prefix_len: int, sm_count: int = 132) -> int:
+    """Split the prefix when the (batch, kv head, row tile) programs cannot fill the SMs, keeping each split
+    >= MIN_KEYS_PER_SPLIT keys. E.g. batch 1, 8 kv heads, 1 row tile, P = 4096 -> min(ceil(132/8), 16) = 16 splits."""
+    if programs >= sm_count:
+        return 1
+    return max(1, min(math.ceil(sm_count / programs), prefix_len // MIN_KEYS_PER_SPLIT, 64))
+
+
+def _block_sizes(rows: int, head_dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). tl.dot needs every side >= 16; the interpreter prefers big tiles."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if interpret_mode():
+        return min(max(16, triton.next_power_of_2(rows)), 256), 128, block_d, 4
+    block_m = min(max(16, triton.next_power_of_2(rows)), 64)
+    return block_m, 64, block_d, 4
+
+
+def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask: torch.Tensor,
+                   scale: float | None = None, prefix_len: int | torch.Tensor | None = None,
+                   num_splits: int | None = None) -> torch.Tensor:
+    """Attention of T tree queries over [prefix] + [tree block] keys; returns (B, Hq, T, D) in q's dtype.
+
+    q:          (B, Hq, T, D); any strides
+    k, v:       (B, Hkv, K, D) with Hq % Hkv == 0 (GQA, no repeat_kv); the prefix is keys [0, P), the tree block
+                keys [P, P + T); keys from P + T on are ignored (the unused tail of a static cache)
+    tree_mask:  (T, T) bool, True = may attend; or (T, >= P + T) bool whose columns are key positions (the tree
+                block is then read at columns [P, P + T): the rows of an HF 4D mask, no slicing needed)
+    scale:      softmax scale, default D ** -0.5
+    prefix_len: P; None = K - T; a 0-d integer tensor on q's device keeps it on the device (CUDA graphs, static
+                caches: no host sync; the split count is then chosen for P = K - T)
+    num_splits: split-KV chunks of the prefix; None = `num_kv_splits`
+    """
+    batch, num_heads, tree_size, head_dim = q.shape
+    num_kv_heads, kv_len = k.shape[1], k.shape[2]
+    if num_heads % num_kv_heads or k.shape != v.shape or (k.shape[0], k.shape[3]) != (batch, head_dim):
+        raise ValueError(f"expected q (B, Hq, T, D) and k, v (B, Hkv, K, D) with Hq % Hkv == 0, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if tree_mask.dim() != 2 or tree_mask.shape[0] != tree_size or tree_mask.shape[1] < tree_size:
+        raise ValueError(f"tree_mask must be (T, T) or (T, >= P + T) with T = {tree_size}, "
+                         f"got {tuple(tree_mask.shape)}")
+    prefix_in_tensor = isinstance(prefix_len, torch.Tensor)
+    host_prefix = kv_len - tree_size if prefix_len is None or prefix_in_tensor else int(prefix_len)
+    if host_prefix < 0 or host_prefix + tree_size > kv_len:
+        raise ValueError(f"prefix_len {host_prefix} + T {tree_size} does not fit in the {kv_len} keys of k and v")
+    group = num_heads // num_kv_heads
+    block_m, block_n, block_d, num_warps = _block_sizes(group * tree_size, head_dim)
+    row_tiles = triton.cdiv(group * tree_size, block_m)
+    if num_splits is None:
+        sm_count = _sm_count(q.device.index or 0) if q.is_cuda else 132
+        num_splits = num_kv_splits(batch * num_kv_heads * row_tiles, host_prefix, sm_count)
+    chunk = triton.cdiv(triton.cdiv(max(host_prefix, 1), max(num_splits, 1)), block_n) * block_n
+    num_splits = triton.cdiv(max(host_prefix, 1), chunk)  # the kernel's chunking: no split without prefix keys
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    part_out = part_lse = out  # unused without a split
+    if num_splits > 1:
+        part_out = torch.empty(batch, num_heads, num_splits, tree_size, head_dim, dtype=torch.float32,
+                               device=q.device)
+        part_lse = torch.empty(batch, num_heads, num_splits, tree_size, dtype=torch.float32, device=q.device)
+    mask = tree_mask.view(torch.uint8) if tree_mask.dtype == torch.bool else tree_mask
+    fp32_math = interpret_mode() or q.dtype == torch.float32  # the interpreter computes bf16 wrongly
+    _tree_attention_kernel[(batch * num_kv_heads, num_splits, row_tiles)](
+        q, k, v, mask, out, part_out, part_lse, prefix_len if prefix_in_tensor else host_prefix,
+        (head_dim ** -0.5 if scale is None else scale) * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask.stride(),
+        num_kv_heads, tree_size, head_dim, num_splits,
+        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PREFIX_IN_TENSOR=prefix_in_tensor,
+        MASK_FULL_WIDTH=tree_mask.shape[1] != tree_size, SPLIT=num_splits > 1, FP32_MATH=fp32_math,
+        num_warps=num_warps,
+    )
+    if num_splits > 1:
+        rows = batch * num_heads * tree_size
+        block_r = 256 if interpret_mode() else 16
+        _merge_kernel[(triton.cdiv(rows, block_r),)](
+            part_out, part_lse, out, rows, num_heads, tree_size, head_dim, num_splits, *out.stride(),
+            BLOCK_R=block_r, BLOCK_D=block_d)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- reference
+
+def tree_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,
+                             tree_mask: torch.Tensor, scale: float | None = None,
+                             dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Plain torch, computed in `dtype` (float64 = the oracle; q's dtype = the error baseline of the tests):
+    repeat the kv heads, mask explicitly, softmax. Same shapes and result dtype as `tree_attention`."""
+    tree_size, group = q.shape[2], q.shape[1] // k.shape[1]
+    keys = k[:, :, : prefix_len + tree_size].repeat_interleave(group, dim=1).to(dtype)
+    values = v[:, :, : prefix_len + tree_size].repeat_interleave(group, dim=1).to(dtype)
+    scores = q.to(dtype) @ keys.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    allowed = torch.ones(tree_size, prefix_len + tree_size, dtype=torch.bool, device=q.device)
+    full_width = tree_mask.shape[1] != tree_size
+    allowed[:, prefix_len:] = tree_mask[:, prefix_len: prefix_len + tree_size] if full_width else tree_mask
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return (scores.softmax(-1).nan_to_num(0.0) @ values).to(q.dtype)
+
+
+# --------------------------------------------------------------------------- transformers attention registry
+
+check_prefix_mask = True  # verify (one host sync per call) that the mask lets every query see the whole prefix;
+# skipped while a CUDA graph is being captured or torch.compile traces. Set False for eager speed.
+_UNSUPPORTED = ("softcap", "s_aux", "position_bias", "sinks")
+
+
+def _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(reason: str) -> None:
+    warnings.warn(f"specdec tree attention falls back to SDPA: {reason}", RuntimeWarning, stacklevel=3)
+
+
+def _tree_rows(attention_mask: torch.Tensor, tree_size: int) -> tuple[torch.Tensor, bool]:
+    """(T, K) bool rows of a 4D mask (float: > finfo.min / 2 means allowed) and whether they match the contract:
+    the same for every batch row and head, the whole prefix allowed (checked only when `check_prefix_mask`)."""
+    if attention_mask.dtype == torch.bool:
+        allowed = attention_mask
+    else:
+        allowed = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    rows = allowed[0, 0]
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if not check_prefix_mask or capturing or torch.compiler.is_compiling():
+        return rows, True
+    prefix_len = rows.shape[1] - tree_size
+    valid = bool(rows[:, :prefix_len].all() & (allowed == rows).all())  # one sync
+    return rows, valid
+
+
+def tree_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                           is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention function: query (B, Hq, T, D), key/value (B, Hkv, K, D), mask (B, 1, T, K) float or
+    bool or None -> ((B, T, Hq, D), None). The tree mask is the last T columns of the mask; without a mask, T = 1
+    is a plain decode step. Everything else (a causal prefill without a mask, a prefix that is not fully allowed,
+    dropout, softcap, ...) goes to the "sdpa" function."""
+    tree_size = query.shape[2]
+    problem = None
+    if not kernel_available(query.device):
+        problem = "Triton or CUDA is unavailable"
+        _warn_fallback(problem)
+    elif dropout > 0.0 or any(kwargs.get(name) is not None for name in _UNSUPPORTED):
+        problem = "dropout or an unsupported attention option"
+    elif query.shape[-1] != value.shape[-1] or (attention_mask is not None and
+                                                attention_mask.shape[-1] != key.shape[2]):
+        problem = "query and value head dims differ, or the mask does not cover the keys"
+    elif attention_mask is None:
+        tree_mask = torch.ones(1, 1, dtype=torch.bool, device=query.device)
+        problem = None if tree_size == 1 else "causal prefill"
+    else:
+        tree_mask, valid = _tree_rows(attention_mask, tree_size)
+        problem = None if valid else "the mask hides part of the prefix"
+    if problem is not None:
+        return _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    out = tree_attention(query, key, value, tree_mask, scaling)
+    return out.transpose(1, 2), None
+
+
+def register_tree_attention(name: str = "specdec_tree") -> str:
+    """Register `tree_attention_forward` with transformers' `AttentionInterface` (and the "sdpa" mask builder
+    under the same name, so padding masks are still built); returns the name. A model then opts in with
+    `model.set_attn_implementation(name)`, or `from_pretrained(..., attn_implementation=name)`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, tree_attention_forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
