@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Issue 5 on the H100: model-free drafters side by side on the zoo target (code prompts and two-turn rewrites).
+#   bash evals/scripts/h100_drafters_bench.sh build   # zoo target + retrieval datastore (cached under out/)
+#   bash evals/scripts/h100_drafters_bench.sh bench
+set -euo pipefail
+stage=${1:-all}
+out=${OUT:-out}
+export SPECDEC_CACHE=${SPECDEC_CACHE:-$PWD/out/cache} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warning || true
+preset=${PRESET:-gpu-100m}
+store=$PWD/out/cache/$preset-train.sdds
+mkdir -p out "$out"
+if [ "$stage" != bench ]; then
+  python3 evals/scripts/zoo_datastore.py "$preset" "$store" 30000000
+fi
+if [ "$stage" != build ]; then
+  methods="ar,ngram,recycling,copyspec,retrieval:datastore=$store,fused:drafters=copyspec+recycling,hf-lookup"
+  set +e
+  specdec bench --target "zoo:$preset" --data code:20 --methods "$methods" --max-new-tokens 128 --out "$out/code" \
+    2>&1 | grep -v "━" | tail -25
+  specdec bench --target "zoo:$preset" --data code-rewrite:10 --methods "$methods" --max-new-tokens 128 \
+    --out "$out/rewrite" 2>&1 | grep -v "━" | tail -25
+fi
