@@ -1,0 +1,147 @@
+"""`specdec bench` end to end on CPU: a tiny saved target, a handful of questions (one two-turn), the runner,
+metrics, lossless check (a deliberately broken method must be caught), output files, compare, bad input, Ctrl-C."""
+
+import json
+
+import pytest
+import torch
+
+from specdec.cli import main as cli_main
+from specdec.evals import methods as bench_methods
+from specdec.evals.bench import EXIT_ALGORITHMIC, EXIT_INTERRUPTED, main as bench_main
+from specdec.evals.methods import ArMethod, TurnRun
+from tiny_models import fresh_tiny_model, tiny_tokenizer
+
+QUESTIONS = [
+    {"question_id": 1, "category": "alpha", "turns": ["abcdabcdabcdabcd", "abcdabcd"]},
+    {"question_id": 2, "category": "alpha", "turns": ["abababababab"]},
+    {"question_id": 3, "category": "beta", "turns": ["ponmlkjiponmlkji"]},
+]
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory):
+    """A tiny random-init Llama in float32 with a real fast tokenizer, saved like any HF checkpoint."""
+    path = tmp_path_factory.mktemp("target")
+    model = fresh_tiny_model("llama").float()
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "questions.jsonl"
+    path.write_text("\n".join(json.dumps(q) for q in QUESTIONS))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def extra_methods():
+    """Methods the tests register: `broken` (ar's answer with one token changed) and `interrupting` (Ctrl-C on
+    its second answer)."""
+
+    class Broken(ArMethod):
+        def run(self, prompt_ids, max_new_tokens):
+            result = super().run(prompt_ids, max_new_tokens)
+            tokens = list(result.token_ids)
+            tokens[3] = (tokens[3] + 1) % 256
+            return TurnRun(tokens, result.seconds, result.forwards, result.accepted_hist, result.phase_seconds)
+
+    class Interrupting(ArMethod):
+        calls = 0
+
+        def run(self, prompt_ids, max_new_tokens):
+            Interrupting.calls += 1
+            if Interrupting.calls == 5:  # warm-up (2 turns), question 1 (2 turns), then Ctrl-C on question 2
+                raise KeyboardInterrupt
+            return super().run(prompt_ids, max_new_tokens)
+
+    bench_methods.register_method("broken")(Broken)
+    bench_methods.register_method("interrupting")(Interrupting)
+    yield
+    bench_methods._METHODS.pop("broken")
+    bench_methods._METHODS.pop("interrupting")
+
+
+def _bench(target_dir, data_file, out, *extra):
+    return bench_main(["--target", str(target_dir), "--data", str(data_file), "--max-new-tokens", "12",
+                       "--template", "none", "--out", str(out), *extra])
+
+
+def test_bench_writes_results_and_stays_lossless(target_dir, data_file, tmp_path):
+    code = _bench(target_dir, data_file, tmp_path, "--methods", "ar,ngram,ngram:max_n=2,min_n=1,hf,hf-lookup",
+                  "--runs", "2")
+    assert code == 0
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["schema"] == "specdec.bench/1" and not payload["interrupted"]
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "ngram:max_n=2,min_n=1" in (tmp_path / "results.md").read_text()
+    methods = ["ar", "ngram", "ngram:max_n=2,min_n=1", "hf", "hf-lookup"]
+    # 3 questions, 4 turns, 2 runs, each method
+    assert len(payload["records"]) == len(methods) * 4 * 2
+    lossless = payload["lossless"]
+    assert lossless["checked"] == (len(methods) - 1) * 4 * 2 and lossless["mismatches"] == []
+    summary = payload["summary"]
+    assert set(summary) == set(methods) and set(summary["ngram"]) == {"alpha", "beta", "overall"}
+    ar, ngram = summary["ar"]["overall"], summary["ngram"]["overall"]
+    assert ar["speedup"]["mean"] == pytest.approx(1.0) and ar["tau"]["mean"] == 1.0
+    records = [r for r in payload["records"] if r["method"] == "ngram"]
+    tokens = sum(len(r["token_ids"]) for r in records)
+    forwards = sum(r["forwards"] for r in records)
+    assert ngram["tau"]["mean"] == pytest.approx(tokens / forwards)
+    assert summary["hf-lookup"]["overall"]["tau"]["mean"] >= 1.0
+    # turn 2 of question 1 saw the method's own turn-1 answer: its prompt is longer than turn 1's
+    turns = {r["turn"]: r["prompt_tokens"] for r in records if r["question_id"] == "1" and r["run"] == 0}
+    assert turns[1] > turns[0]
+
+
+def test_a_broken_method_is_caught(target_dir, data_file, tmp_path, extra_methods):
+    code = _bench(target_dir, data_file, tmp_path, "--methods", "ar,broken,ngram")
+    assert code == EXIT_ALGORITHMIC
+    payload = json.loads((tmp_path / "results.json").read_text())
+    mismatches = payload["lossless"]["mismatches"]
+    assert {m["method"] for m in mismatches} == {"broken"}
+    assert all(m["position"] == 3 and m["kind"] == "algorithmic" for m in mismatches)
+    assert len(mismatches) == 3  # one per question: turn 2 of a diverged question is not compared again
+    assert "algorithmic" in (tmp_path / "results.md").read_text()
+
+
+def test_interrupted_run_still_writes_what_finished(target_dir, data_file, tmp_path, extra_methods):
+    code = _bench(target_dir, data_file, tmp_path, "--methods", "ar,interrupting")
+    assert code == EXIT_INTERRUPTED
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["interrupted"] and payload["records"]
+    assert {r["method"] for r in payload["records"]} == {"ar", "interrupting"}
+
+
+def test_compare_two_runs(target_dir, data_file, tmp_path, capsys):
+    for name in ("a", "b"):
+        assert _bench(target_dir, data_file, tmp_path / name, "--methods", "ar,ngram", "--limit", "1") == 0
+    assert cli_main(["bench", "compare", str(tmp_path / "a" / "results.json"),
+                     str(tmp_path / "b" / "results.json")]) == 0
+    assert "ngram" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--methods", "ar,no-such-method"], "unknown method"),
+    (["--methods", "ngram"], "must include 'ar'"),
+    (["--categories", "gamma"], "unknown categories"),
+    (["--runs", "0"], "--runs must be >= 1"),
+    (["--data", "/no/such/file.jsonl"], "does not exist"),
+])
+def test_bad_input_is_a_clear_error(target_dir, data_file, tmp_path, capsys, flags, message):
+    argv = ["bench", "--target", str(target_dir), "--data", str(data_file), "--methods", "ar,ngram",
+            "--out", str(tmp_path), *flags]
+    assert cli_main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
