@@ -37,13 +37,6 @@ def data_file(tmp_path_factory):
     return path
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def extra_methods():

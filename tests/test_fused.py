@@ -25,14 +25,6 @@ from tiny_models import VOCAB, repetitive_prompt, tiny_model
 GREEDY = SamplingParams()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models gain nothing from a second thread, and on shared cores two threads run ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class Scripted:
     """Proposes fixed paths (a trie); records what it was told."""

@@ -29,14 +29,6 @@ from tiny_models import VOCAB, repetitive_prompt, tiny_model
 GREEDY = SamplingParams()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models gain nothing from a second thread, and on shared cores two threads run ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def context(token_ids, max_nodes=16, max_depth=6, min_confidence=None):
     return DraftContext(list(token_ids), Budget(max_nodes, max_depth, min_confidence), GREEDY,
