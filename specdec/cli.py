@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     for add_parser in COMMANDS:
         add_parser(sub)
     args = parser.parse_args(argv)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # rich draws our own progress; HF's weight-loading bar is noise here
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.run(args)
