@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m specdec.evals` / `accelerate launch -m specdec.evals`: the same flags as `specdec bench`."""
     import argparse
 
-    from specdec.config import add_config_arguments, config_from_arguments
+    from specdec.config import add_config_arguments
 
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="specdec bench")

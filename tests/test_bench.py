@@ -4,7 +4,6 @@ metrics, lossless check (a deliberately broken method must be caught), output fi
 import json
 
 import pytest
-import torch
 
 from specdec.cli import main as cli_main
 from specdec.evals import methods as bench_methods
