@@ -10,6 +10,7 @@ on the main process."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import sys
 import time
@@ -57,6 +58,7 @@ class BenchConfig:
     tie_tolerance: float = option(0.0, "a mismatch whose logit gap is within this is a near-tie flip "
                                        "(default 0: 0.125 on bf16/fp16, 1e-4 on fp32)")
     out: str | None = option(None, "write results.json, results.md and chart.png here")
+    num_processes: int = option(1, "shard the questions over this many processes (GPUs) via accelerate launch")
 
 
 BENCH_PRESETS = {
@@ -179,6 +181,18 @@ def report(payload: dict, out: str | None) -> None:
             console.print(f"wrote {path}")
 
 
+def _launch(num_processes: int, argv: list[str]) -> int:
+    """Re-run this command under `accelerate launch` with `num_processes` workers (one per GPU, or CPU processes)."""
+    import subprocess
+
+    rest = [a for i, a in enumerate(argv) if a != "--num-processes" and (i == 0 or argv[i - 1] != "--num-processes")]
+    device = [] if torch.cuda.is_available() else ["--cpu"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *device,
+               "-m", "specdec.evals", *rest]
+    return subprocess.call(command)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m specdec.evals` / `accelerate launch -m specdec.evals`: the same flags as `specdec bench`."""
     import argparse
@@ -197,6 +211,8 @@ def bench_command(args, argv: list[str]) -> int:
     from specdec.config import config_from_arguments
 
     config = config_from_arguments(BenchConfig, args, BENCH_PRESETS)
+    if config.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(config.num_processes, argv)
     payload, code = run(config, argv)
     if payload:
         report(payload, config.out)

@@ -137,3 +137,13 @@ def test_bad_input_is_a_clear_error(target_dir, data_file, tmp_path, capsys, fla
     assert cli_main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
+
+
+def test_questions_shard_over_processes(target_dir, data_file, tmp_path):
+    """--num-processes 2: accelerate launches two CPU workers, each answers part of the questions, the main one
+    merges them."""
+    code = _bench(target_dir, data_file, tmp_path, "--methods", "ar,ngram", "--num-processes", "2")
+    assert code == 0
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert sorted({r["question_id"] for r in payload["records"]}) == ["1", "2", "3"]
+    assert len(payload["records"]) == 2 * 4 and payload["lossless"]["checked"] == 4
