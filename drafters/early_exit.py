@@ -1,0 +1,114 @@
+"""`early_exit`: self-speculative drafting from the target's own first L layers + a trained exit head (Kangaroo,
+LayerSkip). draft_logits = lm_head(norm(head(h_L))): the target's final norm and LM head are shared, not copied.
+
+**Cache.** The draft pass runs only `target.model.layers[:L]`, called directly (embeddings, rotary embeddings and
+mask exactly as `LlamaModel.forward` builds them) over the drafter's own `DynamicCache` of those L layers. Its
+bookkeeping is `ModelDrafter`'s (subclassed): the cache holds the committed tokens it has consumed, each step feeds
+what the context added, grows the draft one depth per forward with tree attention, and `observe` keeps the accepted
+path's KV and crops the rest. The ideal is to share the target's own KV for layers < L, as Kangaroo does: no
+second cache, and no draft pass over accepted tokens the drafter never ran (the target's verify pass has already
+written their KV for those layers). That needs the backend to expose per-layer cache handles of its state to
+drafters, and is the next step; until then the cost is a second KV cache of L/num_layers of the target's size.
+
+**Stopping (Kangaroo's double early exit).** A node is expanded only while its own slot probability (the draft's
+top probability at its parent for a chain) is >= `threshold`; a node below it stays in the draft as a leaf. So
+threshold 1.0 drafts one token per step, threshold 0 drafts to the budget's max_depth. `budget.min_confidence`
+(on the path's cumulative probability) and the node budget apply as in `ModelDrafter`.
+
+**Modes.** "chain" (default): one token per depth. "tree": best-first top-k expansion as `ModelDrafter`'s dynamic
+tree. At temperature > 0 drafts are sampled and carry their q (`draft_probs`) under the same rules.
+
+    drafter = EarlyExitDrafter(head="head.safetensors", threshold=0.6)     # spec: "early_exit:head=head.safetensors"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+from transformers.masking_utils import create_causal_mask
+
+from specdec.controllers.base import Budget
+from specdec.drafters.base import DraftContext, TargetView, register_drafter
+from specdec.drafters.model import ModelDrafter, _Node
+from specdec.sampling import SamplingParams
+from specdec.train.early_exit import ExitHead, draft_logits
+from specdec.tree import DraftTree
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # decoder layers called as LlamaModel calls them
+
+
+@register_drafter("early_exit")
+class EarlyExitDrafter(ModelDrafter):
+    """head: an `ExitHead` or the path of a saved one. threshold: expand a node only while its slot probability is
+    at least this. mode: "chain" or "tree"; topk: children per expanded node in tree mode."""
+
+    def __init__(self, head: ExitHead | str | os.PathLike, threshold: float = 0.6, mode: str = "chain",
+                 topk: int = 4):
+        if mode not in ("tree", "chain"):
+            raise ValueError(f"mode must be 'tree' or 'chain', got {mode!r}")
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}")
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        self.head = head if isinstance(head, ExitHead) else ExitHead.load(head)
+        self.layer, self.threshold = self.head.config.layer, float(threshold)
+        self.vocab_size = self.head.config.vocab_size
+        self.width = 1 if mode == "chain" else topk
+        self.model, self.path = None, None  # the target, bound at the first propose
+        self.reset()
+
+    def propose(self, ctx: DraftContext) -> DraftTree:
+        if ctx.target.model is not self.model:
+            self._load(ctx.target)
+        tree = super().propose(ctx)
+        return dataclasses.replace(tree, source=("early_exit",) * len(tree))
+
+    def _load(self, target: TargetView) -> None:
+        """Bind the target: check it is supported and matches the head; move the head to its device and dtype."""
+        model = target.model
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"the early_exit drafter runs the decoder layers of {', '.join(SUPPORTED_MODEL_TYPES)} "
+                             f"models; the target is {model_type!r}")
+        self.head.config.check_target(model)
+        self.head = self.head.to(model.device, next(model.parameters()).dtype).eval()
+        self.model = model
+        self.reset()
+
+    def _forward(self, token_ids: list[int], positions: list[int], mask: torch.Tensor | None,
+                 last_only: bool = False) -> torch.Tensor:
+        """The first L layers over `token_ids` (appending their KV to the cache), the head, norm, LM head -> (T, V)."""
+        inner, device = self.model.model, self.model.device
+        hidden = inner.embed_tokens(torch.tensor([token_ids], device=device))
+        position_ids = torch.tensor([positions], device=device)
+        attention = create_causal_mask(config=self.model.config, inputs_embeds=hidden,
+                                       attention_mask=None if mask is None else mask.to(device),
+                                       past_key_values=self.cache, position_ids=position_ids)
+        rotary = inner.rotary_emb(hidden, position_ids)
+        for decoder_layer in inner.layers[: self.layer]:
+            hidden = decoder_layer(hidden, attention_mask=attention, position_embeddings=rotary,
+                                   position_ids=position_ids, past_key_values=self.cache, use_cache=True)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return draft_logits(self.model, self.head, hidden)[0]
+
+    def _grow(self, root_logits: torch.Tensor, budget: Budget, params: SamplingParams):
+        """`ModelDrafter._grow` with Kangaroo's stop: a node whose own slot probability < threshold is a leaf."""
+        nodes: list[_Node] = []
+        own: list[float] = []  # slot probability of each candidate (its score over its parent's)
+        frontier, logits, ranked = [-1], root_logits[None], []
+        floor = budget.min_confidence or 0.0
+        for depth in range(1, budget.max_depth + 1):
+            for parent, children in zip(frontier, self._children(logits, params)):
+                base = 1.0 if parent < 0 else nodes[parent].score
+                nodes += [_Node(token, parent, depth, base * slot_prob, q) for token, slot_prob, q in children]
+                own += [slot_prob for _, slot_prob, _ in children]
+            ranked = sorted(range(len(nodes)), key=lambda i: (-nodes[i].score, nodes[i].depth, i))
+            frontier = [i for i in ranked[: budget.max_nodes - 1] if nodes[i].depth == depth
+                        and nodes[i].score >= floor and own[i] >= self.threshold][: self.width]
+            if depth == budget.max_depth or not frontier:
+                break
+            logits = self._run_frontier(nodes, frontier)
+        return nodes, ranked[: budget.max_nodes]
