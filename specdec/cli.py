@@ -103,12 +103,13 @@ def _datastore_parser(sub) -> None:
 
 def _train_parser(sub) -> None:
     """`specdec train early-exit ...` (and the other trainers as they land): each adds its own subcommand."""
+    from specdec.train.distill import add_distill_parser
     from specdec.train.early_exit import add_early_exit_parser
 
-    parser = sub.add_parser("train", help="train drafters: early-exit heads")
+    parser = sub.add_parser("train", help="train drafters: distill a draft model, or an early-exit head")
     trainers = parser.add_subparsers(dest="trainer", required=True)
+    add_distill_parser(trainers)
     add_early_exit_parser(trainers)
-    parser.set_defaults(run=lambda args: args.func(args) or 0)
 
 
 COMMANDS: list[Callable] = [_generate_parser, _bench_parser, _datastore_parser, _train_parser]

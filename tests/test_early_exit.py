@@ -227,7 +227,7 @@ def test_cli_writes_a_loadable_head(tmp_path):
     add_early_exit_parser(parser.add_subparsers())
     args = parser.parse_args(["early-exit", "--target", str(model_dir), "--layer", "1", "--data", str(data_dir),
                               "--out", str(out), "--steps", "3", "--seq-len", "32", "--device", "cpu"])
-    args.func(args)
+    assert args.run(args) == 0
     head = ExitHead.load(out, target=target)
     assert head.config.layer == 1 and head.config.vocab_size == 256 and head.config.model_type == "llama"
     assert head.down.weight.abs().sum() > 0  # it trained

@@ -236,7 +236,7 @@ def add_early_exit_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--kind", choices=HEAD_KINDS, default="linear")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.set_defaults(func=early_exit_command)
+    parser.set_defaults(run=early_exit_command)
     return parser
 
 
@@ -252,3 +252,4 @@ def early_exit_command(args: argparse.Namespace) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     head.save(args.out)
     Console(stderr=True).print(f"  exit head (layer {args.layer}, {args.kind}) saved to {args.out}")
+    return 0
