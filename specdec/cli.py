@@ -112,7 +112,15 @@ def _train_parser(sub) -> None:
     add_early_exit_parser(trainers)
 
 
-COMMANDS: list[Callable] = [_generate_parser, _bench_parser, _datastore_parser, _train_parser]
+def _bench_step_parser(sub) -> None:
+    from specdec.evals import step_bench
+
+    parser = sub.add_parser("bench-step", help="cost of one target step vs tokens scored, and of the attention kernel")
+    step_bench.add_arguments(parser)
+    parser.set_defaults(run=step_bench.run)
+
+
+COMMANDS: list[Callable] = [_generate_parser, _bench_parser, _bench_step_parser, _datastore_parser, _train_parser]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -147,3 +147,15 @@ def test_questions_shard_over_processes(target_dir, data_file, tmp_path):
     payload = json.loads((tmp_path / "results.json").read_text())
     assert sorted({r["question_id"] for r in payload["records"]}) == ["1", "2", "3"]
     assert len(payload["records"]) == 2 * 4 and payload["lossless"]["checked"] == 4
+
+
+def test_bench_step_smoke(tmp_path):
+    """`specdec bench-step` on the tiny shape: every (attn, context, n) is timed and written (no timing asserted)."""
+    argv = ["bench-step", "--shapes", "tiny", "--attn", "sdpa,specdec_tree", "--contexts", "32", "--sizes", "1,3",
+            "--reps", "1", "--kernel-contexts", "32", "--out", str(tmp_path)]
+    assert cli_main(argv) == 0
+    result = json.loads((tmp_path / "step_bench.json").read_text())
+    assert {(s["attn"], s["tokens"]) for s in result["steps"]} == {(a, n) for a in ("sdpa", "specdec_tree")
+                                                                   for n in (1, 3)}
+    assert all(s["ms"] > 0 for s in result["steps"])
+    assert {(k["context"], k["tokens"]) for k in result["kernels"]["tiny"]} == {(32, 1), (32, 16), (32, 64)}

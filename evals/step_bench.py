@@ -1,0 +1,190 @@
+"""`specdec bench-step`: what one target step costs, as a function of the tokens it scores.
+
+For random-init models of real shapes (timing does not depend on weight values; random, never zero, weights), in
+bf16 on the GPU: t_AR (one token) and t_verify(n) (a chain of n-1 drafted tokens below the root, so n queries) at
+several context lengths, for each attention implementation (HF eager, HF sdpa, specdec's Triton `specdec_tree`),
+through specdec's HF backend; and the attention kernel alone: `tree_attention` vs PyTorch SDPA with the float tree
+mask (which loses the flash kernel) vs SDPA causal at n = 1, with the achieved bandwidth of the KV read.
+
+    specdec bench-step --shapes 1b,7b --contexts 512,2048,8192 --sizes 1,4,16,64,128,256 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from specdec.backends.hf import HFBackend, tree_attention_mask
+from specdec.tree import DraftTree
+
+console = Console(stderr=True)
+
+SHAPES = {  # hidden, layers, q heads, kv heads, ffn, vocab
+    "1b": (2048, 22, 32, 4, 5632, 32000),     # TinyLlama-1.1B
+    "7b": (4096, 32, 32, 32, 11008, 32000),   # Llama-2-7B
+    "tiny": (64, 2, 4, 2, 128, 512),          # CPU smoke test
+}
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    shape: str
+    attn: str
+    context: int
+    tokens: int  # queries scored in the step: the root + tokens - 1 drafted nodes
+    ms: float
+
+
+def build_model(shape: str, attn: str, device: str, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, layers, heads, kv_heads, ffn, vocab = SHAPES[shape]
+    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, intermediate_size=ffn, vocab_size=vocab,
+                         max_position_embeddings=16384)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    if attn == "specdec_tree":
+        from specdec.kernels.tree_attention import register_tree_attention
+
+        register_tree_attention()
+    model.set_attn_implementation(attn)
+    return model
+
+
+def _median_ms(fn, reps: int) -> float:
+    """Median wall time of fn() in ms, GPU-synchronised, after two warm-up calls."""
+    import time
+
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def step_costs(model, shape: str, attn: str, contexts: list[int], sizes: list[int], reps: int) -> list[StepTiming]:
+    """t_verify(n) through the HF backend: score a chain of n-1 nodes, then drop it again (the cache keeps its
+    length). n = 1 is the AR step."""
+    backend = HFBackend(model)
+    vocab = backend.vocab_size
+    out = []
+    for context in contexts:
+        state = backend.prefill(torch.randint(0, vocab, (context,)).tolist())
+        for n in sizes:
+            tree = DraftTree.chain(torch.randint(0, vocab, (n - 1,))).to(backend.device)
+
+            def step():
+                backend.score_tree(state, 7, tree)
+                backend.commit(state, [], len(tree))
+                state.length -= 1  # the root stays uncommitted: every repetition scores the same positions
+                state.cache.crop(-1)
+
+            out.append(StepTiming(shape, attn, context, n, _median_ms(step, reps)))
+    return out
+
+
+def kernel_costs(shape: str, contexts: list[int], sizes: list[int], reps: int, device: str,
+                 dtype: torch.dtype) -> list[dict]:
+    """The attention of one layer alone: specdec's kernel vs SDPA with the float tree mask vs SDPA causal (n=1)."""
+    from specdec.kernels.tree_attention import tree_attention
+
+    _, _, heads, kv_heads, _, _ = SHAPES[shape]
+    head_dim = SHAPES[shape][0] // heads
+    rows = []
+    for context in contexts:
+        for n in sizes:
+            q = torch.randn(1, heads, n, head_dim, device=device, dtype=dtype)
+            k = torch.randn(1, kv_heads, context + n, head_dim, device=device, dtype=dtype)
+            v = torch.randn_like(k)
+            tree = DraftTree.chain(torch.zeros(n - 1, dtype=torch.long))
+            mask = tree_attention_mask(tree, context, dtype, torch.device(device))
+            tree_mask = mask[0, 0, :, context:] == 0
+            groups = heads // kv_heads
+            k_rep, v_rep = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+            sdpa = torch.nn.functional.scaled_dot_product_attention
+            row = {"context": context, "tokens": n,
+                   "kernel_ms": _median_ms(lambda: tree_attention(q, k, v, tree_mask), reps),
+                   "sdpa_mask_ms": _median_ms(lambda: sdpa(q, k_rep, v_rep, attn_mask=mask), reps)}
+            if n == 1:
+                row["sdpa_causal_ms"] = _median_ms(lambda: sdpa(q, k_rep, v_rep), reps)
+            kv_bytes = 2 * k.numel() * k.element_size()
+            row["kernel_tb_s"] = kv_bytes / (row["kernel_ms"] * 1e-3) / 1e12
+            rows.append(row)
+    return rows
+
+
+def weight_floor_ms(model) -> float:
+    """Weight bytes / the H100's measured 3.0 TB/s copy rate: the batch-1 step's memory floor."""
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / 3.0e12 * 1e3
+
+
+def _table(timings: list[StepTiming], floors: dict[str, float]) -> Table:
+    table = Table(title="t_verify(n) in ms (n = 1 is the AR step); floor = weights / 3.0 TB/s")
+    for column in ("shape", "attn", "context", "floor", *sorted({t.tokens for t in timings})):
+        table.add_column(str(column), justify="right")
+    keys = sorted({(t.shape, t.attn, t.context) for t in timings})
+    for shape, attn, context in keys:
+        cells = {t.tokens: t.ms for t in timings if (t.shape, t.attn, t.context) == (shape, attn, context)}
+        table.add_row(shape, attn, str(context), f"{floors[shape]:.2f}", *(f"{cells[n]:.2f}" for n in sorted(cells)))
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="specdec bench-step", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shapes", default="1b,7b", help=f"comma-separated, of {', '.join(SHAPES)}")
+    parser.add_argument("--attn", default="eager,sdpa,specdec_tree", help="attention implementations")
+    parser.add_argument("--contexts", default="512,2048,8192")
+    parser.add_argument("--sizes", default="1,2,4,8,16,32,64,128,256", help="queries per step (root + nodes)")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--kernel-contexts", default="4096,8192,16384,32768")
+    parser.add_argument("--out", type=Path, default=None, help="write step_bench.json here")
+
+
+def run(args) -> int:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args.dtype) if device == "cuda" else torch.float32
+    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+    timings, floors, kernels = [], {}, {}
+    for shape in args.shapes.split(","):
+        if shape not in SHAPES:
+            raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+        for attn in args.attn.split(","):
+            model = build_model(shape, attn, device, dtype)
+            floors[shape] = weight_floor_ms(model)
+            timings += step_costs(model, shape, attn, ints(args.contexts), ints(args.sizes), args.reps)
+            del model
+        kernels[shape] = kernel_costs(shape, ints(args.kernel_contexts), [1, 16, 64], args.reps, device, dtype)
+    console.print(_table(timings, floors))
+    for shape, rows in kernels.items():
+        console.print(f"[bold]{shape}[/] attention alone (ms): " + "; ".join(
+            f"P={r['context']} n={r['tokens']}: kernel {r['kernel_ms']:.3f} ({r['kernel_tb_s']:.2f} TB/s) vs "
+            f"sdpa+mask {r['sdpa_mask_ms']:.3f}" + (f", sdpa causal {r['sdpa_causal_ms']:.3f}"
+                                                     if "sdpa_causal_ms" in r else "") for r in rows))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "step_bench.json").write_text(json.dumps(
+            {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype),
+             "floors_ms": floors, "steps": [t.__dict__ for t in timings], "kernels": kernels}, indent=1))
+    return 0
