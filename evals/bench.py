@@ -44,6 +44,7 @@ class BenchConfig:
     methods: str = option("ar,ngram,hf,hf-lookup", "comma-separated: ar, hf, hf-lookup, hf-assisted, or drafter "
                                                    "specs such as ngram:max_n=4,min_n=2")
     controller: str = option("heuristic", "the draft-size controller of the specdec methods")
+    backend: str = option("hf", "how ar and the specdec methods run the target: hf (DynamicCache) or static")
     assistant: str | None = option(None, "draft model path for hf-assisted")
     max_new_tokens: int = option(128, "new tokens per turn")
     runs: int = option(1, "timed repetitions (mean ± std over them)")
@@ -132,7 +133,11 @@ def run(config: BenchConfig, argv: list[str] | None = None, show_progress: bool 
     if config.assistant:
         from transformers import AutoModelForCausalLM
         assistant = AutoModelForCausalLM.from_pretrained(config.assistant, dtype=model.dtype).to(model.device)
-    context = BenchContext(model, tokenizer, params, config.controller, assistant)
+    from specdec.backends import BACKENDS
+
+    if config.backend not in BACKENDS:
+        raise ValueError(f"unknown backend {config.backend!r}; choose one of {', '.join(BACKENDS)}")
+    context = BenchContext(model, tokenizer, params, config.controller, assistant, config.backend)
     with state.split_between_processes(questions) as shard:
         bench = run_bench(context, shard, settings, show_progress and state.is_main_process)
     tolerance = config.tie_tolerance or (1e-4 if model.dtype == torch.float32 else 0.125)

@@ -13,7 +13,6 @@ from typing import Callable, Protocol
 
 import torch
 
-from specdec.backends.hf import HFBackend
 from specdec.drafters import registered_drafters
 from specdec.drafters.base import parse_spec
 from specdec.evals.peers import hf_generate
@@ -44,6 +43,12 @@ class BenchContext:
     params: SamplingParams
     controller: str = "heuristic"
     assistant: object = None
+    backend: str = "hf"  # a key of specdec.backends.BACKENDS: how ar and the drafter methods run the target
+
+    def make_backend(self):
+        from specdec.backends import BACKENDS
+
+        return BACKENDS[self.backend](self.model)
 
 
 class Method(Protocol):
@@ -95,7 +100,7 @@ class ArMethod:
 
     def __init__(self, spec: str, context: BenchContext):
         self.name, self.context = spec, context
-        self.backend = HFBackend(context.model)
+        self.backend = context.make_backend()
 
     def run(self, prompt_ids: list[int], max_new_tokens: int) -> TurnRun:
         rule = StopRule(max_new_tokens, _eos_ids(self.context.model),
@@ -111,7 +116,7 @@ class SpecMethod:
     def __init__(self, spec: str, context: BenchContext):
         self.name, self.context = spec, context
         self.generator = SpeculativeGenerator(context.model, tokenizer=context.tokenizer, drafter=spec,
-                                              controller=context.controller)
+                                              controller=context.controller, backend=context.make_backend())
 
     def run(self, prompt_ids: list[int], max_new_tokens: int) -> TurnRun:
         params = self.context.params

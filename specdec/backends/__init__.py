@@ -1,6 +1,10 @@
-"""How a target model is run: the HF backend for any transformers causal LM (the fast GPU path comes later)."""
+"""How a target model is run: `hf` (DynamicCache) and `static` (one preallocated buffer written in place) for any
+transformers causal LM."""
 
 from specdec.backends.base import Backend
 from specdec.backends.hf import HFBackend, HFState, tree_attention_mask
+from specdec.backends.static import StaticBackend, StaticState
 
-__all__ = ["Backend", "HFBackend", "HFState", "tree_attention_mask"]
+BACKENDS = {"hf": HFBackend, "static": StaticBackend}
+
+__all__ = ["BACKENDS", "Backend", "HFBackend", "HFState", "StaticBackend", "StaticState", "tree_attention_mask"]
