@@ -49,6 +49,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from transformers.utils import logging as transformers_logging
 
+from specdec.train.pretrain import budget_fraction, learning_rate, make_optimizer
+
 METADATA_FILE = "specdec_distill.json"
 OPTIMIZER_FILE = "distill_optimizer.pt"
 DATA_FILE = "distill_data.safetensors"
@@ -379,18 +381,6 @@ def evaluate(draft, target, tokenizer, sequences: Sequences, config: DistillConf
 # ---------------------------------------------------------------------------------------------------- training
 
 
-def budget_fraction(config: DistillConfig, step: int, elapsed_s: float) -> float:
-    by_steps = step / config.max_steps if config.max_steps else 0.0
-    by_time = elapsed_s / config.train_seconds if config.train_seconds else 0.0
-    return max(by_steps, by_time)
-
-
-def learning_rate(config: DistillConfig, step: int, fraction: float) -> float:
-    """Linear warmup over warmup_steps, times a cosine from lr down to lr/10 over the budget fraction."""
-    warmup = min(1.0, (step + 1) / max(1, config.warmup_steps))
-    return config.lr * warmup * (0.1 + 0.45 * (1.0 + math.cos(math.pi * min(1.0, fraction))))
-
-
 @dataclass
 class TrainState:
     """What a checkpoint records besides the tensors; `specdec_distill.json` holds it (+ the config)."""
@@ -427,7 +417,7 @@ def distill(config: DistillConfig, target: str | Path, data: str, out_dir: str |
             console.print(f"  {out_dir} holds a finished run of {state.step} steps; nothing to do")
             return state
         console.print(f"  resuming {out_dir} at step {state.step}")
-    optimizer = _optimizer(draft, config)
+    optimizer = make_optimizer(draft, config)
     stop = _stop_step(config, stop_after)
     batches = StepBatches(len(train_data.ids), config.batch_size, config.seed,
                           state.step * accelerator.num_processes, stop * accelerator.num_processes)
@@ -479,14 +469,6 @@ def _train(accelerator, draft, target, optimizer, loader, config, state, save, b
         bar.update(task, completed=min(1.0, fraction), step=state.step, loss=state.losses[-1])
         if state.step % config.save_every == 0 or state.step >= stop:
             save(draft, optimizer, state)
-
-
-def _optimizer(draft, config: DistillConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not norms)."""
-    matrices = [p for p in draft.parameters() if p.dim() >= 2]
-    vectors = [p for p in draft.parameters() if p.dim() < 2]
-    groups = [{"params": matrices, "weight_decay": config.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
 
 
 def _generate_data(target, tokenizer, data: str, config: DistillConfig, console) -> tuple[Sequences, Sequences]:

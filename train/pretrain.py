@@ -294,22 +294,23 @@ def _llama_config(config: PretrainConfig, tokenizer: PreTrainedTokenizerFast | N
     )
 
 
-def _optimizer(model: torch.nn.Module, config: PretrainConfig, fused: bool) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not norms)."""
+def make_optimizer(model: torch.nn.Module, config, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not norms). `config`: any config with lr and weight_decay (the
+    pretraining and distillation configs share this, `budget_fraction` and `learning_rate`)."""
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     vectors = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": matrices, "weight_decay": config.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), fused=fused)
 
 
-def budget_fraction(config: PretrainConfig, step: int, elapsed_s: float) -> float:
+def budget_fraction(config, step: int, elapsed_s: float) -> float:
     """How much of the budget is spent, 0..>=1: the larger of steps / max_steps and seconds / train_seconds."""
     by_steps = step / config.max_steps if config.max_steps else 0.0
     by_time = elapsed_s / config.train_seconds if config.train_seconds else 0.0
     return max(by_steps, by_time)
 
 
-def learning_rate(config: PretrainConfig, step: int, fraction: float) -> float:
+def learning_rate(config, step: int, fraction: float) -> float:
     """Linear warmup over warmup_steps, times a cosine from lr down to lr/10 over the budget fraction."""
     warmup = min(1.0, (step + 1) / max(1, config.warmup_steps))
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, fraction)))
@@ -333,7 +334,7 @@ def train(
     step_model = torch.compile(model) if on_cuda else model
     low_precision = on_cuda and config.dtype != "float32"
     autocast = torch.autocast(device.type, dtype=getattr(torch, config.dtype), enabled=low_precision)
-    optimizer = _optimizer(model, config, fused=on_cuda)
+    optimizer = make_optimizer(model, config, fused=on_cuda)
     generator = torch.Generator().manual_seed(config.seed)
     task = progress.add_task("training", total=1.0, step=0, loss=float("nan"), tok_s=0.0) if progress else None
     log_every = 10 if on_cuda else 1  # loss.item() waits for the GPU: not every step there
