@@ -29,10 +29,8 @@ import os
 import torch
 from transformers.masking_utils import create_causal_mask
 
-from specdec.controllers.base import Budget
 from specdec.drafters.base import DraftContext, TargetView, register_drafter
-from specdec.drafters.model import ModelDrafter, _Node
-from specdec.sampling import SamplingParams
+from specdec.drafters.model import ModelDrafter
 from specdec.train.early_exit import ExitHead, draft_logits
 from specdec.tree import DraftTree
 
@@ -94,21 +92,3 @@ class EarlyExitDrafter(ModelDrafter):
             hidden = hidden[:, -1:]
         return draft_logits(self.model, self.head, hidden)[0]
 
-    def _grow(self, root_logits: torch.Tensor, budget: Budget, params: SamplingParams):
-        """`ModelDrafter._grow` with Kangaroo's stop: a node whose own slot probability < threshold is a leaf."""
-        nodes: list[_Node] = []
-        own: list[float] = []  # slot probability of each candidate (its score over its parent's)
-        frontier, logits, ranked = [-1], root_logits[None], []
-        floor = budget.min_confidence or 0.0
-        for depth in range(1, budget.max_depth + 1):
-            for parent, children in zip(frontier, self._children(logits, params)):
-                base = 1.0 if parent < 0 else nodes[parent].score
-                nodes += [_Node(token, parent, depth, base * slot_prob, q) for token, slot_prob, q in children]
-                own += [slot_prob for _, slot_prob, _ in children]
-            ranked = sorted(range(len(nodes)), key=lambda i: (-nodes[i].score, nodes[i].depth, i))
-            frontier = [i for i in ranked[: budget.max_nodes - 1] if nodes[i].depth == depth
-                        and nodes[i].score >= floor and own[i] >= self.threshold][: self.width]
-            if depth == budget.max_depth or not frontier:
-                break
-            logits = self._run_frontier(nodes, frontier)
-        return nodes, ranked[: budget.max_nodes]

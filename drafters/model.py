@@ -59,6 +59,8 @@ class ModelDrafter:
     target's dtype (`path=` says the same in spec strings: "model:path=/dir/of/draft,mode=chain").
     mode: "tree" (dynamic tree) or "chain". topk: children per expanded node and nodes expanded per depth."""
 
+    threshold = 0.0  # expand a node only while its own slot probability reaches this (early_exit raises it)
+
     def __init__(self, model=None, path: str | None = None, mode: str = "tree", topk: int = 4):
         if mode not in ("tree", "chain"):
             raise ValueError(f"mode must be 'tree' or 'chain', got {mode!r}")
@@ -148,17 +150,22 @@ class ModelDrafter:
         return logits
 
     def _grow(self, root_logits: torch.Tensor, budget: Budget, params: SamplingParams):
-        """Candidates, depth by depth (one forward each) -> (all candidates, indices of the `max_nodes` best)."""
+        """Candidates, depth by depth (one forward each) -> (all candidates, indices of the `max_nodes` best).
+
+        A node is expanded while it ranks among the best, its cumulative probability is >= budget.min_confidence
+        and its own slot probability is >= `self.threshold` (0 here; early_exit's Kangaroo stop sets it)."""
         nodes: list[_Node] = []
+        own: list[float] = []  # slot probability of each candidate (its score over its parent's)
         frontier, logits, ranked = [-1], root_logits[None], []
         floor = budget.min_confidence or 0.0
         for depth in range(1, budget.max_depth + 1):
             for parent, children in zip(frontier, self._children(logits, params)):
                 base = 1.0 if parent < 0 else nodes[parent].score
                 nodes += [_Node(token, parent, depth, base * slot_prob, q) for token, slot_prob, q in children]
+                own += [slot_prob for _, slot_prob, _ in children]
             ranked = sorted(range(len(nodes)), key=lambda i: (-nodes[i].score, nodes[i].depth, i))
-            frontier = [i for i in ranked[: budget.max_nodes - 1]
-                        if nodes[i].depth == depth and nodes[i].score >= floor][: self.width]
+            frontier = [i for i in ranked[: budget.max_nodes - 1] if nodes[i].depth == depth
+                        and nodes[i].score >= floor and own[i] >= self.threshold][: self.width]
             if depth == budget.max_depth or not frontier:
                 break
             logits = self._run_frontier(nodes, frontier)
