@@ -34,10 +34,8 @@ import dataclasses
 import json
 import math
 import random
-import shutil
 import time
 import typing
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,9 +45,8 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from transformers.utils import logging as transformers_logging
 
-from specdec.train.pretrain import budget_fraction, learning_rate, make_optimizer
+from specdec.train.pretrain import budget_fraction, learning_rate, make_optimizer, staged_directory
 
 METADATA_FILE = "specdec_distill.json"
 OPTIMIZER_FILE = "distill_optimizer.pt"
@@ -548,25 +545,12 @@ def _save_atomically(out_dir: Path, draft, tokenizer, metadata: dict, optimizer_
     """Write into a temp dir beside `out_dir`, then rename it into place (replacing the previous checkpoint)."""
     from safetensors.torch import save_file
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.saving-{uuid.uuid4().hex[:8]}"
-    stale = out_dir.parent / f".{out_dir.name}.stale-{uuid.uuid4().hex[:8]}"
-    shard_bar_was_on = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()  # the one-shard "Writing model shards" bar is noise here
-    try:
+    with staged_directory(out_dir) as staging:
         draft.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         torch.save(optimizer_state, staging / OPTIMIZER_FILE)
         save_file(data, staging / DATA_FILE)
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=1) + "\n")
-        if out_dir.exists():
-            out_dir.rename(stale)
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(stale, ignore_errors=True)
-        if shard_bar_was_on:
-            transformers_logging.enable_progress_bar()
 
 
 # ------------------------------------------------------------------------------------------------------ output

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -461,19 +462,18 @@ def _training_progress(enabled: bool) -> Progress:
     return Progress(*columns, console=Console(stderr=True), disable=not enabled)
 
 
-def _save_atomically(
-    out_dir: Path, model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, metadata: dict
-) -> None:
-    """Write into a temp dir beside `out_dir`, then rename it into place (replacing a stale `out_dir`)."""
+@contextlib.contextmanager
+def staged_directory(out_dir: Path) -> typing.Iterator[Path]:
+    """Yield a temp dir beside `out_dir` to write into; on success rename it into place (replacing an older
+    `out_dir`), so an interrupted save never leaves a half-written directory. HF's shard-writing bar is hidden."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.building-{uuid.uuid4().hex[:8]}"
+    staging = out_dir.parent / f".{out_dir.name}.saving-{uuid.uuid4().hex[:8]}"
     stale = out_dir.parent / f".{out_dir.name}.stale-{uuid.uuid4().hex[:8]}"
     shard_bar_was_on = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()  # the one-shard "Writing model shards" bar is noise here
+    transformers_logging.disable_progress_bar()
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        staging.mkdir()
+        yield staging
         if out_dir.exists():
             out_dir.rename(stale)
         staging.rename(out_dir)
@@ -482,6 +482,15 @@ def _save_atomically(
         shutil.rmtree(stale, ignore_errors=True)
         if shard_bar_was_on:
             transformers_logging.enable_progress_bar()
+
+
+def _save_atomically(
+    out_dir: Path, model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, metadata: dict
+) -> None:
+    with staged_directory(out_dir) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------- prompts
