@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from specdec.drafters.base import DraftContext, register_drafter
-from specdec.tree import DraftTree, depths
+from specdec.tree import DraftTree, max_depth
 
 
 @register_drafter("copyspec")
@@ -49,7 +49,7 @@ class CopySpecDrafter:
         """Grow the copy length after a draft accepted to its full depth, shrink it after a rejection."""
         if len(result.tree) == 0:
             return
-        depth = int(depths(result.tree).max())
+        depth = max_depth(result.tree)
         if result.accepted_len >= depth:
             self.copy_len = min(2 * self.copy_len, self.max_copy_len)
         else:

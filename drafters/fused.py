@@ -119,7 +119,7 @@ def merge_trees(trees: dict[str, DraftTree], max_nodes: int, max_depth: int | No
     proposers: list[set[str]] = []
     mapped = {name: [None] * len(tree) for name, tree in trees.items()}  # sub-tree node -> merged node
     sub_tokens = {name: tree.tokens.tolist() for name, tree in trees.items()}
-    sub_parents = {name: tree.parents.tolist() for name, tree in trees.items()}
+    sub_parents = {name: tree.host_parents for name, tree in trees.items()}
     for name, node in _visit_order(trees, interleave):
         parent = sub_parents[name][node]
         merged_parent = -1 if parent < 0 else mapped[name][parent]

@@ -115,7 +115,7 @@ class ModelDrafter:
         proposal, self._proposal = self._proposal, None
         if proposal is not None and self.model is not None:
             tokens, parents, slots = proposal
-            if result.tree.tokens.tolist() == tokens and result.tree.parents.tolist() == parents:
+            if result.tree.tokens.tolist() == tokens and list(result.tree.host_parents) == parents:
                 path = list(itertools.takewhile(lambda node: slots[node] >= 0, result.accepted_nodes))
                 if path:
                     start, rows = len(self.cached), torch.tensor([slots[n] for n in path], device=self.model.device)

@@ -94,7 +94,7 @@ def _children_by_rank(tree: DraftTree) -> list[tuple[torch.Tensor, torch.Tensor]
     rank 2: rows [0], children [3]. Every node appears at exactly one rank."""
     ranks: list[tuple[list[int], list[int]]] = []
     child_count: dict[int, int] = {}
-    for node, parent in enumerate(tree.parents.tolist()):
+    for node, parent in enumerate(tree.host_parents):
         rank = child_count.get(parent + 1, 0)
         child_count[parent + 1] = rank + 1
         if rank == len(ranks):

@@ -23,7 +23,7 @@ from specdec.drafters import DraftContext, Drafter, TargetView, make_drafter
 from specdec.sampling import SamplingParams, make_generator
 from specdec.stopping import StopRule
 from specdec.timing import PhaseTimer
-from specdec.tree import DraftTree, depths
+from specdec.tree import DraftTree, max_depth
 from specdec.verify import verify
 
 
@@ -162,7 +162,7 @@ class SpeculativeGenerator:
             committed = list(prompt_ids) + generated[:end]
             with timer("observe"):
                 spent = {phase: timer.seconds[phase] - spent_before.get(phase, 0.0) for phase in timer.seconds}
-                step = StepStats(len(tree), _depth(tree), result.accepted_len, draft_s=spent["draft"],
+                step = StepStats(len(tree), max_depth(tree), result.accepted_len, draft_s=spent["draft"],
                                  verify_s=spent["verify"] + spent["accept"] + spent["commit"])
                 history.append(step)
                 self.controller.observe(step)
@@ -210,8 +210,8 @@ class SpeculativeGenerator:
         vocab = self.backend.vocab_size
         if int(tree.tokens.min()) < 0 or int(tree.tokens.max()) >= vocab:
             return f"draft token ids must lie in [0, {vocab})"
-        if len(tree) > budget.max_nodes or _depth(tree) > budget.max_depth:
-            return (f"the tree ({len(tree)} nodes, depth {_depth(tree)}) exceeds the budget "
+        if len(tree) > budget.max_nodes or max_depth(tree) > budget.max_depth:
+            return (f"the tree ({len(tree)} nodes, depth {max_depth(tree)}) exceeds the budget "
                     f"({budget.max_nodes} nodes, depth {budget.max_depth})")
         q = tree.draft_probs
         if q is not None:
@@ -285,10 +285,6 @@ class SpeculativeGenerator:
 
     def _decode(self, token_ids: list[int]) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
-
-def _depth(tree: DraftTree) -> int:
-    return int(depths(tree).max()) if len(tree) else 0
 
 
 def _is_batch(prompt) -> bool:

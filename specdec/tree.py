@@ -16,7 +16,7 @@ Worked example: the drafts "a b c" and "a d" share the prefix "a":
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -32,12 +32,15 @@ class DraftTree:
                  row i = the distribution q the drafter sampled node i from (at node i's parent). None means every
                  node is a deterministic draft: q is one-hot on tokens[i].
     source:      N names or None: which drafter proposed each node (fused trees, per-source statistics).
+    host_parents: `parents` as a tuple on the host, so the structure functions below never read the device (a
+                 GPU sync per call). Filled from `parents` at construction; `.to()` carries it over.
     """
 
     tokens: torch.Tensor
     parents: torch.Tensor
     draft_probs: torch.Tensor | None = None
     source: tuple[str, ...] | None = None
+    host_parents: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         tokens, parents = self.tokens, self.parents
@@ -47,8 +50,13 @@ class DraftTree:
         if tokens.dtype != torch.long or parents.dtype != torch.long:
             raise TypeError(f"tokens and parents must be int64, got {tokens.dtype} and {parents.dtype}")
         n = tokens.numel()
-        if n and not bool(((parents >= -1) & (parents < torch.arange(n, device=parents.device))).all()):
-            raise ValueError(f"parents must satisfy -1 <= parents[i] < i (topological order), got {parents.tolist()}")
+        if self.host_parents is None:
+            object.__setattr__(self, "host_parents", tuple(parents.tolist()))
+        elif parents.device.type == "cpu" and tuple(parents.tolist()) != tuple(self.host_parents):
+            raise ValueError("host_parents must equal parents; leave it unset and it is filled in")
+        if not all(-1 <= parent < node for node, parent in enumerate(self.host_parents)):
+            raise ValueError(f"parents must satisfy -1 <= parents[i] < i (topological order), "
+                             f"got {list(self.host_parents)}")
         if self.draft_probs is not None and (self.draft_probs.dim() != 2 or self.draft_probs.shape[0] != n):
             raise ValueError(f"draft_probs must be (N, V) with N={n}, got {tuple(self.draft_probs.shape)}")
         if self.source is not None and len(self.source) != n:
@@ -61,7 +69,7 @@ class DraftTree:
     def empty(cls, device: torch.device | str = "cpu") -> DraftTree:
         """The tree with no nodes: the verifier then does a plain autoregressive step."""
         none = torch.empty(0, dtype=torch.long, device=device)
-        return cls(tokens=none, parents=none.clone())
+        return cls(tokens=none, parents=none.clone(), host_parents=())
 
     @classmethod
     def chain(cls, tokens: Sequence[int] | torch.Tensor, draft_probs: torch.Tensor | None = None,
@@ -100,28 +108,43 @@ class DraftTree:
 
     def to(self, device: torch.device | str) -> DraftTree:
         probs = None if self.draft_probs is None else self.draft_probs.to(device)
-        return DraftTree(self.tokens.to(device), self.parents.to(device), probs, self.source)
+        return DraftTree(self.tokens.to(device), self.parents.to(device), probs, self.source, self.host_parents)
+
+
+def depth_list(tree: DraftTree) -> list[int]:
+    """Depth of each node (children of the root have depth 1), computed on the host."""
+    out: list[int] = []
+    for parent in tree.host_parents:
+        out.append(1 if parent < 0 else out[parent] + 1)
+    return out
 
 
 def depths(tree: DraftTree) -> torch.Tensor:
-    """(N,) int64: depth of each node (children of the root have depth 1)."""
-    parents = tree.parents.tolist()
-    out: list[int] = []
-    for parent in parents:
-        out.append(1 if parent < 0 else out[parent] + 1)
-    return torch.tensor(out, dtype=torch.long, device=tree.tokens.device)
+    """(N,) int64 on the tree's device: depth of each node (children of the root have depth 1)."""
+    return torch.tensor(depth_list(tree), dtype=torch.long, device=tree.tokens.device)
+
+
+def max_depth(tree: DraftTree) -> int:
+    """Length of the tree's longest root-to-leaf path (0 for the empty tree)."""
+    return max(depth_list(tree), default=0)
 
 
 def ancestor_mask(tree: DraftTree) -> torch.Tensor:
-    """(N, N) bool: mask[i, j] is True iff node j is node i or one of its ancestors (root excluded).
+    """(N, N) bool on the tree's device: mask[i, j] is True iff node j is node i or one of its ancestors (root
+    excluded). This is the tree-attention pattern: row i may attend to exactly the nodes set in it.
 
-    This is the tree-attention pattern: row i may attend to exactly the nodes set in it."""
+    Built on the host from `host_parents` and copied once: no per-node device ops."""
     n = len(tree)
-    mask = torch.eye(n, dtype=torch.bool, device=tree.tokens.device)
-    for i, parent in enumerate(tree.parents.tolist()):
-        if parent >= 0:
-            mask[i] |= mask[parent]
-    return mask
+    rows: list[int] = []
+    cols: list[int] = []
+    lineage: list[list[int]] = []
+    for node, parent in enumerate(tree.host_parents):
+        lineage.append((lineage[parent] if parent >= 0 else []) + [node])
+        rows += [node] * len(lineage[node])
+        cols += lineage[node]
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    mask[rows, cols] = True
+    return mask.to(tree.tokens.device)
 
 
 def position_ids(tree: DraftTree, root_position: int) -> torch.Tensor:
@@ -131,7 +154,7 @@ def position_ids(tree: DraftTree, root_position: int) -> torch.Tensor:
 
 def paths(tree: DraftTree) -> list[list[int]]:
     """Root-to-leaf paths as lists of node indices, in leaf order."""
-    parents = tree.parents.tolist()
+    parents = tree.host_parents
     has_child = [False] * len(parents)
     for parent in parents:
         if parent >= 0:
@@ -149,7 +172,7 @@ def paths(tree: DraftTree) -> list[list[int]]:
 
 def path_to(tree: DraftTree, node: int) -> list[int]:
     """Node indices from the root's child down to `node` (empty for node -1, the root)."""
-    parents = tree.parents.tolist()
+    parents = tree.host_parents
     path = []
     while node >= 0:
         path.append(node)

@@ -50,11 +50,12 @@ def verify(backend: Backend, state: Any, root_token: int, tree: DraftTree, param
         logits = backend.score_tree(state, root_token, tree)
     with timer("accept"):
         acceptance = accept(tree, logits, params, generator)
-        deepest_node, bonus_token = torch.stack([acceptance.deepest_node, acceptance.bonus_token]).tolist()  # sync
+        # the step's one host sync: the outcome and the tree's tokens in one read
+        read = torch.cat([torch.stack([acceptance.deepest_node, acceptance.bonus_token]), tree.tokens]).tolist()
+        deepest_node, bonus_token, tokens = read[0], read[1], read[2:]
     with timer("commit"):
         accepted_nodes = path_to(tree, deepest_node)
         backend.commit(state, accepted_nodes, len(tree))
-    tokens = tree.tokens.tolist()
     return VerifyResult(tree=tree, accepted_nodes=accepted_nodes,
                         accepted_tokens=[tokens[node] for node in accepted_nodes],
                         bonus_token=bonus_token, logits=logits)

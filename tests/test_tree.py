@@ -306,3 +306,11 @@ def test_ngram_options_validated():
         NgramDrafter(min_n=0)
     with pytest.raises(ValueError, match="max_matches"):
         NgramDrafter(max_matches=0)
+
+
+def test_host_parents_travel_with_the_tree_and_must_agree():
+    tree = DraftTree.from_paths([[5, 6, 7], [5, 8]])
+    assert tree.host_parents == (-1, 0, 1, 0)
+    assert tree.to("cpu").host_parents == tree.host_parents
+    with pytest.raises(ValueError, match="host_parents must equal parents"):
+        DraftTree(tree.tokens, tree.parents, host_parents=(-1, 0, 0, 0))

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from specdec.tree import DraftTree, ancestor_mask, depths
+from specdec.tree import DraftTree, ancestor_mask, depth_list
 
 
 @dataclass
@@ -80,7 +80,7 @@ class HFBackend:
 
     def score_tree(self, state: HFState, root_token: int, tree: DraftTree) -> torch.Tensor:
         token_ids = torch.cat([self._ids([root_token]), tree.tokens.to(self.device)])
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), depths(tree).cpu()]).to(self.device)
+        offsets = torch.tensor([0] + depth_list(tree), device=self.device)
         mask = tree_attention_mask(tree, state.length, self.dtype, self.device)
         return self._forward(state, token_ids, state.length + offsets, mask)
 

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from specdec.backends.hf import HFBackend
-from specdec.tree import DraftTree, ancestor_mask, depths
+from specdec.tree import DraftTree, ancestor_mask, depth_list
 
 
 class _Slots:
@@ -118,7 +118,7 @@ class StaticBackend(HFBackend):
     def score_tree(self, state: StaticState, root_token: int, tree: DraftTree) -> torch.Tensor:
         count, start = len(tree) + 1, state.length
         token_ids = torch.cat([self._ids([root_token]), tree.tokens.to(self.device)])
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), depths(tree).cpu()]).to(self.device)
+        offsets = torch.tensor([0] + depth_list(tree), device=self.device)
         visible = torch.zeros(count, self.max_len, dtype=torch.bool, device=self.device)
         visible[:, : start + 1] = True
         visible[1:, start + 1: start + count] = ancestor_mask(tree).to(self.device)
