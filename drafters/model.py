@@ -107,7 +107,8 @@ class ModelDrafter:
         probs = None if ctx.params.greedy or not order else torch.stack([nodes[i].q for i in order])
         device = self.model.device
         return DraftTree(torch.tensor(tokens, dtype=torch.long, device=device),
-                         torch.tensor(parents, dtype=torch.long, device=device), probs, ("model",) * len(order))
+                         torch.tensor(parents, dtype=torch.long, device=device), probs, ("model",) * len(order),
+                         host_parents=tuple(parents))
 
     @torch.inference_mode()
     def observe(self, result) -> None:
