@@ -3,23 +3,19 @@ empty tree; greedy output == the reference decoder on tiny models and on stories
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
 
 import specdec.drafters.copyspec  # noqa: F401  (registers "copyspec")
 from specdec import SpeculativeGenerator
-from specdec.backends.hf import HFBackend
 from specdec.controllers import Budget
 from specdec.drafters import DraftContext, TargetView, make_drafter
 from specdec.drafters.copyspec import CopySpecDrafter
-from specdec.reference import reference_decode
 from specdec.sampling import SamplingParams
-from specdec.stopping import StopRule
 from specdec.tree import DraftTree, paths
 from specdec.verify import VerifyResult
-from tiny_models import VOCAB, repetitive_prompt, tiny_model
+from tiny_models import VOCAB, greedy_truth, repetitive_prompt, tiny_model
 
 GREEDY = SamplingParams()
 STORY_BOS, STORY_EOS = 1, 2
@@ -118,12 +114,6 @@ def test_bad_options_are_refused():
 
 
 # ---------------------------------------------------------------------------------- greedy == reference decoder
-
-@functools.lru_cache(maxsize=None)
-def greedy_truth(model, prompt: tuple[int, ...], length: int, eos: int | None = None) -> list[int]:
-    rule = StopRule(length, eos_token_ids=frozenset() if eos is None else frozenset([eos]))
-    return reference_decode(HFBackend(model), list(prompt), GREEDY, rule)
-
 
 @pytest.mark.parametrize("controller", ["static:max_depth=12,max_nodes=24", "heuristic:start_depth=4,max_depth=16"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

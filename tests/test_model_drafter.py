@@ -28,7 +28,7 @@ from specdec.sampling import SamplingParams, target_probs
 from specdec.stopping import StopRule
 from specdec.tree import DraftTree
 from specdec.verify import VerifyResult
-from tiny_models import fresh_tiny_model, repetitive_prompt, single_thread
+from tiny_models import chi_square_p_value, fresh_tiny_model, repetitive_prompt, single_thread
 
 GREEDY = SamplingParams()
 VOCAB = 128
@@ -324,17 +324,6 @@ def exact_first_two(params: SamplingParams) -> torch.Tensor:
     return probs[0, 0][:, None] * probs[:, 1]
 
 
-def chi_square_p_value(counts: torch.Tensor, expected_probs: torch.Tensor) -> float:
-    """Pearson chi-square goodness of fit; cells expected below 5 are pooled into one."""
-    counts, expected = counts.flatten().double(), expected_probs.flatten() * counts.sum()
-    small = expected < 5
-    counts = torch.cat([counts[~small], counts[small].sum()[None]])
-    expected = torch.cat([expected[~small], expected[small].sum()[None]])
-    keep = expected > 0
-    assert bool((counts[~keep] == 0).all()), "a sequence of probability 0 was generated"
-    counts, expected = counts[keep], expected[keep]
-    statistic = ((counts - expected) ** 2 / expected).sum()
-    return float(torch.special.gammaincc(torch.tensor((counts.numel() - 1) / 2), statistic / 2))
 
 
 class TargetQDrafter(ModelDrafter):

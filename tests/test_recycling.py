@@ -4,23 +4,19 @@ stories260K; a sampled run."""
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
 
 import specdec.drafters.recycling  # noqa: F401  (registers "recycling")
 from specdec import SpeculativeGenerator
-from specdec.backends.hf import HFBackend
 from specdec.controllers import Budget
 from specdec.drafters import DraftContext, TargetView, make_drafter
 from specdec.drafters.recycling import PRESETS, RecyclingDrafter, TemplateShape, check_template
-from specdec.reference import reference_decode
 from specdec.sampling import SamplingParams
-from specdec.stopping import StopRule
 from specdec.tree import DraftTree
 from specdec.verify import VerifyResult
-from tiny_models import VOCAB, repetitive_prompt, tiny_model
+from tiny_models import VOCAB, greedy_truth, repetitive_prompt, tiny_model
 
 GREEDY = SamplingParams()
 CPU = torch.device("cpu")
@@ -164,12 +160,6 @@ def test_memory_is_v_times_k_int32_on_the_cpu():
 
 
 # ---------------------------------------------------------------------------------- greedy == reference decoder
-
-@functools.lru_cache(maxsize=None)
-def greedy_truth(model, prompt: tuple[int, ...], length: int, eos: int | None = None) -> list[int]:
-    rule = StopRule(length, eos_token_ids=frozenset() if eos is None else frozenset([eos]))
-    return reference_decode(HFBackend(model), list(prompt), GREEDY, rule)
-
 
 SETUPS = {  # drafter, controller
     "cpu-static": ("recycling", "static:max_depth=6,max_nodes=16"),

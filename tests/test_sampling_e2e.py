@@ -17,7 +17,7 @@ import torch
 from specdec import SpeculativeGenerator
 from specdec.sampling import SamplingParams, target_probs
 from specdec.tree import DraftTree
-from tiny_models import single_thread, tiny_model
+from tiny_models import chi_square_p_value, single_thread, tiny_model
 
 VOCAB = 8
 STEPS = 3  # tokens per generation whose joint distribution is tested
@@ -48,18 +48,6 @@ def exact_joint(params: SamplingParams) -> torch.Tensor:
     return first[:, None, None] * second[:, :, None] * third
 
 
-def chi_square_p_value(counts: torch.Tensor, expected_probs: torch.Tensor) -> float:
-    """Pearson chi-square goodness of fit; cells expected below 5 are pooled into one."""
-    counts, expected = counts.flatten().double(), expected_probs.flatten() * counts.sum()
-    small = expected < 5
-    counts = torch.cat([counts[~small], counts[small].sum()[None]])
-    expected = torch.cat([expected[~small], expected[small].sum()[None]])
-    keep = expected > 0
-    assert bool((counts[~keep] == 0).all()), "a sequence of probability 0 was generated"
-    counts, expected = counts[keep], expected[keep]
-    statistic = ((counts - expected) ** 2 / expected).sum()
-    dof = counts.numel() - 1
-    return float(torch.special.gammaincc(torch.tensor(dof / 2), statistic / 2))
 
 
 def distorted(joint: torch.Tensor, mass: float = 0.05) -> torch.Tensor:

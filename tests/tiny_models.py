@@ -134,3 +134,29 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def chi_square_p_value(counts: torch.Tensor, expected_probs: torch.Tensor) -> float:
+    """Pearson chi-square goodness of fit; cells expected below 5 are pooled into one."""
+    counts, expected = counts.flatten().double(), expected_probs.flatten() * counts.sum()
+    small = expected < 5
+    counts = torch.cat([counts[~small], counts[small].sum()[None]])
+    expected = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = expected > 0
+    assert bool((counts[~keep] == 0).all()), "a sequence of probability 0 was generated"
+    counts, expected = counts[keep], expected[keep]
+    statistic = ((counts - expected) ** 2 / expected).sum()
+    return float(torch.special.gammaincc(torch.tensor((counts.numel() - 1) / 2), statistic / 2))
+
+
+@functools.lru_cache(maxsize=None)
+def greedy_truth(model, prompt: tuple[int, ...], length: int, eos: int | None = None) -> list[int]:
+    """The reference decoder's greedy continuation of `prompt` (the oracle the drafter tests compare with); cached,
+    so `prompt` is a tuple."""
+    from specdec.backends.hf import HFBackend
+    from specdec.reference import reference_decode
+    from specdec.sampling import SamplingParams
+    from specdec.stopping import StopRule
+
+    rule = StopRule(length, eos_token_ids=frozenset() if eos is None else frozenset([eos]))
+    return reference_decode(HFBackend(model), list(prompt), SamplingParams(), rule)
