@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Issue 6 on the H100: a distilled draft model and an early-exit head for the zoo target, then one `specdec bench`
+# with ar, hf-assisted (same draft), model chain, model dynamic tree, early_exit and the best model-free drafter.
+# Each stage fits one device call (< 10 min); run them back to back on one warm machine:
+#   bash evals/scripts/h100_model_bench.sh build     # zoo target (~7 min) + early-exit heads (~1 min each)
+#   bash evals/scripts/h100_model_bench.sh distill   # draft model: target-generated data, 200 s of training, report
+#   bash evals/scripts/h100_model_bench.sh bench
+set -euo pipefail
+stage=${1:?build, distill or bench}
+out=${OUT:-out}
+export SPECDEC_CACHE=${SPECDEC_CACHE:-$PWD/out/cache} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warning || true
+preset=${PRESET:-gpu-100m}
+layers=${EXIT_LAYERS:-2,4}
+target=$SPECDEC_CACHE/models/$preset
+work=$PWD/out/model_bench
+mkdir -p "$work" "$out"
+case "$stage" in
+build)
+  python3 -c "from specdec.train.pretrain import ensure_model; print(ensure_model('$preset'))"
+  # the exit head trains on the pretrain split's training files only (the bench prompts come from held-out files)
+  python3 - "$work/ee_train.txt" <<'EOF'
+import sys
+from specdec.train.pretrain import PRESETS, iter_texts, python_sources, split_files
+train, _ = split_files(python_sources(), PRESETS["gpu-100m"].held_out_every)
+text = "\n\n".join(iter_texts(train[:800]))
+open(sys.argv[1], "w").write(text)
+print(f"exit-head corpus: {len(text) / 1e6:.1f}M chars")
+EOF
+  for layer in ${layers//,/ }; do
+    specdec train early-exit --target "$target" --layer "$layer" --kind mlp --data "$work/ee_train.txt" \
+      --out "$work/exit_head_$layer.safetensors" --steps "${EE_STEPS:-1500}" --batch-size 16 --seq-len 512 \
+      --lr 2e-3 2>&1 | grep -v "━"
+  done
+  cp "$target/specdec_pretrain.json" "$out/pretrain_$preset.json"
+  ;;
+distill)
+  specdec train distill --target "$target" --draft "${DRAFT_PRESET:-gpu-small}" --data zoo --out "$work/draft" \
+    --num-prompts "${DISTILL_PROMPTS:-4096}" --gen-batch-size 256 --train-seconds "${DISTILL_SECONDS:-200}" --quiet 2>&1 | tail -40 | tee "$out/distill.log"
+  cp "$work/draft/specdec_distill.json" "$out/" 2>/dev/null || true
+  ;;
+bench)
+  draft=$work/draft
+  methods="ar,hf-assisted,model:path=$draft,mode=chain,model:path=$draft,mode=tree"
+  for layer in ${layers//,/ }; do
+    methods="$methods,early_exit:head=$work/exit_head_$layer.safetensors,mode=chain"
+  done
+  methods="$methods,fused:drafters=copyspec+recycling"
+  set +e
+  specdec bench --target "zoo:$preset" --data "code:${QUESTIONS:-20}" --methods "$methods" --assistant "$draft" \
+    --max-new-tokens 128 --out "$out/model" 2>&1 | grep -v "━" | tail -30
+  ;;
+*)
+  echo "unknown stage $stage" >&2; exit 2 ;;
+esac
