@@ -44,7 +44,8 @@ class BenchConfig:
     methods: str = option("ar,ngram,hf,hf-lookup", "comma-separated: ar, hf, hf-lookup, hf-assisted, or drafter "
                                                    "specs such as ngram:max_n=4,min_n=2")
     controller: str = option("heuristic", "the draft-size controller of the specdec methods")
-    backend: str = option("hf", "how ar and the specdec methods run the target: hf (DynamicCache) or static")
+    backend: str = option("hf", "how ar and the specdec methods run the target: hf (DynamicCache), static "
+                                "(preallocated cache) or graph (static cache + CUDA graphs + Triton tree attention)")
     assistant: str | None = option(None, "draft model path for hf-assisted")
     max_new_tokens: int = option(128, "new tokens per turn")
     runs: int = option(1, "timed repetitions (mean ± std over them)")

@@ -2,9 +2,11 @@
 
 For random-init models of real shapes (timing does not depend on weight values; random, never zero, weights), in
 bf16 on the GPU: t_AR (one token) and t_verify(n) (a chain of n-1 drafted tokens below the root, so n queries) at
-several context lengths, for each attention implementation (HF eager, HF sdpa, specdec's Triton `specdec_tree`),
-through specdec's HF backend; and the attention kernel alone: `tree_attention` vs PyTorch SDPA with the float tree
-mask (which loses the flash kernel) vs SDPA causal at n = 1, with the achieved bandwidth of the KV read.
+several context lengths, for each path = attention implementation (HF eager, HF sdpa, specdec's Triton
+`specdec_tree`) @ backend (`hf`: DynamicCache in eager Python; `graph`: static cache, each step a CUDA graph); the
+ratios of the fast path's goals (t_AR / bandwidth floor, t_verify(64) / t_AR); and the attention kernel alone:
+`tree_attention` vs PyTorch SDPA with the float tree mask (which loses the flash kernel) vs SDPA causal at n = 1,
+with the achieved bandwidth of the KV read.
 
     specdec bench-step --shapes 1b,7b --contexts 512,2048,8192 --sizes 1,4,16,64,128,256 --out DIR
 """
@@ -21,6 +23,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from specdec.backends.graph import GraphBackend
 from specdec.backends.hf import HFBackend, tree_attention_mask
 from specdec.tree import DraftTree
 
@@ -52,12 +55,16 @@ def build_model(shape: str, attn: str, device: str, dtype: torch.dtype):
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype).eval()
+    set_attention(model, attn)
+    return model
+
+
+def set_attention(model, attn: str) -> None:
     if attn == "specdec_tree":
         from specdec.kernels.tree_attention import register_tree_attention
 
         register_tree_attention()
     model.set_attn_implementation(attn)
-    return model
 
 
 def _median_ms(fn, reps: int) -> float:
@@ -78,13 +85,17 @@ def _median_ms(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def step_costs(model, shape: str, attn: str, contexts: list[int], sizes: list[int], reps: int) -> list[StepTiming]:
-    """t_verify(n) through the HF backend: score a chain of n-1 nodes, then drop it again (the cache keeps its
-    length). n = 1 is the AR step."""
-    backend = HFBackend(model)
-    vocab = backend.vocab_size
+def step_costs(model, shape: str, path: str, contexts: list[int], sizes: list[int], reps: int) -> list[StepTiming]:
+    """t_verify(n) through a backend ("hf", or "graph": static cache + CUDA graphs of the sizes measured): score a
+    chain of n-1 nodes, then drop it again (the cache keeps its length). n = 1 is the AR step."""
+    backend_name = path.split("@")[1]
+    vocab = model.get_output_embeddings().weight.shape[0]
     out = []
     for context in contexts:
+        if backend_name == "graph":
+            backend = GraphBackend(model, max_len=context + max(sizes) + 8, buckets=sizes, attention=None)
+        else:
+            backend = HFBackend(model)
         state = backend.prefill(torch.randint(0, vocab, (context,)).tolist())
         for n in sizes:
             tree = DraftTree.chain(torch.randint(0, vocab, (n - 1,))).to(backend.device)
@@ -93,9 +104,11 @@ def step_costs(model, shape: str, attn: str, contexts: list[int], sizes: list[in
                 backend.score_tree(state, 7, tree)
                 backend.commit(state, [], len(tree))
                 state.length -= 1  # the root stays uncommitted: every repetition scores the same positions
-                state.cache.crop(-1)
+                if backend_name == "hf":
+                    state.cache.crop(-1)
 
-            out.append(StepTiming(shape, attn, context, n, _median_ms(step, reps)))
+            out.append(StepTiming(shape, path, context, n, _median_ms(step, reps)))
+        del backend, state
     return out
 
 
@@ -136,13 +149,30 @@ def weight_floor_ms(model) -> float:
 
 def _table(timings: list[StepTiming], floors: dict[str, float]) -> Table:
     table = Table(title="t_verify(n) in ms (n = 1 is the AR step); floor = weights / 3.0 TB/s")
-    for column in ("shape", "attn", "context", "floor", *sorted({t.tokens for t in timings})):
+    for column in ("shape", "attn@backend", "context", "floor", *sorted({t.tokens for t in timings})):
         table.add_column(str(column), justify="right")
     keys = sorted({(t.shape, t.attn, t.context) for t in timings})
     for shape, attn, context in keys:
         cells = {t.tokens: t.ms for t in timings if (t.shape, t.attn, t.context) == (shape, attn, context)}
         table.add_row(shape, attn, str(context), f"{floors[shape]:.2f}", *(f"{cells[n]:.2f}" for n in sorted(cells)))
     return table
+
+
+def goal_ratios(timings: list[StepTiming], floors: dict[str, float], context: int = 2048) -> list[dict]:
+    """Per shape and path, at `context` (or the nearest measured): t_AR / floor and t_verify(64) / t_AR."""
+    rows = []
+    for shape, path in sorted({(t.shape, t.attn) for t in timings}):
+        mine = [t for t in timings if (t.shape, t.attn) == (shape, path)]
+        nearest = min({t.context for t in mine}, key=lambda c: abs(c - context))
+        cells = {t.tokens: t.ms for t in mine if t.context == nearest}
+        if 1 not in cells:
+            continue
+        row = {"shape": shape, "path": path, "context": nearest, "t_ar_ms": cells[1],
+               "ar_over_floor": cells[1] / floors[shape]}
+        if 64 in cells:
+            row["verify64_over_ar"] = cells[64] / cells[1]
+        rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", default="1b,7b", help=f"comma-separated, of {', '.join(SHAPES)}")
-    parser.add_argument("--attn", default="eager,sdpa,specdec_tree", help="attention implementations")
+    parser.add_argument("--paths", default="eager@hf,sdpa@hf,specdec_tree@hf,sdpa@graph,specdec_tree@graph",
+                        help="attention implementation @ backend (hf: DynamicCache; graph: static cache + CUDA "
+                             "graphs, the fast path)")
     parser.add_argument("--contexts", default="512,2048,8192")
     parser.add_argument("--sizes", default="1,2,4,8,16,32,64,128,256", help="queries per step (root + nodes)")
     parser.add_argument("--reps", type=int, default=20)
@@ -170,13 +202,24 @@ def run(args) -> int:
     for shape in args.shapes.split(","):
         if shape not in SHAPES:
             raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
-        for attn in args.attn.split(","):
-            model = build_model(shape, attn, device, dtype)
-            floors[shape] = weight_floor_ms(model)
-            timings += step_costs(model, shape, attn, ints(args.contexts), ints(args.sizes), args.reps)
-            del model
+        model = build_model(shape, "sdpa", device, dtype)
+        floors[shape] = weight_floor_ms(model)
+        for path in args.paths.split(","):
+            attn, _, backend = path.partition("@")
+            if backend not in ("hf", "graph"):
+                raise ValueError(f"path {path!r}: expected <attention>@hf or <attention>@graph")
+            set_attention(model, attn)
+            timings += step_costs(model, shape, path, ints(args.contexts), ints(args.sizes), args.reps)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        del model
         kernels[shape] = kernel_costs(shape, ints(args.kernel_contexts), [1, 16, 64], args.reps, device, dtype)
     console.print(_table(timings, floors))
+    goals = goal_ratios(timings, floors)
+    for row in goals:
+        console.print(f"{row['shape']} {row['path']} @ {row['context']}: t_AR {row['t_ar_ms']:.2f} ms = "
+                      f"{row['ar_over_floor']:.2f}x floor" + (f"; t_verify(64) / t_AR = {row['verify64_over_ar']:.2f}"
+                                                              if "verify64_over_ar" in row else ""))
     for shape, rows in kernels.items():
         console.print(f"[bold]{shape}[/] attention alone (ms): " + "; ".join(
             f"P={r['context']} n={r['tokens']}: kernel {r['kernel_ms']:.3f} ({r['kernel_tb_s']:.2f} TB/s) vs "
@@ -186,5 +229,6 @@ def run(args) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "step_bench.json").write_text(json.dumps(
             {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype),
-             "floors_ms": floors, "steps": [t.__dict__ for t in timings], "kernels": kernels}, indent=1))
+             "floors_ms": floors, "steps": [t.__dict__ for t in timings], "goals": goals,
+             "kernels": kernels}, indent=1))
     return 0

@@ -337,7 +337,9 @@ def tree_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
                            is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention function: query (B, Hq, T, D), key/value (B, Hkv, K, D), mask (B, 1, T, K) float or
     bool or None -> ((B, T, Hq, D), None). The tree mask is the last T columns of the mask; without a mask, T = 1
-    is a plain decode step. Everything else (a causal prefill without a mask, a prefix that is not fully allowed,
+    is a plain decode step. A static-cache backend passes the (T, T) tree mask and the cache length P (a 0-d
+    device tensor) as `specdec_tree_mask` and `specdec_prefix_len`: the kernel then reads keys [0, P + T) only,
+    without a host sync (CUDA graphs). Everything else (a causal prefill without a mask, a prefix that is not fully allowed,
     dropout, softcap, ...) goes to the "sdpa" function."""
     tree_size = query.shape[2]
     problem = None
@@ -349,6 +351,10 @@ def tree_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     elif query.shape[-1] != value.shape[-1] or (attention_mask is not None and
                                                 attention_mask.shape[-1] != key.shape[2]):
         problem = "query and value head dims differ, or the mask does not cover the keys"
+    elif kwargs.get("specdec_tree_mask") is not None:  # a static cache: (T, T) tree mask, P on the device
+        out = tree_attention(query, key, value, kwargs["specdec_tree_mask"], scaling,
+                             prefix_len=kwargs["specdec_prefix_len"])
+        return out.transpose(1, 2), None
     elif attention_mask is None:
         tree_mask = torch.ones(1, 1, dtype=torch.bool, device=query.device)
         problem = None if tree_size == 1 else "causal prefill"

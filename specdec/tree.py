@@ -134,6 +134,11 @@ def ancestor_mask(tree: DraftTree) -> torch.Tensor:
     excluded). This is the tree-attention pattern: row i may attend to exactly the nodes set in it.
 
     Built on the host from `host_parents` and copied once: no per-node device ops."""
+    return host_ancestor_mask(tree).to(tree.tokens.device)
+
+
+def host_ancestor_mask(tree: DraftTree) -> torch.Tensor:
+    """`ancestor_mask` on the host (CPU), whatever the tree's device."""
     n = len(tree)
     rows: list[int] = []
     cols: list[int] = []
@@ -144,7 +149,7 @@ def ancestor_mask(tree: DraftTree) -> torch.Tensor:
         cols += lineage[node]
     mask = torch.zeros(n, n, dtype=torch.bool)
     mask[rows, cols] = True
-    return mask.to(tree.tokens.device)
+    return mask
 
 
 def position_ids(tree: DraftTree, root_position: int) -> torch.Tensor:

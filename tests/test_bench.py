@@ -150,12 +150,12 @@ def test_questions_shard_over_processes(target_dir, data_file, tmp_path):
 
 
 def test_bench_step_smoke(tmp_path):
-    """`specdec bench-step` on the tiny shape: every (attn, context, n) is timed and written (no timing asserted)."""
-    argv = ["bench-step", "--shapes", "tiny", "--attn", "sdpa,specdec_tree", "--contexts", "32", "--sizes", "1,3",
+    """`specdec bench-step` on the tiny shape: every (path, context, n) is timed and written (no timing asserted)."""
+    paths = ("sdpa@hf", "specdec_tree@hf", "specdec_tree@graph")
+    argv = ["bench-step", "--shapes", "tiny", "--paths", ",".join(paths), "--contexts", "32", "--sizes", "1,3",
             "--reps", "1", "--kernel-contexts", "32", "--out", str(tmp_path)]
     assert cli_main(argv) == 0
     result = json.loads((tmp_path / "step_bench.json").read_text())
-    assert {(s["attn"], s["tokens"]) for s in result["steps"]} == {(a, n) for a in ("sdpa", "specdec_tree")
-                                                                   for n in (1, 3)}
+    assert {(s["attn"], s["tokens"]) for s in result["steps"]} == {(p, n) for p in paths for n in (1, 3)}
     assert all(s["ms"] > 0 for s in result["steps"])
     assert {(k["context"], k["tokens"]) for k in result["kernels"]["tiny"]} == {(32, 1), (32, 16), (32, 64)}

@@ -164,6 +164,22 @@ def test_greedy_generation_through_the_kernel_equals_reference_decoder(kernel_ca
     assert out.stats.tau > 1.0, "no draft was ever accepted: the test would not exercise tree verification"
 
 
+def test_graph_backend_steps_go_through_the_kernel_with_the_prefix_on_the_device(kernel_calls):
+    from specdec.backends.graph import GraphBackend
+
+    model, name = tiny_llama(), register_tree_attention()
+    prompt = repetitive_prompt(100, seed=2, length=48)
+    model.set_attn_implementation("sdpa")
+    expected = reference_decode(HFBackend(model), prompt, GREEDY, StopRule(24))
+    model.set_attn_implementation(name)
+    backend = GraphBackend(model, max_len=160, buckets=(1, 4, 16, 64))
+    out = SpeculativeGenerator(model, drafter="ngram", backend=backend).generate(prompt, max_new_tokens=24)
+    assert out.token_ids == expected
+    assert out.stats.tau > 1.0
+    assert len(kernel_calls) == model.config.num_hidden_layers * out.stats.target_forwards  # prefill: SDPA
+    assert backend.eager_steps == 0
+
+
 def hf_call_inputs(prefix_len=20, tree_size=4, seed=3):
     q, k, v, mask = make_inputs(1, 2, 4, tree_size, prefix_len, 32, torch.float32, seed=seed)
     allowed = torch.ones(tree_size, prefix_len + tree_size, dtype=torch.bool)

@@ -1,10 +1,12 @@
-"""How a target model is run: `hf` (DynamicCache) and `static` (one preallocated buffer written in place) for any
-transformers causal LM."""
+"""How a target model is run: `hf` (DynamicCache), `static` (one preallocated buffer written in place) and `graph`
+(the static buffer, each step replayed as a CUDA graph of a bucketed size) for any transformers causal LM."""
 
 from specdec.backends.base import Backend
 from specdec.backends.hf import HFBackend, HFState, tree_attention_mask
+from specdec.backends.graph import GraphBackend
 from specdec.backends.static import StaticBackend, StaticState
 
-BACKENDS = {"hf": HFBackend, "static": StaticBackend}
+BACKENDS = {"hf": HFBackend, "static": StaticBackend, "graph": GraphBackend}
 
-__all__ = ["BACKENDS", "Backend", "HFBackend", "HFState", "StaticBackend", "StaticState", "tree_attention_mask"]
+__all__ = ["BACKENDS", "Backend", "GraphBackend", "HFBackend", "HFState", "StaticBackend", "StaticState",
+           "tree_attention_mask"]

@@ -1,0 +1,81 @@
+"""The graph backend: bucketed static-shape steps (CUDA graphs on a GPU, the same code eagerly here) keep the
+backend contract: greedy output equals the reference decoder, the cache holds exactly the committed tokens, steps
+that fit no bucket run eagerly and stay correct."""
+
+import random
+
+import pytest
+import torch
+
+from specdec import SamplingParams, SpeculativeGenerator
+from specdec.backends.graph import GraphBackend
+from specdec.backends.hf import HFBackend
+from specdec.reference import reference_decode
+from specdec.stopping import StopRule
+from specdec.verify import verify
+from test_backend import _random_tree_around
+from test_static_backend import _assert_buffer_holds
+from tiny_models import VOCAB, repetitive_prompt, tiny_model
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "gpt2"])
+def test_greedy_equals_the_hf_backend_reference(arch):
+    model = tiny_model(arch)
+    prompt = repetitive_prompt(VOCAB, seed=1)
+    truth = reference_decode(HFBackend(model), prompt, SamplingParams(), StopRule(40))
+    backend = GraphBackend(model, max_len=128)
+    assert reference_decode(backend, prompt, SamplingParams(), StopRule(40)) == truth
+    out = SpeculativeGenerator(model, drafter="ngram", backend=backend).generate(prompt, max_new_tokens=40)
+    assert out.token_ids == truth
+    assert out.stats.tau > 1.0
+    assert backend.eager_steps == 0
+
+
+def test_buffer_holds_the_committed_tokens_after_every_padded_step():
+    backend = GraphBackend(tiny_model("llama"), max_len=160, buckets=(1, 4, 16))
+    rng = random.Random(5)
+    prompt = repetitive_prompt(VOCAB, seed=2, length=9)
+    truth = reference_decode(backend, prompt, SamplingParams(), StopRule(90))
+    state = backend.prefill(prompt[:-1])
+    committed, sizes = list(prompt), set()
+    for step in range(16):
+        done = len(committed) - len(prompt)
+        tree, expected = _random_tree_around(truth[done:], rng, true_len=step % 6)
+        sizes.add(backend.bucket(len(tree) + 1, state.length))
+        result = verify(backend, state, committed[-1], tree, SamplingParams(), None)
+        assert result.accepted_len == expected
+        committed += result.committed_tokens
+        _assert_buffer_holds(backend, state, committed)
+    assert {4, 16} <= sizes  # trees were padded up to their buckets
+
+
+def test_a_step_past_the_largest_bucket_runs_eagerly_and_stays_correct():
+    model = tiny_model("llama")
+    prompt = repetitive_prompt(VOCAB, seed=4)
+    truth = reference_decode(HFBackend(model), prompt, SamplingParams(), StopRule(40))
+    backend = GraphBackend(model, max_len=128, buckets=(1, 2))
+    with pytest.warns(RuntimeWarning, match="exceeds the largest bucket 2"):
+        out = SpeculativeGenerator(model, drafter="ngram", backend=backend).generate(prompt, max_new_tokens=40)
+    assert out.token_ids == truth
+    assert backend.eager_steps > 0
+
+
+def test_generation_stops_at_the_cache_size_with_padding_past_its_end():
+    model = tiny_model("llama")
+    prompt = repetitive_prompt(VOCAB, seed=3, length=20)
+    backend = GraphBackend(model, max_len=48, buckets=(1, 8, 32))
+    out = SpeculativeGenerator(model, drafter="ngram", backend=backend).generate(prompt, max_new_tokens=100)
+    assert out.stats.stop_reason == "context" and len(prompt) + len(out.token_ids) == 48
+    truth = reference_decode(HFBackend(model), prompt, SamplingParams(), StopRule(100))
+    assert out.token_ids == truth[: len(out.token_ids)]
+
+
+def test_bad_buckets_and_foreign_states_are_refused():
+    model = tiny_model("llama")
+    backend = GraphBackend(model, max_len=64)
+    first = backend.prefill([1, 2, 3])
+    assert backend.prefill([4, 5]) is first and first.length == 2  # one cache: a new prefill starts a new sequence
+    with pytest.raises(ValueError, match="not the graph backend's current sequence"):
+        backend.decode(GraphBackend(model, max_len=64).prefill([1, 2]), 6)
+    with pytest.raises(ValueError, match="buckets must be sizes >= 1"):
+        GraphBackend(model, max_len=64, buckets=(0, 4))
