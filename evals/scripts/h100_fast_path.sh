@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Issue 4 (and the issue-3 tables on the fast path) on the H100, one device call per stage:
+#   bash evals/scripts/h100_fast_path.sh check   # GPU equality checks at real sizes + `specdec bench-step` (~6 min)
+#   bash evals/scripts/h100_fast_path.sh build   # the zoo target (~7 min)
+#   bash evals/scripts/h100_fast_path.sh bench   # `specdec bench` on the graph and the hf backend, code + Spec-Bench
+# Spec-Bench's questions are expected under .shared/data/spec_bench/ (a copy of ../shared carried with the call).
+set -uo pipefail
+stage=${1:?check, build or bench}
+out=${OUT:-out}
+export SPECDEC_CACHE=${SPECDEC_CACHE:-$PWD/out/cache} SPECDEC_SHARED=${SPECDEC_SHARED:-$PWD/.shared}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warning
+preset=${PRESET:-gpu-100m}
+mkdir -p out "$out"
+case "$stage" in
+check)
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+  python3 evals/scripts/gpu_check.py "$out/gpu_check.txt" 2>&1 | grep -v "^PASS tree_attention"
+  specdec bench-step --shapes "${SHAPES:-1b,7b}" --contexts 512,2048,8192 --sizes 1,2,4,8,16,32,64,128,256 \
+    --reps "${REPS:-20}" --out "$out/step" 2>&1
+  ;;
+build)
+  python3 -c "from specdec.train.pretrain import ensure_model; print(ensure_model('$preset'))" 2>&1 | tail -5
+  ;;
+bench)
+  methods=${METHODS:-ar,ngram,fused:drafters=copyspec+recycling,hf,hf-lookup}
+  for backend in ${BACKENDS:-graph hf}; do
+    specdec bench --target "zoo:$preset" --backend "$backend" --data code:20 --methods "$methods" \
+      --max-new-tokens 128 --out "$out/code_$backend" 2>&1 | grep -E -i "lossless|mismatch|error|│ "
+    if [ "$backend" = graph ]; then
+      specdec bench --target "zoo:$preset" --backend "$backend" --data spec_bench --limit 4 --methods "$methods" \
+        --max-new-tokens 128 --out "$out/specbench_$backend" 2>&1 | grep -E -i "lossless|mismatch|error|│ "
+      rm -f "$out/specbench_$backend/chart.png"
+    else
+      rm -f "$out/code_$backend/chart.png"
+    fi
+  done
+  ;;
+*)
+  echo "unknown stage $stage" >&2; exit 2 ;;
+esac
