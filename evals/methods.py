@@ -117,6 +117,7 @@ class SpecMethod:
         self.name, self.context = spec, context
         self.generator = SpeculativeGenerator(context.model, tokenizer=context.tokenizer, drafter=spec,
                                               controller=context.controller, backend=context.make_backend())
+        self.generator.phase_sync = True  # GPU work is charged to the phase that launched it (t_verify, S_step)
 
     def run(self, prompt_ids: list[int], max_new_tokens: int) -> TurnRun:
         params = self.context.params
