@@ -6,7 +6,8 @@ several context lengths, for each path = attention implementation (HF eager, HF 
 `specdec_tree`) @ backend (`hf`: DynamicCache in eager Python; `graph`: static cache, each step a CUDA graph); the
 ratios of the fast path's goals (t_AR / bandwidth floor, t_verify(64) / t_AR); and the attention kernel alone:
 `tree_attention` vs PyTorch SDPA with the float tree mask (which loses the flash kernel) vs SDPA causal at n = 1,
-with the achieved bandwidth of the KV read.
+with the achieved bandwidth of the KV read -- GPU time from CUDA events around a CUDA graph of 10 calls, so the
+launchers' host overhead (~0.15 ms for a Triton launch from Python) is not what is measured.
 
     specdec bench-step --shapes 1b,7b --contexts 512,2048,8192 --sizes 1,4,16,64,128,256 --out DIR
 """
@@ -85,6 +86,29 @@ def _median_ms(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def _kernel_ms(fn, reps: int, calls: int = 10) -> float:
+    """GPU time of one fn() call in ms: `calls` calls captured in one CUDA graph, replayed `reps` times between CUDA
+    events (median), so the Python launcher's overhead is not counted. Off CUDA: `_median_ms`."""
+    if not torch.cuda.is_available():
+        return _median_ms(fn, reps)
+    for _ in range(2):
+        fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
 def step_costs(model, shape: str, path: str, contexts: list[int], sizes: list[int], reps: int) -> list[StepTiming]:
     """t_verify(n) through a backend ("hf", or "graph": static cache + CUDA graphs of the sizes measured): score a
     chain of n-1 nodes, then drop it again (the cache keeps its length). n = 1 is the AR step."""
@@ -132,10 +156,10 @@ def kernel_costs(shape: str, contexts: list[int], sizes: list[int], reps: int, d
             k_rep, v_rep = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
             sdpa = torch.nn.functional.scaled_dot_product_attention
             row = {"context": context, "tokens": n,
-                   "kernel_ms": _median_ms(lambda: tree_attention(q, k, v, tree_mask), reps),
-                   "sdpa_mask_ms": _median_ms(lambda: sdpa(q, k_rep, v_rep, attn_mask=mask), reps)}
+                   "kernel_ms": _kernel_ms(lambda: tree_attention(q, k, v, tree_mask), reps),
+                   "sdpa_mask_ms": _kernel_ms(lambda: sdpa(q, k_rep, v_rep, attn_mask=mask), reps)}
             if n == 1:
-                row["sdpa_causal_ms"] = _median_ms(lambda: sdpa(q, k_rep, v_rep), reps)
+                row["sdpa_causal_ms"] = _kernel_ms(lambda: sdpa(q, k_rep, v_rep), reps)
             kv_bytes = 2 * k.numel() * k.element_size()
             row["kernel_tb_s"] = kv_bytes / (row["kernel_ms"] * 1e-3) / 1e12
             rows.append(row)

@@ -172,6 +172,7 @@ def train_exit_head(target, layer: int, data, steps: int = 200, lr: float = 3e-3
     generator = torch.Generator().manual_seed(seed)
     frozen = [p.requires_grad for p in target.parameters()]
     target.eval().requires_grad_(False)
+    losses: list[float] = []
     try:
         with _progress(progress) as bar:
             task = bar.add_task("exit head", total=steps, loss=float("nan"))
@@ -181,10 +182,12 @@ def train_exit_head(target, layer: int, data, steps: int = 200, lr: float = 3e-3
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                bar.update(task, advance=1, loss=loss.item())
+                losses.append(loss.item())
+                bar.update(task, advance=1, loss=losses[-1])
     finally:
         for parameter, requires_grad in zip(target.parameters(), frozen):
             parameter.requires_grad_(requires_grad)
+    head.final_loss = sum(losses[-50:]) / max(1, len(losses[-50:]))  # mean KL of the last 50 steps
     return head.eval()
 
 
@@ -251,5 +254,6 @@ def early_exit_command(args: argparse.Namespace) -> None:
                            progress=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     head.save(args.out)
-    Console(stderr=True).print(f"  exit head (layer {args.layer}, {args.kind}) saved to {args.out}")
+    Console(stderr=True).print(f"  exit head (layer {args.layer}, {args.kind}): KL to the target {head.final_loss:.3f} "
+                               f"(mean of the last 50 steps); saved to {args.out}")
     return 0

@@ -3,8 +3,9 @@
 # with ar, hf-assisted (same draft), model chain, model dynamic tree, early_exit and the best model-free drafter.
 # Each stage fits one device call (< 10 min); run them back to back on one warm machine:
 #   bash evals/scripts/h100_model_bench.sh build     # zoo target (~7 min) + early-exit heads (~1 min each)
-#   bash evals/scripts/h100_model_bench.sh distill   # draft model: target-generated data, 200 s of training, report
-#   bash evals/scripts/h100_model_bench.sh bench
+#   bash evals/scripts/h100_model_bench.sh distill   # draft model: target-generated data, <= 150 s of training, report
+#   bash evals/scripts/h100_model_bench.sh bench-model   # ar, hf-assisted, model chain, model tree
+#   bash evals/scripts/h100_model_bench.sh bench-exit    # ar, early_exit at each layer, fused
 set -euo pipefail
 stage=${1:?build, distill or bench}
 out=${OUT:-out}
@@ -36,19 +37,26 @@ EOF
   ;;
 distill)
   specdec train distill --target "$target" --draft "${DRAFT_PRESET:-gpu-small}" --data zoo --out "$work/draft" \
-    --num-prompts "${DISTILL_PROMPTS:-4096}" --gen-batch-size 256 --train-seconds "${DISTILL_SECONDS:-200}" --quiet 2>&1 | tail -40 | tee "$out/distill.log"
+    --num-prompts "${DISTILL_PROMPTS:-2048}" --gen-batch-size 256 --train-seconds "${DISTILL_SECONDS:-150}" \
+    --eval-prompts 16 2>&1 | grep -v "━" | tee "$out/distill.log"
   cp "$work/draft/specdec_distill.json" "$out/" 2>/dev/null || true
   ;;
-bench)
+bench-model|bench-exit)
+  # two calls of < 10 min each (one call with all seven methods ran past 10 min on the eager HF backend)
   draft=$work/draft
-  methods="ar,hf-assisted,model:path=$draft,mode=chain,model:path=$draft,mode=tree"
-  for layer in ${layers//,/ }; do
-    methods="$methods,early_exit:head=$work/exit_head_$layer.safetensors,mode=chain"
-  done
-  methods="$methods,fused:drafters=copyspec+recycling"
+  if [ "$stage" = bench-model ]; then
+    methods="ar,hf-assisted,model:path=$draft,mode=chain,model:path=$draft,mode=tree"
+  else
+    methods="ar"
+    for layer in ${layers//,/ }; do
+      methods="$methods,early_exit:head=$work/exit_head_$layer.safetensors,mode=chain"
+    done
+    methods="$methods,fused:drafters=copyspec+recycling"
+  fi
   set +e
-  specdec bench --target "zoo:$preset" --data "code:${QUESTIONS:-20}" --methods "$methods" --assistant "$draft" \
-    --max-new-tokens 128 --out "$out/model" 2>&1 | grep -v "━" | tail -30
+  specdec bench --target "zoo:$preset" --backend "${BACKEND:-graph}" --data "code:${QUESTIONS:-12}" --warmup 2 \
+    --methods "$methods" --assistant "$draft" --max-new-tokens 128 --out "$out/$stage" 2>&1 | grep -v "━" \
+    | tee "$out/$stage.log"
   ;;
 *)
   echo "unknown stage $stage" >&2; exit 2 ;;

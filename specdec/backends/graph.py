@@ -13,7 +13,7 @@ transformers passes through to it: with `attn_implementation="specdec_tree"` the
 live keys (P from device memory, so the graph stays valid as the cache grows); any other implementation reads the
 4D mask over the whole static cache.
 
-On CUDA each bucket's forward is captured once (after two warm-up runs on a side stream; with specdec's tree
+On CUDA each bucket's forward is captured at the first prefill (after two warm-up runs on a side stream; with specdec's tree
 attention switched on for the capture only), all buckets sharing one memory pool, and replayed; elsewhere (CPU tests) the same code runs eagerly, so the padding and masking logic is
 tested everywhere. A step that fits no bucket, or whose padding would run past the cache, runs eagerly through
 `StaticBackend` (correct, slower). The graphs hold the buffer's addresses, so the backend owns **one** cache: a new
@@ -101,6 +101,7 @@ class _Step:
         self.graph.replay()
         return self.logits
 
+    @torch.inference_mode()
     def capture(self) -> None:
         with self.backend.attention_for_capture():
             self._capture()
@@ -153,11 +154,23 @@ class GraphBackend(StaticBackend):
                 self.model.set_attn_implementation(previous)
 
     def new_state(self) -> StaticState:
-        """The one cache the graphs were captured on, emptied (its stale contents are never visible)."""
+        """The one cache the graphs were captured on, emptied (its stale contents are never visible). On CUDA the
+        first call captures every bucket, so no timed step ever pays for a capture."""
         if self._state is None:
             self._state = super().new_state()
+            if self.device.type == "cuda":
+                self.capture_all()
         self._state.length = 0
         return self._state
+
+    def capture_all(self) -> None:
+        """Capture each bucket that fits the cache (on dummy inputs at slot 0: the prefill overwrites them)."""
+        empty = DraftTree.empty(self.device)
+        for size in self.buckets:
+            if size <= self.max_len and size not in self._steps:
+                step = self._steps[size] = _Step(self, self._state, size)
+                step.fill(0, empty, 0)
+                step.capture()
 
     def bucket(self, count: int, start: int) -> int | None:
         """The smallest bucket holding `count` queries whose padding stays inside the cache; None if none does."""
