@@ -57,11 +57,14 @@ class _Node:
 class ModelDrafter:
     """model: a `PreTrainedModel`, or a local path / model id loaded at first use onto the target's device in the
     target's dtype (`path=` says the same in spec strings: "model:path=/dir/of/draft,mode=chain").
-    mode: "tree" (dynamic tree) or "chain". topk: children per expanded node and nodes expanded per depth."""
+    mode: "tree" (dynamic tree) or "chain". topk: children per expanded node and nodes expanded per depth.
+    graphs: keep the draft KV in a static cache and run every draft forward as a CUDA graph (`GraphBackend`; the
+    same code runs eagerly off CUDA) instead of HF's eager forward over a DynamicCache."""
 
     threshold = 0.0  # expand a node only while its own slot probability reaches this (early_exit raises it)
+    graphs, runner, state = False, None, None  # graphs=True: the draft KV on a GraphBackend (see _start_graphs)
 
-    def __init__(self, model=None, path: str | None = None, mode: str = "tree", topk: int = 4):
+    def __init__(self, model=None, path: str | None = None, mode: str = "tree", topk: int = 4, graphs: bool = False):
         if mode not in ("tree", "chain"):
             raise ValueError(f"mode must be 'tree' or 'chain', got {mode!r}")
         if topk < 1:
@@ -78,6 +81,7 @@ class ModelDrafter:
             self.model, self.path = source.eval(), None
             self.vocab_size = source.get_output_embeddings().weight.shape[0]
         self.width = 1 if mode == "chain" else topk
+        self.graphs, self.runner, self.state = bool(graphs), None, None
         self.reset()
 
     def reset(self) -> None:
@@ -90,6 +94,8 @@ class ModelDrafter:
     def propose(self, ctx: DraftContext) -> DraftTree:
         if self.model is None:
             self._load(ctx.target)
+        if self.graphs and self.runner is None:
+            self._start_graphs()
         if self._rng is None:  # a new sequence
             self._rng = torch.Generator(self.model.device)
             self._rng.seed() if ctx.params.seed is None else self._rng.manual_seed(ctx.params.seed ^ _SEED_SALT)
@@ -97,7 +103,8 @@ class ModelDrafter:
             root_logits = self._catch_up([int(token) for token in ctx.token_ids])
             nodes, kept = self._grow(root_logits, ctx.budget, ctx.params)
         except Exception:
-            self.cache, self.cached = DynamicCache(), []  # a forward that failed part-way leaves layers uneven
+            self.cached = []  # a forward that failed part-way leaves layers uneven: the next propose starts anew
+            self._cache_keep(0)
             raise
         order = sorted(kept, key=lambda i: (nodes[i].depth, i))  # topological, siblings in slot order
         index = {node: new for new, node in enumerate(order)}
@@ -119,12 +126,9 @@ class ModelDrafter:
             if result.tree.tokens.tolist() == tokens and list(result.tree.host_parents) == parents:
                 path = list(itertools.takewhile(lambda node: slots[node] >= 0, result.accepted_nodes))
                 if path:
-                    start, rows = len(self.cached), torch.tensor([slots[n] for n in path], device=self.model.device)
-                    for layer in self.cache.layers:
-                        layer.keys[..., start: start + len(path), :] = layer.keys[..., rows, :]
-                        layer.values[..., start: start + len(path), :] = layer.values[..., rows, :]
+                    self._cache_move([slots[n] for n in path], len(self.cached))
                     self.cached += [tokens[node] for node in path]
-        self._crop_to_cached()
+        self._cache_keep(len(self.cached))
 
     def _load(self, target: TargetView) -> None:
         from transformers import AutoModelForCausalLM
@@ -132,21 +136,72 @@ class ModelDrafter:
         dtype = getattr(target.model, "dtype", None) or "auto"
         self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).to(target.device).eval()
 
-    def _crop_to_cached(self) -> None:
-        extra = self.cache.get_seq_length() - len(self.cached)
-        if extra:
-            self.cache.crop(-extra)
+    # The draft KV lives in `self.cache` (a DynamicCache), or with graphs=True in the static cache of `self.runner`
+    # (a GraphBackend: every draft forward a CUDA graph replay on the GPU). These four are all that differs.
+
+    def _start_graphs(self) -> None:
+        from specdec.backends.graph import GraphBackend
+
+        self.runner = GraphBackend(self.model)
+        self.state = self.runner.new_state()  # on CUDA: captures the square buckets (catch-up, first frontier)
+        if self.runner.device.type == "cuda":  # and the frontier shapes: up to `width` queries over a wider block
+            buckets = self.runner.buckets
+            sizes = buckets[: next((i + 1 for i, size in enumerate(buckets) if size >= self.width), len(buckets))]
+            self.runner.capture_all([(size, wide) for size in sizes for wide in buckets if wide > size])
+
+    def _cache_len(self) -> int:
+        return self.state.length if self.graphs else self.cache.get_seq_length()
+
+    def _cache_keep(self, length: int) -> None:
+        """Drop the cached rows from `length` on."""
+        if self.graphs:
+            if self.state is not None:
+                self.state.length = min(self.state.length, length)
+        elif length == 0:
+            self.cache = DynamicCache()
+        elif self.cache.get_seq_length() > length:
+            self.cache.crop(length - self.cache.get_seq_length())
+
+    def _cache_move(self, rows: list[int], start: int) -> None:
+        """Copy the KV rows `rows` (in order) to [start, start + len(rows)) in every layer."""
+        device = self.model.device
+        source = torch.tensor(rows, device=device)
+        if self.graphs:
+            target = torch.arange(start, start + len(rows), device=device)
+            self.state.buffer.index_copy_(4, target, self.state.buffer.index_select(4, source))
+            return
+        for layer in self.cache.layers:
+            layer.keys[..., start: start + len(rows), :] = layer.keys[..., source, :]
+            layer.values[..., start: start + len(rows), :] = layer.values[..., source, :]
+
+    def _block_forward(self, token_ids: list[int], positions: list[int], prefix: int, block: torch.Tensor,
+                       last_only: bool = False) -> torch.Tensor:
+        """Feed `token_ids` after the cached rows; each sees the rows < `prefix` and the block rows [prefix, ...)
+        its row of `block` ((T, cached - prefix + T) bool) allows. -> (T, V) logits (the last row if last_only)."""
+        if self.graphs:
+            logits = self.runner.score_block(self.state, token_ids, positions, prefix, block, warn=prefix > 0)
+            return logits[-1:] if last_only else logits
+        if prefix == self._cache_len() and bool(block.equal(torch.ones_like(block).tril())):
+            mask = None  # plain causal: let the model build it
+        else:
+            allowed = torch.cat([torch.ones(block.shape[0], prefix, dtype=torch.bool), block], 1)
+            dtype = next(self.model.parameters()).dtype
+            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+        return self._forward(token_ids, positions, mask, last_only)
 
     def _catch_up(self, token_ids: list[int]) -> torch.Tensor:
         """Feed the committed tokens the cache lacks (the root always: its logits score the first level) -> (V,)."""
         keep = 0
         while keep < min(len(self.cached), len(token_ids) - 1) and self.cached[keep] == token_ids[keep]:
             keep += 1
-        if keep == 0:
-            self.cache = DynamicCache()  # a new sequence
+        if keep == 0 and self.graphs:
+            self.state = self.runner.new_state()  # a new sequence
         self.cached = self.cached[:keep]
-        self._crop_to_cached()  # also drops a tree whose observe() never came
-        logits = self._forward(token_ids[keep:], list(range(keep, len(token_ids))), None, last_only=True)[-1]
+        self._cache_keep(keep)  # also drops a tree whose observe() never came
+        new = len(token_ids) - keep
+        causal = torch.ones(new, new, dtype=torch.bool).tril()
+        logits = self._block_forward(token_ids[keep:], list(range(keep, len(token_ids))), keep, causal,
+                                     last_only=True)[-1]
         self.cached = token_ids
         return logits
 
@@ -195,20 +250,17 @@ class ModelDrafter:
 
     def _run_frontier(self, nodes: list[_Node], frontier: list[int]) -> torch.Tensor:
         """One draft forward over the frontier nodes: each sees the committed tokens, its ancestors' KV and itself."""
-        past, committed = self.cache.get_seq_length(), len(self.cached)
-        allowed = torch.zeros(len(frontier), past + len(frontier), dtype=torch.bool)
-        allowed[:, :committed] = True
+        past, committed = self._cache_len(), len(self.cached)
+        block = torch.zeros(len(frontier), past - committed + len(frontier), dtype=torch.bool)
         for row, node in enumerate(frontier):
             ancestor = nodes[node].parent
             while ancestor >= 0:
-                allowed[row, nodes[ancestor].slot] = True
+                block[row, nodes[ancestor].slot - committed] = True
                 ancestor = nodes[ancestor].parent
             nodes[node].slot = past + row
-            allowed[row, past + row] = True
-        dtype = next(self.model.parameters()).dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+            block[row, past - committed + row] = True
         positions = [committed - 1 + nodes[node].depth for node in frontier]
-        return self._forward([nodes[node].token for node in frontier], positions, mask[None, None])
+        return self._block_forward([nodes[node].token for node in frontier], positions, committed, block)
 
     def _forward(self, token_ids: list[int], positions: list[int], mask: torch.Tensor | None,
                  last_only: bool = False) -> torch.Tensor:

@@ -6,7 +6,8 @@
 2. kv_compact == its reference on a 1.1B-shaped static cache;
 3. the fast path (static cache + CUDA graphs + tree attention): AR through it equals our AR decoder on the HF
    backend token for token, and so does step-by-step verification of random trees around the true continuation
-   (1 to ~130 queries, every bucket; each step's accepted length checked) -- float32 random-init Llama, 6 prompts.
+   (1 to ~130 queries, every bucket; each step's accepted length checked) -- float32 random-init Llama, 6 prompts;
+   and the model drafter with its KV on graphs (`graphs=True`), chain and tree, equal to AR too.
 
     python3 evals/scripts/gpu_check.py [OUT_FILE]      # prints PASS/FAIL lines; exit 1 on any failure
 """
@@ -127,6 +128,20 @@ def fast_path_checks() -> None:
                f"tree verification through graphs == AR on HF ({got == truth[: len(got)]}, {len(got)} tokens, "
                f"buckets {sorted(s for s in sizes if s)}, wrong accepted lengths {wrong_accepts}, eager steps "
                f"{graph.eager_steps})")
+    # the model drafter with its own KV on graphs (self-drafting: the target drafts for itself, so deep trees)
+    from specdec import SpeculativeGenerator
+    from specdec.drafters.model import ModelDrafter
+
+    for mode in ("chain", "tree"):
+        rng = random.Random(7)
+        prompt = [rng.randrange(VOCAB) for _ in range(300)]
+        truth = reference_decode(HFBackend(model), prompt, GREEDY, StopRule(200))
+        drafter = ModelDrafter(model, mode=mode, graphs=True)
+        out = SpeculativeGenerator(model, drafter=drafter, backend=graph).generate(prompt, max_new_tokens=200)
+        report(out.token_ids == truth and out.stats.drafter_errors == 0,
+               f"model drafter on graphs ({mode}, self-drafting) through the graph backend == AR on HF "
+               f"({out.token_ids == truth}), tau {out.stats.tau:.2f}, drafter errors {out.stats.drafter_errors}, "
+               f"draft graphs {len(drafter.runner._steps)}, eager draft steps {drafter.runner.eager_steps}")
     expected = "specdec_tree" if DEVICE == "cuda" else None
     report(graph.attention == expected and model.config._attn_implementation == "sdpa",
            f"graphs captured with {graph.attention!r}; the model kept {model.config._attn_implementation!r}")

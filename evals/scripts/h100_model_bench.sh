@@ -45,7 +45,8 @@ bench-model|bench-exit)
   # two calls of < 10 min each (one call with all seven methods ran past 10 min on the eager HF backend)
   draft=$work/draft
   if [ "$stage" = bench-model ]; then
-    methods="ar,hf-assisted,model:path=$draft,mode=chain,model:path=$draft,mode=tree"
+    methods="ar,hf-assisted,model:path=$draft,mode=chain,graphs=True,model:path=$draft,mode=tree,graphs=True"
+    methods="$methods,model:path=$draft,mode=tree"
   else
     methods="ar"
     for layer in ${layers//,/ }; do

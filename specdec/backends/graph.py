@@ -1,23 +1,30 @@
 """The fast backend: `StaticBackend`'s preallocated cache, each step replayed as a CUDA graph of a bucketed size.
 
-A step of T = N+1 queries runs in the smallest bucket >= T (default 1, 2, 4, ..., 128); the unused rows are padding
-(token 0, each sees only itself, its KV lands in the stale tail that no later query sees). Per bucket, everything the
-forward reads lives in static device tensors, filled by **one** host-to-device copy of one pinned buffer:
+A step is T queries written at cache slots [L, L+T) (L = `state.length`) that see every slot below a prefix P and,
+of the block [P, L+T), the slots their row of a block mask allows. A tree verification is the square case: P = L,
+the root and the N nodes as queries, the tree mask as block mask. A drafter growing its own tree on a static cache
+(`ModelDrafter(graphs=True)`) writes each new frontier after the nodes it already ran (L > P).
 
-    [tokens (T) | position ids (T) | cache length P (1) | tree mask (T*T, row-major, 0/1)]
+Steps run in the smallest bucket of queries >= T and of block keys >= L+T-P (default 1, 2, 4, ..., 128); unused
+query rows are padding (token 0, each sees only itself, its KV lands in the stale tail that no later query sees).
+Per bucket, everything the forward reads lives in static device tensors, filled by **one** host-to-device copy of
+one pinned buffer:
 
-and the forward itself derives the rest on the device: the KV write slots P .. P+T-1 and the (1, 1, T, S_max) float
-mask (prefix columns < P visible, the tree block through the tree mask, the stale tail hidden). The tree mask and P
+    [tokens (T) | position ids (T) | P (1) | L - P (1) | block mask (T * width, row-major, 0/1)]
+
+and the forward itself derives the rest on the device: the KV write slots and the (1, 1, T, S_max) float mask
+(prefix visible, the block through the block mask, the stale tail hidden). For square steps the block mask and P
 are also handed to the attention function as keyword arguments (`specdec_tree_mask`, `specdec_prefix_len`), which
 transformers passes through to it: with `attn_implementation="specdec_tree"` the Triton kernel reads only the P + T
 live keys (P from device memory, so the graph stays valid as the cache grows); any other implementation reads the
 4D mask over the whole static cache.
 
-On CUDA each bucket's forward is captured at the first prefill (after two warm-up runs on a side stream; with specdec's tree
-attention switched on for the capture only), all buckets sharing one memory pool, and replayed; elsewhere (CPU tests) the same code runs eagerly, so the padding and masking logic is
-tested everywhere. A step that fits no bucket, or whose padding would run past the cache, runs eagerly through
-`StaticBackend` (correct, slower). The graphs hold the buffer's addresses, so the backend owns **one** cache: a new
-`prefill` starts a new sequence on the same buffer (one sequence at a time, as the generator uses it).
+On CUDA the square buckets are captured at the first prefill, other shapes at first use (after two warm-up runs on a
+side stream; with specdec's tree attention switched on for the capture only), all sharing one memory pool, and
+replayed; elsewhere (CPU tests) the same code runs eagerly, so the padding and masking logic is tested everywhere.
+A step that fits no bucket, or whose padding would run past the cache, runs eagerly (correct, slower). The graphs
+hold the buffer's addresses, so the backend owns **one** cache: a new `prefill` starts a new sequence on the same
+buffer (one sequence at a time, as the generator uses it).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers import PreTrainedModel
@@ -37,16 +44,17 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class _Step:
-    """The static tensors and (on CUDA) the graph of one bucket size."""
+    """The static tensors and (on CUDA) the graph of one bucket: `size` queries over a block of `width` keys."""
 
-    def __init__(self, backend: GraphBackend, state: StaticState, size: int):
-        device, self.size = backend.device, size
+    def __init__(self, backend: GraphBackend, state: StaticState, size: int, width: int):
+        device, self.size, self.width = backend.device, size, width
         self.backend, self.state = backend, state
-        self.host = torch.zeros(2 * size + 1 + size * size, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.host = torch.zeros(2 * size + 2 + size * width, dtype=torch.long, pin_memory=device.type == "cuda")
         self.inputs = torch.zeros_like(self.host, device=device)
         self.tokens, self.positions = self.inputs[:size], self.inputs[size: 2 * size]
-        self.length = self.inputs[2 * size]  # 0-d: P, the committed tokens before the root
-        self.tree_flat = self.inputs[2 * size + 1:]
+        self.prefix = self.inputs[2 * size]  # 0-d: P
+        self.offset = self.inputs[2 * size + 1]  # 0-d: L - P, where in the block the queries are written
+        self.block_flat = self.inputs[2 * size + 2:]
         self.offsets = torch.arange(size, device=device)
         self.columns = torch.arange(backend.max_len, device=device)
         self.write_slots = torch.empty(size, dtype=torch.long, device=device)
@@ -55,42 +63,49 @@ class _Step:
         self.logits: torch.Tensor | None = None
 
     def forward(self) -> torch.Tensor:
-        """The step on the static tensors: (T, V) logits. Captured as it is; no host reads inside."""
-        backend, size = self.backend, self.size
-        torch.add(self.offsets, self.length, out=self.write_slots)
+        """The step on the static tensors: (size, V) logits. Captured as it is; no host reads inside."""
+        backend, size, width = self.backend, self.size, self.width
+        torch.add(self.offsets, self.prefix + self.offset, out=self.write_slots)
         self.state.slots.write_slots = self.write_slots
-        tree_mask = self.tree_flat.view(size, size) != 0
-        relative = self.columns - self.length  # key slot - P: < 0 prefix, [0, T) this step's block
-        in_block = (relative >= 0) & (relative < size)
-        block = tree_mask.gather(1, relative.clamp(0, size - 1).expand(size, -1)) & in_block
+        block_mask = self.block_flat.view(size, width) != 0
+        relative = self.columns - self.prefix  # key slot - P: < 0 prefix, [0, width) the block
+        in_block = (relative >= 0) & (relative < width)
+        block = block_mask.gather(1, relative.clamp(0, width - 1).expand(size, -1)) & in_block
         visible = (relative < 0) | block
         mask = torch.zeros(visible.shape, dtype=backend.dtype, device=backend.device)
         mask.masked_fill_(~visible, torch.finfo(backend.dtype).min)
+        # square steps hand P and the (T, T) block mask to the attention function: specdec's Triton kernel reads
+        # keys [0, P) unmasked and [P, P + T) through the mask (wherever in the block the queries were written)
+        square = size == width
+        kernel = {"specdec_prefix_len": self.prefix, "specdec_tree_mask": block_mask} if square else {}
         out = backend.model(input_ids=self.tokens[None], position_ids=self.positions[None],
                             attention_mask=mask[None, None], past_key_values=self.state.cache, use_cache=True,
-                            specdec_prefix_len=self.length, specdec_tree_mask=tree_mask)
+                            **kernel)
         return out.logits[0]
 
-    def fill(self, root_token: int, tree: DraftTree, start: int) -> None:
-        """Write the step's inputs into the pinned buffer and copy them to the device in one transfer."""
-        size, count = self.size, len(tree) + 1
+    def fill(self, tokens: Sequence[int], positions: Sequence[int], prefix: int, offset: int,
+             block_mask: torch.Tensor, device_tokens: torch.Tensor | None = None) -> None:
+        """Write the step's inputs into the pinned buffer and copy them to the device in one transfer.
+        block_mask: (count, offset + count) host bool; `device_tokens` (already on the device) follow `tokens`."""
+        size, width = self.size, self.width
+        count, used = block_mask.shape
         if self.copied is not None:
             self.copied.synchronize()  # the previous step's copy has left the pinned buffer
         host = self.host
         host.zero_()
-        host[0] = root_token
-        host[size: size + count] = torch.tensor([0] + depth_list(tree)) + start
-        host[2 * size] = start
-        mask = host[2 * size + 1:].view(size, size)
-        mask.fill_diagonal_(1)  # the root and padding rows see themselves
-        if count > 1:
-            mask[1:count, 0] = 1
-            mask[1:count, 1:count] = host_ancestor_mask(tree).long()
+        if len(tokens):
+            host[: len(tokens)] = torch.tensor(list(tokens), dtype=torch.long)
+        host[size: size + count] = torch.tensor(list(positions), dtype=torch.long)
+        host[2 * size], host[2 * size + 1] = prefix, offset
+        mask = host[2 * size + 2:].view(size, width)
+        mask[:count, :used] = block_mask
+        padding = torch.arange(count, size)
+        mask[padding, (offset + padding).clamp(max=width - 1)] = 1  # padding rows see one block slot, never NaN
         self.inputs.copy_(host, non_blocking=True)
         if self.copied is not None:
             self.copied.record()
-        if count > 1:  # the drafted tokens usually live on the device already: copy them there
-            self.tokens[1:count].copy_(tree.tokens, non_blocking=True)
+        if device_tokens is not None and len(device_tokens):  # drafted tokens usually live on the device already
+            self.tokens[len(tokens): len(tokens) + len(device_tokens)].copy_(device_tokens, non_blocking=True)
 
     @torch.inference_mode()
     def run(self) -> torch.Tensor:
@@ -103,25 +118,22 @@ class _Step:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        with self.backend.attention_for_capture():
-            self._capture()
-
-    def _capture(self) -> None:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: lazy inits, cuBLAS handles, Triton compiles; rewrites the same slots
-                self.forward()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=self.backend.pool):
-            self.logits = self.forward()
+        with self.backend.attention_for_capture(square=self.size == self.width):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up: lazy inits, cuBLAS handles, Triton compiles; rewrites the same slots
+                    self.forward()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=self.backend.pool):
+                self.logits = self.forward()
 
 
 class GraphBackend(StaticBackend):
-    """`StaticBackend` with bucketed, graph-captured steps. buckets: the step sizes (root + nodes) to capture;
-    attention: the attention implementation baked into the graphs ("auto": "specdec_tree" where the Triton kernel
-    runs on CUDA, else the model's own; None: the model's own)."""
+    """`StaticBackend` with bucketed, graph-captured steps. buckets: the step sizes (queries, and block keys) to
+    capture; attention: the attention implementation baked into the graphs ("auto": "specdec_tree" where the Triton
+    kernel runs on CUDA, else the model's own; None: the model's own)."""
 
     def __init__(self, model: PreTrainedModel, max_len: int | None = None,
                  buckets: Sequence[int] = DEFAULT_BUCKETS, attention: str | None = "auto"):
@@ -137,15 +149,15 @@ class GraphBackend(StaticBackend):
         self.buckets = tuple(sorted(set(buckets)))
         self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
         self._state: StaticState | None = None
-        self._steps: dict[int, _Step] = {}
-        self.eager_steps = 0  # steps that fit no bucket and ran through StaticBackend
+        self._steps: dict[tuple[int, int], _Step] = {}
+        self.eager_steps = 0  # steps that fit no bucket and ran eagerly
 
     @contextlib.contextmanager
-    def attention_for_capture(self):
-        """The graphs are captured with `attention` (auto: specdec's Triton tree attention on CUDA) and keep it;
-        the model's own setting, which eager calls and other users of the model see, is restored afterwards."""
+    def attention_for_capture(self, square: bool = True):
+        """Square steps are captured with `attention` (auto: specdec's Triton tree attention on CUDA) and keep it;
+        other shapes, and eager calls and other users of the model, see the model's own setting."""
         previous = self.model.config._attn_implementation
-        if self.attention is not None and self.attention != previous:
+        if square and self.attention is not None and self.attention != previous:
             self.model.set_attn_implementation(self.attention)
         try:
             yield
@@ -155,7 +167,7 @@ class GraphBackend(StaticBackend):
 
     def new_state(self) -> StaticState:
         """The one cache the graphs were captured on, emptied (its stale contents are never visible). On CUDA the
-        first call captures every bucket, so no timed step ever pays for a capture."""
+        first call captures every square bucket, so no timed verification pays for a capture."""
         if self._state is None:
             self._state = super().new_state()
             if self.device.type == "cuda":
@@ -163,38 +175,74 @@ class GraphBackend(StaticBackend):
         self._state.length = 0
         return self._state
 
-    def capture_all(self) -> None:
-        """Capture each bucket that fits the cache (on dummy inputs at slot 0: the prefill overwrites them)."""
-        empty = DraftTree.empty(self.device)
-        for size in self.buckets:
-            if size <= self.max_len and size not in self._steps:
-                step = self._steps[size] = _Step(self, self._state, size)
-                step.fill(0, empty, 0)
-                step.capture()
+    def capture_all(self, shapes: Sequence[tuple[int, int]] | None = None) -> None:
+        """Capture these (queries, block keys) buckets, default the square ones, that fit the cache."""
+        for size, width in shapes or [(size, size) for size in self.buckets]:
+            if max(size, width) <= self.max_len:
+                step = self._step(size, width)
+                if step.graph is None:
+                    step.capture()
 
     def bucket(self, count: int, start: int) -> int | None:
-        """The smallest bucket holding `count` queries whose padding stays inside the cache; None if none does."""
+        """The smallest bucket >= `count` whose slots from `start` stay inside the cache; None if none does."""
         return next((size for size in self.buckets if size >= count and start + size <= self.max_len), None)
 
+    def _step(self, size: int, width: int) -> _Step:
+        if (size, width) not in self._steps:
+            self._steps[size, width] = _Step(self, self._state, size, width)
+        return self._steps[size, width]
+
     def score_tree(self, state: StaticState, root_token: int, tree: DraftTree) -> torch.Tensor:
+        count = len(tree) + 1
+        block = torch.zeros(count, count, dtype=torch.bool)
+        block[:, 0] = True  # every node sees the root; the root sees itself
+        block[1:, 1:] = host_ancestor_mask(tree)
+        positions = [state.length] + [state.length + depth for depth in depth_list(tree)]
+        return self.score_block(state, [root_token], positions, state.length, block, tree.tokens,
+                                eager=lambda: StaticBackend.score_tree(self, state, root_token, tree))
+
+    def score_block(self, state: StaticState, tokens: Sequence[int], positions: Sequence[int], prefix: int,
+                    block_mask: torch.Tensor, device_tokens: torch.Tensor | None = None,
+                    eager: Callable[[], torch.Tensor] | None = None, warn: bool = True) -> torch.Tensor:
+        """One forward of T = block_mask.shape[0] queries (`tokens`, then `device_tokens`) written at slots
+        [L, L + T), L = state.length: each sees the slots < `prefix` and, of the block [prefix, L + T), those its
+        row of `block_mask` ((T, L - prefix + T) host bool) allows. Returns (T, V) logits; state.length += T.
+        A step past the largest bucket runs eagerly, with a warning unless `warn` is False (a prefill)."""
         if state is not self._state:
             raise ValueError("this state is not the graph backend's current sequence (a later prefill replaced it)")
-        count, start = len(tree) + 1, state.length
-        size = self.bucket(count, start)
-        if size is None:
-            if count > self.buckets[-1]:
-                _warn_eager(f"a step of {count} queries exceeds the largest bucket {self.buckets[-1]}")
-            self.eager_steps += 1
-            return super().score_tree(state, root_token, tree)
+        count, used = block_mask.shape
+        start, offset = state.length, state.length - prefix
         if start + count > self.max_len:
             raise ValueError(f"the static cache holds {self.max_len} tokens; this step needs {start + count}")
-        step = self._steps.get(size)
-        if step is None:
-            step = self._steps[size] = _Step(self, state, size)
-        step.fill(root_token, tree, start)
+        if offset < 0 or used != offset + count:
+            raise ValueError(f"block_mask must be (T, length - prefix + T) = ({count}, {offset + count}), "
+                             f"got {tuple(block_mask.shape)}")
+        size = self.bucket(count, start)
+        width = size if offset == 0 else self.bucket(used, prefix)
+        if size is None or width is None:
+            if warn and used > self.buckets[-1]:
+                _warn_eager(f"a step of {count} queries over {used} block keys exceeds the largest bucket "
+                            f"{self.buckets[-1]}")
+            self.eager_steps += 1
+            if eager is not None:
+                return eager()
+            return self._eager_block(state, tokens, positions, prefix, block_mask, device_tokens)
+        step = self._step(size, max(size, width))
+        step.fill(tokens, positions, prefix, offset, block_mask, device_tokens)
         logits = step.run()
         state.length = start + count
         return logits[:count].clone()  # the static output is overwritten by the next replay
+
+    def _eager_block(self, state: StaticState, tokens, positions, prefix: int, block_mask: torch.Tensor,
+                     device_tokens: torch.Tensor | None) -> torch.Tensor:
+        count, used = block_mask.shape
+        ids = self._ids(list(tokens))
+        if device_tokens is not None and len(device_tokens):
+            ids = torch.cat([ids, device_tokens.to(self.device)])
+        visible = torch.zeros(count, self.max_len, dtype=torch.bool)
+        visible[:, :prefix] = True
+        visible[:, prefix: prefix + used] = block_mask
+        return self._run(state, ids, torch.tensor(list(positions), device=self.device), visible.to(self.device))
 
 
 @functools.lru_cache(maxsize=None)
