@@ -23,8 +23,10 @@ tree. At temperature > 0 drafts are sampled and carry their q (`draft_probs`) un
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
+import types
 
 import torch
 from transformers.masking_utils import create_causal_mask
@@ -43,7 +45,7 @@ class EarlyExitDrafter(ModelDrafter):
     at least this. mode: "chain" or "tree"; topk: children per expanded node in tree mode."""
 
     def __init__(self, head: ExitHead | str | os.PathLike, threshold: float = 0.6, mode: str = "chain",
-                 topk: int = 4):
+                 topk: int = 4, graphs: bool = False):
         if mode not in ("tree", "chain"):
             raise ValueError(f"mode must be 'tree' or 'chain', got {mode!r}")
         if topk < 1:
@@ -55,6 +57,7 @@ class EarlyExitDrafter(ModelDrafter):
         self.vocab_size = self.head.config.vocab_size
         self.width = 1 if mode == "chain" else topk
         self.model, self.path = None, None  # the target, bound at the first propose
+        self.graphs = bool(graphs)  # the L layers' KV in a static cache, each draft forward a CUDA graph replay
         self.reset()
 
     def propose(self, ctx: DraftContext) -> DraftTree:
@@ -72,23 +75,53 @@ class EarlyExitDrafter(ModelDrafter):
                              f"models; the target is {model_type!r}")
         self.head.config.check_target(model)
         self.head = self.head.to(model.device, next(model.parameters()).dtype).eval()
-        self.model = model
+        self.model, self.runner = model, None
         self.reset()
 
     def _forward(self, token_ids: list[int], positions: list[int], mask: torch.Tensor | None,
                  last_only: bool = False) -> torch.Tensor:
         """The first L layers over `token_ids` (appending their KV to the cache), the head, norm, LM head -> (T, V)."""
-        inner, device = self.model.model, self.model.device
-        hidden = inner.embed_tokens(torch.tensor([token_ids], device=device))
-        position_ids = torch.tensor([positions], device=device)
-        attention = create_causal_mask(config=self.model.config, inputs_embeds=hidden,
-                                       attention_mask=None if mask is None else mask.to(device),
-                                       past_key_values=self.cache, position_ids=position_ids)
+        device = self.model.device
+        return self.run_layers(torch.tensor([token_ids], device=device), torch.tensor([positions], device=device),
+                               None if mask is None else mask.to(device), self.cache, last_only)[0]
+
+    def run_layers(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None, cache,
+                   last_only: bool = False) -> torch.Tensor:
+        """(1, T) ids -> (1, T, V) draft logits through the first L layers over `cache` (any HF `Cache`)."""
+        inner = self.model.model
+        hidden = inner.embed_tokens(input_ids)
+        attention = create_causal_mask(config=self.model.config, inputs_embeds=hidden, attention_mask=mask,
+                                       past_key_values=cache, position_ids=position_ids)
         rotary = inner.rotary_emb(hidden, position_ids)
         for decoder_layer in inner.layers[: self.layer]:
             hidden = decoder_layer(hidden, attention_mask=attention, position_embeddings=rotary,
-                                   position_ids=position_ids, past_key_values=self.cache, use_cache=True)
+                                   position_ids=position_ids, past_key_values=cache, use_cache=True)
         if last_only:
             hidden = hidden[:, -1:]
-        return draft_logits(self.model, self.head, hidden)[0]
+        return draft_logits(self.model, self.head, hidden)
+
+    def _graph_target(self):
+        return _EarlyLayers(self), None  # the model's own attention over the 4D mask of the L-layer static cache
+
+
+class _EarlyLayers(torch.nn.Module):
+    """The target's first L layers + the exit head, shaped like a causal LM for `GraphBackend` (whose static cache
+    then holds those L layers only): forward(input_ids, position_ids, attention_mask, past_key_values) -> .logits."""
+
+    def __init__(self, drafter: EarlyExitDrafter):
+        super().__init__()
+        self.target, self.run_layers = drafter.model, drafter.run_layers
+        self.config = copy.copy(drafter.model.config)
+        self.config.num_hidden_layers = drafter.layer
+
+    @property
+    def device(self) -> torch.device:
+        return self.target.device
+
+    def get_output_embeddings(self):
+        return self.target.get_output_embeddings()
+
+    def forward(self, input_ids, position_ids, attention_mask=None, past_key_values=None, **kwargs):
+        return types.SimpleNamespace(logits=self.run_layers(input_ids, position_ids, attention_mask,
+                                                            past_key_values))
 

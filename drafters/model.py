@@ -142,12 +142,17 @@ class ModelDrafter:
     def _start_graphs(self) -> None:
         from specdec.backends.graph import GraphBackend
 
-        self.runner = GraphBackend(self.model)
+        model, attention = self._graph_target()
+        self.runner = GraphBackend(model, attention=attention)
         self.state = self.runner.new_state()  # on CUDA: captures the square buckets (catch-up, first frontier)
         if self.runner.device.type == "cuda":  # and the frontier shapes: up to `width` queries over a wider block
             buckets = self.runner.buckets
             sizes = buckets[: next((i + 1 for i, size in enumerate(buckets) if size >= self.width), len(buckets))]
             self.runner.capture_all([(size, wide) for size in sizes for wide in buckets if wide > size])
+
+    def _graph_target(self):
+        """(the model the runner captures, its attention for square steps: "auto" = specdec's kernel on CUDA)."""
+        return self.model, "auto"
 
     def _cache_len(self) -> int:
         return self.state.length if self.graphs else self.cache.get_seq_length()

@@ -104,6 +104,29 @@ def test_tiny_models_greedy_equals_reference(arch, mode):
     run(model, drafter, prompts, 30, controller="heuristic:start_depth=3,max_depth=6")
 
 
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+def test_graphs_give_the_same_drafts_and_an_exact_cache(stories_model, stories_head, mode):
+    """graphs=True: the first L layers' KV in a static cache of L layers, draft forwards as bucketed graph steps
+    (eager off CUDA): the same tau as the DynamicCache path, the output equals the reference, and the cache's
+    first rows equal the target's own KV of those layers after every step."""
+    prompts, controller = [[1, 29], [1, 450, 471]], "static:max_depth=4,max_nodes=6"
+    eager = run(stories_model, EarlyExitDrafter(stories_head, threshold=0.3, mode=mode, topk=2), prompts, 60,
+                controller=controller)
+    drafter = EarlyExitDrafter(stories_head, threshold=0.3, mode=mode, topk=2, graphs=True)
+    assert run(stories_model, drafter, prompts, 60, controller=controller) == pytest.approx(eager)
+    assert eager > 1.3 and drafter.state.buffer.shape[0] == LAYER
+    generator = SpeculativeGenerator(stories_model, drafter=drafter, controller=controller)
+    for _ in generator.stream([1, 29], max_new_tokens=40):
+        with torch.no_grad():
+            full = stories_model(input_ids=torch.tensor([drafter.cached]), use_cache=True).past_key_values
+        assert drafter.state.length == len(drafter.cached)
+        for index, layer in enumerate(full.layers[:LAYER]):
+            torch.testing.assert_close(drafter.state.buffer[index, 0, ..., : drafter.state.length, :], layer.keys,
+                                       rtol=0, atol=1e-5)
+            torch.testing.assert_close(drafter.state.buffer[index, 1, ..., : drafter.state.length, :],
+                                       layer.values, rtol=0, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------- the cache
 
 

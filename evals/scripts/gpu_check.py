@@ -7,7 +7,7 @@
 3. the fast path (static cache + CUDA graphs + tree attention): AR through it equals our AR decoder on the HF
    backend token for token, and so does step-by-step verification of random trees around the true continuation
    (1 to ~130 queries, every bucket; each step's accepted length checked) -- float32 random-init Llama, 6 prompts;
-   and the model drafter with its KV on graphs (`graphs=True`), chain and tree, equal to AR too.
+   and the model drafter and early_exit with their KV on graphs (`graphs=True`) equal to AR too.
 
     python3 evals/scripts/gpu_check.py [OUT_FILE]      # prints PASS/FAIL lines; exit 1 on any failure
 """
@@ -142,6 +142,16 @@ def fast_path_checks() -> None:
                f"model drafter on graphs ({mode}, self-drafting) through the graph backend == AR on HF "
                f"({out.token_ids == truth}), tau {out.stats.tau:.2f}, drafter errors {out.stats.drafter_errors}, "
                f"draft graphs {len(drafter.runner._steps)}, eager draft steps {drafter.runner.eager_steps}")
+    from specdec.drafters.early_exit import EarlyExitDrafter
+    from specdec.train.early_exit import ExitHead, ExitHeadConfig
+
+    torch.manual_seed(1)
+    head = ExitHead(ExitHeadConfig.for_target(model, 3, "linear"))  # random head: exercises the path, not tau
+    drafter = EarlyExitDrafter(head, threshold=0.0, mode="tree", topk=2, graphs=True)
+    out = SpeculativeGenerator(model, drafter=drafter, backend=graph).generate(prompt, max_new_tokens=200)
+    report(out.token_ids == truth and out.stats.drafter_errors == 0,
+           f"early_exit on graphs (3 of 6 layers, tree) through the graph backend == AR on HF "
+           f"({out.token_ids == truth}), tau {out.stats.tau:.2f}, cache layers {drafter.state.buffer.shape[0]}")
     expected = "specdec_tree" if DEVICE == "cuda" else None
     report(graph.attention == expected and model.config._attn_implementation == "sdpa",
            f"graphs captured with {graph.attention!r}; the model kept {model.config._attn_implementation!r}")

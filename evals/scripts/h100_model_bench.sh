@@ -50,8 +50,9 @@ bench-model|bench-exit)
   else
     methods="ar"
     for layer in ${layers//,/ }; do
-      methods="$methods,early_exit:head=$work/exit_head_$layer.safetensors,mode=chain"
+      methods="$methods,early_exit:head=$work/exit_head_$layer.safetensors,mode=chain,graphs=True"
     done
+    methods="$methods,early_exit:head=$work/exit_head_${layers##*,}.safetensors,mode=tree,graphs=True"
     methods="$methods,fused:drafters=copyspec+recycling"
   fi
   set +e
