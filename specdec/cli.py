@@ -30,7 +30,7 @@ def generate_command(args: argparse.Namespace) -> int:
         model = str(ensure_model())
     dtype = config.dtype if config.dtype == "auto" else getattr(torch, config.dtype)
     generator = SpeculativeGenerator(model, drafter=config.drafter, controller=config.controller, dtype=dtype,
-                                     device=config.device)
+                                     device=config.device, backend=config.backend)
     prompt = DEFAULT_PROMPT if config.prompt is None else config.prompt.replace("\\n", "\n").replace("\\t", "\t")
     sys.stdout.write(prompt)
     steps = generator.stream(prompt, max_new_tokens=config.max_new_tokens, temperature=config.temperature,

@@ -98,6 +98,8 @@ class SpeculativeGenerator:
     target:     a `PreTrainedModel`, or a model id / local path loaded with `AutoModelForCausalLM`
     drafter:    a registered drafter name or spec (`"ngram:max_n=4"`) or a `Drafter` object
     controller: a registered controller name or spec (`"static:max_depth=6"`) or a `Controller` object
+    backend:    how the target runs: "hf" (default), "static", "graph" (static cache + CUDA graphs: the fast path
+                on a GPU) or a backend object
     """
 
     def __init__(self, target, tokenizer=None, drafter: str | Drafter = "ngram",
@@ -106,6 +108,12 @@ class SpeculativeGenerator:
         if isinstance(target, str):
             target, tokenizer = _load(target, tokenizer, dtype, device)
         self.tokenizer = tokenizer
+        if isinstance(backend, str):
+            from specdec.backends import BACKENDS
+
+            if backend not in BACKENDS:
+                raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+            backend = BACKENDS[backend](target)
         self.backend = backend or HFBackend(target)
         self.phase_sync = False  # PhaseTimer(cuda_sync): benchmarks set it to charge GPU work to its phase
         self.drafter = make_drafter(drafter)
