@@ -3,7 +3,8 @@
 For random-init models of real shapes (timing does not depend on weight values; random, never zero, weights), in
 bf16 on the GPU: t_AR (one token) and t_verify(n) (a chain of n-1 drafted tokens below the root, so n queries) at
 several context lengths, for each path = attention implementation (HF eager, HF sdpa, specdec's Triton
-`specdec_tree`) @ backend (`hf`: DynamicCache in eager Python; `graph`: static cache, each step a CUDA graph); the
+`specdec_tree`) @ backend (`hf`: DynamicCache in eager Python; `graph`: static cache, each step a CUDA graph;
+`graph+compile`: the same with each step's forward compiled by torch.compile before capture); the
 ratios of the fast path's goals (t_AR / bandwidth floor, t_verify(64) / t_AR); and the attention kernel alone:
 `tree_attention` vs PyTorch SDPA with the float tree mask (which loses the flash kernel) vs SDPA causal at n = 1,
 with the achieved bandwidth of the KV read -- GPU time from CUDA events around a CUDA graph of 10 calls, so the
@@ -112,12 +113,13 @@ def _kernel_ms(fn, reps: int, calls: int = 10) -> float:
 def step_costs(model, shape: str, path: str, contexts: list[int], sizes: list[int], reps: int) -> list[StepTiming]:
     """t_verify(n) through a backend ("hf", or "graph": static cache + CUDA graphs of the sizes measured): score a
     chain of n-1 nodes, then drop it again (the cache keeps its length). n = 1 is the AR step."""
-    backend_name = path.split("@")[1]
+    backend_name, _, option = path.split("@")[1].partition("+")
     vocab = model.get_output_embeddings().weight.shape[0]
     out = []
     for context in contexts:
         if backend_name == "graph":
-            backend = GraphBackend(model, max_len=context + max(sizes) + 8, buckets=sizes, attention=None)
+            backend = GraphBackend(model, max_len=context + max(sizes) + 8, buckets=sizes, attention=None,
+                                   compile=option == "compile")
         else:
             backend = HFBackend(model)
         state = backend.prefill(torch.randint(0, vocab, (context,)).tolist())
@@ -209,7 +211,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", default="1b,7b", help=f"comma-separated, of {', '.join(SHAPES)}")
     parser.add_argument("--paths", default="eager@hf,sdpa@hf,specdec_tree@hf,sdpa@graph,specdec_tree@graph",
                         help="attention implementation @ backend (hf: DynamicCache; graph: static cache + CUDA "
-                             "graphs, the fast path)")
+                             "graphs, the fast path; graph+compile: the same after torch.compile)")
     parser.add_argument("--contexts", default="512,2048,8192")
     parser.add_argument("--sizes", default="1,2,4,8,16,32,64,128,256", help="queries per step (root + nodes)")
     parser.add_argument("--reps", type=int, default=20)
@@ -230,8 +232,9 @@ def run(args) -> int:
         floors[shape] = weight_floor_ms(model)
         for path in args.paths.split(","):
             attn, _, backend = path.partition("@")
-            if backend not in ("hf", "graph"):
-                raise ValueError(f"path {path!r}: expected <attention>@hf or <attention>@graph")
+            if backend not in ("hf", "graph", "graph+compile"):
+                raise ValueError(f"path {path!r}: expected <attention>@hf, <attention>@graph or "
+                                 f"<attention>@graph+compile")
             set_attention(model, attn)
             timings += step_costs(model, shape, path, ints(args.contexts), ints(args.sizes), args.reps)
             if device == "cuda":

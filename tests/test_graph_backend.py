@@ -79,3 +79,13 @@ def test_bad_buckets_and_foreign_states_are_refused():
         backend.decode(GraphBackend(model, max_len=64).prefill([1, 2]), 6)
     with pytest.raises(ValueError, match="buckets must be sizes >= 1"):
         GraphBackend(model, max_len=64, buckets=(0, 4))
+
+
+def test_compiled_steps_give_the_same_output():
+    """compile=True: every bucket's forward goes through torch.compile (inductor) before capture."""
+    model = tiny_model("llama")
+    prompt = repetitive_prompt(VOCAB, seed=1)
+    truth = reference_decode(HFBackend(model), prompt, SamplingParams(), StopRule(24))
+    backend = GraphBackend(model, max_len=96, buckets=(1, 16), compile=True)
+    out = SpeculativeGenerator(model, drafter="ngram", backend=backend).generate(prompt, max_new_tokens=24)
+    assert out.token_ids == truth and out.stats.tau > 1.0 and backend.eager_steps == 0

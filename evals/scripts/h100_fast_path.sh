@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Issue 4 (and the issue-3 tables on the fast path) on the H100, one device call per stage:
 #   bash evals/scripts/h100_fast_path.sh check   # GPU equality checks at real sizes + `specdec bench-step` (~6 min)
+#   bash evals/scripts/h100_fast_path.sh compile # bench-step with torch.compile before capture, context 2k
 #   bash evals/scripts/h100_fast_path.sh build   # the zoo target (~7 min)
 #   bash evals/scripts/h100_fast_path.sh bench   # `specdec bench` on the graph and the hf backend, code + Spec-Bench
 # Spec-Bench's questions are expected under .shared/data/spec_bench/ (a copy of ../shared carried with the call).
 set -uo pipefail
-stage=${1:?check, build or bench}
+stage=${1:?check, compile, build or bench}
 out=${OUT:-out}
 export SPECDEC_CACHE=${SPECDEC_CACHE:-$PWD/out/cache} SPECDEC_SHARED=${SPECDEC_SHARED:-$PWD/.shared}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -18,6 +19,11 @@ check)
   python3 evals/scripts/gpu_check.py "$out/gpu_check.txt" 2>&1 | grep -v "^PASS tree_attention"
   specdec bench-step --shapes "${SHAPES:-1b,7b}" --contexts 512,2048,8192 --sizes 1,2,4,8,16,32,64,128,256 \
     --reps "${REPS:-20}" --out "$out/step" 2>&1
+  ;;
+compile)
+  # kernel fusion by torch.compile before capture: compiles once per (bucket, context), so few of them
+  specdec bench-step --shapes "${SHAPES:-1b,7b}" --paths specdec_tree@graph,specdec_tree@graph+compile \
+    --contexts 2048 --sizes 1,16,64 --reps 20 --kernel-contexts 4096,16384 --out "$out/compile" 2>&1
   ;;
 build)
   python3 -c "from specdec.train.pretrain import ensure_model; print(ensure_model('$preset'))" 2>&1 | tail -5

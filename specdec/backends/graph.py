@@ -78,9 +78,9 @@ class _Step:
         # keys [0, P) unmasked and [P, P + T) through the mask (wherever in the block the queries were written)
         square = size == width
         kernel = {"specdec_prefix_len": self.prefix, "specdec_tree_mask": block_mask} if square else {}
-        out = backend.model(input_ids=self.tokens[None], position_ids=self.positions[None],
-                            attention_mask=mask[None, None], past_key_values=self.state.cache, use_cache=True,
-                            **kernel)
+        out = backend.forward_fn(input_ids=self.tokens[None], position_ids=self.positions[None],
+                                 attention_mask=mask[None, None], past_key_values=self.state.cache, use_cache=True,
+                                 **kernel)
         return out.logits[0]
 
     def fill(self, tokens: Sequence[int], positions: Sequence[int], prefix: int, offset: int,
@@ -133,11 +133,20 @@ class _Step:
 class GraphBackend(StaticBackend):
     """`StaticBackend` with bucketed, graph-captured steps. buckets: the step sizes (queries, and block keys) to
     capture; attention: the attention implementation baked into the graphs ("auto": "specdec_tree" where the Triton
-    kernel runs on CUDA, else the model's own; None: the model's own)."""
+    kernel runs on CUDA, else the model's own; None: the model's own); compile: run each step's forward through
+    torch.compile before capturing it (kernel fusion; compiles once per bucket)."""
 
     def __init__(self, model: PreTrainedModel, max_len: int | None = None,
-                 buckets: Sequence[int] = DEFAULT_BUCKETS, attention: str | None = "auto"):
+                 buckets: Sequence[int] = DEFAULT_BUCKETS, attention: str | None = "auto", compile: bool = False):
         super().__init__(model, max_len)
+        # compile: each bucket's forward goes through torch.compile (inductor fuses the many small elementwise
+        # kernels of HF's modules) before it is captured; one compilation per bucket shape
+        self.forward_fn = model
+        if compile:
+            import torch._dynamo
+
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(buckets))
+            self.forward_fn = torch.compile(model, dynamic=False)
         if not buckets or min(buckets) < 1:
             raise ValueError(f"buckets must be sizes >= 1, got {buckets!r}")
         if attention == "auto":
