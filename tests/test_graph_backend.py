@@ -89,3 +89,21 @@ def test_compiled_steps_give_the_same_output():
     backend = GraphBackend(model, max_len=96, buckets=(1, 16), compile=True)
     out = SpeculativeGenerator(model, drafter="ngram", backend=backend).generate(prompt, max_new_tokens=24)
     assert out.token_ids == truth and out.stats.tau > 1.0 and backend.eager_steps == 0
+
+
+def test_a_model_that_refuses_the_tree_attention_keeps_its_own(monkeypatch):
+    """attention="specdec_tree" on a model whose attention cannot be switched: one warning, its own attention,
+    the right output."""
+    model = tiny_model("llama")
+    prompt = repetitive_prompt(VOCAB, seed=1)
+    truth = reference_decode(HFBackend(model), prompt, SamplingParams(), StopRule(24))
+
+    def refuse(self, name):
+        raise ValueError(f"{name} is not supported (test)")
+
+    monkeypatch.setattr(type(model), "set_attn_implementation", refuse)
+    backend = GraphBackend(model, max_len=96, attention="specdec_tree")
+    with pytest.warns(RuntimeWarning, match="cannot use attention 'specdec_tree'"):
+        out = SpeculativeGenerator(model, drafter="ngram", backend=backend).generate(prompt, max_new_tokens=24)
+    assert out.token_ids == truth and backend.attention is None
+    assert model.config._attn_implementation == "sdpa"

@@ -180,6 +180,20 @@ def test_graph_backend_steps_go_through_the_kernel_with_the_prefix_on_the_device
     assert backend.eager_steps == 0
 
 
+def test_graph_backend_switches_the_attention_for_its_steps_only(kernel_calls):
+    from specdec.backends.graph import GraphBackend
+
+    model, name = tiny_llama(), register_tree_attention()
+    model.set_attn_implementation("sdpa")
+    prompt = repetitive_prompt(100, seed=3, length=40)
+    expected = reference_decode(HFBackend(model), prompt, GREEDY, StopRule(16))
+    backend = GraphBackend(model, max_len=128, buckets=(1, 4, 16, 64), attention=name)
+    out = SpeculativeGenerator(model, drafter="ngram", backend=backend).generate(prompt, max_new_tokens=16)
+    assert out.token_ids == expected
+    assert len(kernel_calls) == model.config.num_hidden_layers * out.stats.target_forwards
+    assert model.config._attn_implementation == "sdpa"  # the model's own setting outside the steps
+
+
 def hf_call_inputs(prefix_len=20, tree_size=4, seed=3):
     q, k, v, mask = make_inputs(1, 2, 4, tree_size, prefix_len, 32, torch.float32, seed=seed)
     allowed = torch.ones(tree_size, prefix_len + tree_size, dtype=torch.bool)

@@ -110,7 +110,8 @@ class _Step:
     @torch.inference_mode()
     def run(self) -> torch.Tensor:
         if self.backend.device.type != "cuda":
-            return self.forward()
+            with self.backend.attention_for_capture(square=self.size == self.width):
+                return self.forward()  # eagerly, with the attention the graph would have been captured with
         if self.graph is None:
             self.capture()
         self.graph.replay()
@@ -167,7 +168,12 @@ class GraphBackend(StaticBackend):
         other shapes, and eager calls and other users of the model, see the model's own setting."""
         previous = self.model.config._attn_implementation
         if square and self.attention is not None and self.attention != previous:
-            self.model.set_attn_implementation(self.attention)
+            try:
+                self.model.set_attn_implementation(self.attention)
+            except (ValueError, TypeError, NotImplementedError, AttributeError) as error:
+                warnings.warn(f"{type(self.model).__name__} cannot use attention {self.attention!r} ({error}); the "
+                              f"graph backend keeps the model's own {previous!r}", RuntimeWarning, stacklevel=4)
+                self.attention = None
         try:
             yield
         finally:
