@@ -1,6 +1,7 @@
 """Benchmark methods: `ar` (specdec's reference decoder, the baseline), any registered drafter spec (`ngram`,
-`ngram:max_n=4`, ...), and peers run on the same model in the same process: `hf` (HF `generate`), `hf-lookup`
-(HF prompt lookup), `hf-assisted` (HF assisted generation with `--assistant`).
+`ngram:max_n=4`, ...), and peers run on the same model in the same process: `hf` (HF `generate`), `hf-static` (HF
+`generate` with its static cache, which HF compiles on a GPU: its fastest batch-1 path), `hf-lookup` (HF prompt
+lookup), `hf-assisted` (HF assisted generation with `--assistant`).
 
 Every method turns prompt token ids into a `TurnRun`. Methods register by name with `@register_method`; a name that
 is not a method is tried as a drafter spec."""
@@ -153,6 +154,13 @@ class HFGenerate(_HFPeer):
 @register_method("hf-lookup")
 class HFLookup(_HFPeer):
     options = {"prompt_lookup_num_tokens": 10}
+
+
+@register_method("hf-static")
+class HFStatic(_HFPeer):
+    """HF `generate` on its fastest batch-1 path: a static cache, whose decode step HF compiles on a GPU."""
+
+    options = {"cache_implementation": "static"}
 
 
 @register_method("hf-assisted")

@@ -1,5 +1,5 @@
-"""Peer methods measured beside specdec on the same model: HF `generate` greedy, HF prompt lookup, HF assisted
-generation. Each returns the new tokens, the number of target forwards (to compute tau the way specdec does) and the
+"""Peer methods measured beside specdec on the same model: HF `generate` greedy (DynamicCache, or its static cache),
+HF prompt lookup, HF assisted generation. Each returns the new tokens, the number of target forwards (to compute tau the way specdec does) and the
 wall time."""
 
 from __future__ import annotations
@@ -46,12 +46,14 @@ class _ForwardCounter:
 
 
 def hf_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, prompt_lookup_num_tokens: int | None = None,
-                assistant_model=None, eos_token_id=None) -> PeerRun:
+                assistant_model=None, eos_token_id=None, cache_implementation: str | None = None) -> PeerRun:
     """Greedy HF `generate`; with `prompt_lookup_num_tokens` it is HF prompt lookup, with `assistant_model` HF
     assisted generation."""
     input_ids = torch.tensor([list(prompt_ids)], device=model.device)
     options = dict(max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(input_ids),
                    prompt_lookup_num_tokens=prompt_lookup_num_tokens, assistant_model=assistant_model)
+    if cache_implementation is not None:
+        options["cache_implementation"] = cache_implementation
     if eos_token_id is not None:
         options["eos_token_id"] = eos_token_id
     with _ForwardCounter(model) as counter, torch.inference_mode():

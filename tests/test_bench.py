@@ -71,14 +71,14 @@ def _bench(target_dir, data_file, out, *extra):
 
 
 def test_bench_writes_results_and_stays_lossless(target_dir, data_file, tmp_path):
-    code = _bench(target_dir, data_file, tmp_path, "--methods", "ar,ngram,ngram:max_n=2,min_n=1,hf,hf-lookup",
+    code = _bench(target_dir, data_file, tmp_path, "--methods", "ar,ngram,ngram:max_n=2,min_n=1,hf,hf-static,hf-lookup",
                   "--runs", "2")
     assert code == 0
     payload = json.loads((tmp_path / "results.json").read_text())
     assert payload["schema"] == "specdec.bench/1" and not payload["interrupted"]
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "ngram:max_n=2,min_n=1" in (tmp_path / "results.md").read_text()
-    methods = ["ar", "ngram", "ngram:max_n=2,min_n=1", "hf", "hf-lookup"]
+    methods = ["ar", "ngram", "ngram:max_n=2,min_n=1", "hf", "hf-static", "hf-lookup"]
     # 3 questions, 4 turns, 2 runs, each method
     assert len(payload["records"]) == len(methods) * 4 * 2
     lossless = payload["lossless"]

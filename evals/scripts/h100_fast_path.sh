@@ -29,12 +29,13 @@ build)
   python3 -c "from specdec.train.pretrain import ensure_model; print(ensure_model('$preset'))" 2>&1 | tail -5
   ;;
 bench)
-  methods=${METHODS:-ar,ngram,fused:drafters=copyspec+recycling,hf,hf-lookup}
+  methods=${METHODS:-ar,ngram,fused:drafters=copyspec+recycling,hf,hf-lookup}  # hf-static: HF recompiles per cache size
   for backend in ${BACKENDS:-graph hf}; do
-    specdec bench --target "zoo:$preset" --backend "$backend" --data code:20 --methods "$methods" \
+    specdec bench --target "zoo:$preset" --backend "$backend" --data code:20 --warmup 3 --methods "$methods" \
       --max-new-tokens 128 --out "$out/code_$backend" 2>&1 | grep -E -i "lossless|mismatch|error|│ "
     if [ "$backend" = graph ]; then
-      specdec bench --target "zoo:$preset" --backend "$backend" --data spec_bench --limit 4 --methods "$methods" \
+      specdec bench --target "zoo:$preset" --backend "$backend" --data spec_bench --limit 4 --warmup 3 \
+        --methods "$methods" \
         --max-new-tokens 128 --out "$out/specbench_$backend" 2>&1 | grep -E -i "lossless|mismatch|error|│ "
       rm -f "$out/specbench_$backend/chart.png"
     else
