@@ -32,6 +32,7 @@ import torch
 from transformers.masking_utils import create_causal_mask
 
 from specdec.drafters.base import DraftContext, TargetView, register_drafter
+from specdec.drafters.draft_kv import GraphKV
 from specdec.drafters.model import ModelDrafter
 from specdec.train.early_exit import ExitHead, draft_logits
 from specdec.tree import DraftTree
@@ -57,7 +58,7 @@ class EarlyExitDrafter(ModelDrafter):
         self.vocab_size = self.head.config.vocab_size
         self.width = 1 if mode == "chain" else topk
         self.model, self.path = None, None  # the target, bound at the first propose
-        self.graphs = bool(graphs)  # the L layers' KV in a static cache, each draft forward a CUDA graph replay
+        self.graphs, self.kv = bool(graphs), None  # graphs: the L layers' KV in a static cache (`draft_kv`)
         self.reset()
 
     def propose(self, ctx: DraftContext) -> DraftTree:
@@ -75,15 +76,15 @@ class EarlyExitDrafter(ModelDrafter):
                              f"models; the target is {model_type!r}")
         self.head.config.check_target(model)
         self.head = self.head.to(model.device, next(model.parameters()).dtype).eval()
-        self.model, self.runner = model, None
+        self.model, self.kv = model, None
         self.reset()
 
-    def _forward(self, token_ids: list[int], positions: list[int], mask: torch.Tensor | None,
+    def _forward(self, token_ids: list[int], positions: list[int], mask: torch.Tensor | None, cache,
                  last_only: bool = False) -> torch.Tensor:
-        """The first L layers over `token_ids` (appending their KV to the cache), the head, norm, LM head -> (T, V)."""
+        """The first L layers over `token_ids` (appending their KV to `cache`), the head, norm, LM head -> (T, V)."""
         device = self.model.device
         return self.run_layers(torch.tensor([token_ids], device=device), torch.tensor([positions], device=device),
-                               None if mask is None else mask.to(device), self.cache, last_only)[0]
+                               None if mask is None else mask.to(device), cache, last_only)[0]
 
     def run_layers(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None, cache,
                    last_only: bool = False) -> torch.Tensor:
@@ -100,8 +101,10 @@ class EarlyExitDrafter(ModelDrafter):
             hidden = hidden[:, -1:]
         return draft_logits(self.model, self.head, hidden)
 
-    def _graph_target(self):
-        return _EarlyLayers(self), None  # the model's own attention over the 4D mask of the L-layer static cache
+    def _new_kv(self):
+        if self.graphs:  # an L-layer static cache; the model's own attention over the 4D mask
+            return GraphKV(_EarlyLayers(self), None, self.width)
+        return super()._new_kv()
 
 
 class _EarlyLayers(torch.nn.Module):

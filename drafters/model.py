@@ -1,7 +1,8 @@
 """`model`: a small causal LM sharing the target's tokenizer drafts a chain or a dynamic tree (SpS, FastDraft; the
 tree after EAGLE-2 / DySpec).
 
-The draft model keeps its own `DynamicCache` of the **committed** tokens it has consumed (`self.cached`).
+The draft model keeps its own KV cache (`draft_kv`: a DynamicCache, or with graphs=True a static cache whose every
+step is a CUDA graph replay) of the **committed** tokens it has consumed (`self.cached`).
 `propose` feeds what the context added since (normally the accepted tokens it had not run yet + the bonus, now the
 root), then grows the tree one depth per forward: the **frontier** (the best nodes of the newest depth) runs as one
 tree forward over the cache (4D float mask, depth position ids, as the target verifies) and each frontier node gets
@@ -33,10 +34,9 @@ import os
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
-
 from specdec.controllers.base import Budget
 from specdec.drafters.base import DraftContext, TargetView, register_drafter
+from specdec.drafters.draft_kv import DynamicKV, GraphKV
 from specdec.sampling import SamplingParams, target_probs
 from specdec.tree import DraftTree
 
@@ -62,7 +62,6 @@ class ModelDrafter:
     same code runs eagerly off CUDA) instead of HF's eager forward over a DynamicCache."""
 
     threshold = 0.0  # expand a node only while its own slot probability reaches this (early_exit raises it)
-    graphs, runner, state = False, None, None  # graphs=True: the draft KV on a GraphBackend (see _start_graphs)
 
     def __init__(self, model=None, path: str | None = None, mode: str = "tree", topk: int = 4, graphs: bool = False):
         if mode not in ("tree", "chain"):
@@ -81,12 +80,13 @@ class ModelDrafter:
             self.model, self.path = source.eval(), None
             self.vocab_size = source.get_output_embeddings().weight.shape[0]
         self.width = 1 if mode == "chain" else topk
-        self.graphs, self.runner, self.state = bool(graphs), None, None
+        self.graphs, self.kv = bool(graphs), None
         self.reset()
 
     def reset(self) -> None:
-        self.cache = DynamicCache()
-        self.cached: list[int] = []   # the committed tokens whose KV `cache` holds (its first rows)
+        if self.kv is not None:
+            self.kv.keep(0)
+        self.cached: list[int] = []   # the committed tokens whose KV `kv` holds (its first rows)
         self._proposal: tuple[list[int], list[int], list[int]] | None = None  # tokens, parents, cache rows
         self._rng: torch.Generator | None = None
 
@@ -94,8 +94,6 @@ class ModelDrafter:
     def propose(self, ctx: DraftContext) -> DraftTree:
         if self.model is None:
             self._load(ctx.target)
-        if self.graphs and self.runner is None:
-            self._start_graphs()
         if self._rng is None:  # a new sequence
             self._rng = torch.Generator(self.model.device)
             self._rng.seed() if ctx.params.seed is None else self._rng.manual_seed(ctx.params.seed ^ _SEED_SALT)
@@ -104,7 +102,8 @@ class ModelDrafter:
             nodes, kept = self._grow(root_logits, ctx.budget, ctx.params)
         except Exception:
             self.cached = []  # a forward that failed part-way leaves layers uneven: the next propose starts anew
-            self._cache_keep(0)
+            if self.kv is not None:
+                self.kv.keep(0)
             raise
         order = sorted(kept, key=lambda i: (nodes[i].depth, i))  # topological, siblings in slot order
         index = {node: new for new, node in enumerate(order)}
@@ -126,9 +125,10 @@ class ModelDrafter:
             if result.tree.tokens.tolist() == tokens and list(result.tree.host_parents) == parents:
                 path = list(itertools.takewhile(lambda node: slots[node] >= 0, result.accepted_nodes))
                 if path:
-                    self._cache_move([slots[n] for n in path], len(self.cached))
+                    self.kv.move([slots[n] for n in path], len(self.cached))
                     self.cached += [tokens[node] for node in path]
-        self._cache_keep(len(self.cached))
+        if self.kv is not None:
+            self.kv.keep(len(self.cached))
 
     def _load(self, target: TargetView) -> None:
         from transformers import AutoModelForCausalLM
@@ -136,77 +136,24 @@ class ModelDrafter:
         dtype = getattr(target.model, "dtype", None) or "auto"
         self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).to(target.device).eval()
 
-    # The draft KV lives in `self.cache` (a DynamicCache), or with graphs=True in the static cache of `self.runner`
-    # (a GraphBackend: every draft forward a CUDA graph replay on the GPU). These four are all that differs.
-
-    def _start_graphs(self) -> None:
-        from specdec.backends.graph import GraphBackend
-
-        model, attention = self._graph_target()
-        self.runner = GraphBackend(model, attention=attention)
-        self.state = self.runner.new_state()  # on CUDA: captures the square buckets (catch-up, first frontier)
-        if self.runner.device.type == "cuda":  # and the frontier shapes: up to `width` queries over a wider block
-            buckets = self.runner.buckets
-            sizes = buckets[: next((i + 1 for i, size in enumerate(buckets) if size >= self.width), len(buckets))]
-            self.runner.capture_all([(size, wide) for size in sizes for wide in buckets if wide > size])
-
-    def _graph_target(self):
-        """(the model the runner captures, its attention for square steps: "auto" = specdec's kernel on CUDA)."""
-        return self.model, "auto"
-
-    def _cache_len(self) -> int:
-        return self.state.length if self.graphs else self.cache.get_seq_length()
-
-    def _cache_keep(self, length: int) -> None:
-        """Drop the cached rows from `length` on."""
+    def _new_kv(self):
+        """The draft KV store (`draft_kv`): a DynamicCache, or with graphs=True a GraphBackend's static cache."""
         if self.graphs:
-            if self.state is not None:
-                self.state.length = min(self.state.length, length)
-        elif length == 0:
-            self.cache = DynamicCache()
-        elif self.cache.get_seq_length() > length:
-            self.cache.crop(length - self.cache.get_seq_length())
-
-    def _cache_move(self, rows: list[int], start: int) -> None:
-        """Copy the KV rows `rows` (in order) to [start, start + len(rows)) in every layer."""
-        device = self.model.device
-        source = torch.tensor(rows, device=device)
-        if self.graphs:
-            target = torch.arange(start, start + len(rows), device=device)
-            self.state.buffer.index_copy_(4, target, self.state.buffer.index_select(4, source))
-            return
-        for layer in self.cache.layers:
-            layer.keys[..., start: start + len(rows), :] = layer.keys[..., source, :]
-            layer.values[..., start: start + len(rows), :] = layer.values[..., source, :]
-
-    def _block_forward(self, token_ids: list[int], positions: list[int], prefix: int, block: torch.Tensor,
-                       last_only: bool = False) -> torch.Tensor:
-        """Feed `token_ids` after the cached rows; each sees the rows < `prefix` and the block rows [prefix, ...)
-        its row of `block` ((T, cached - prefix + T) bool) allows. -> (T, V) logits (the last row if last_only)."""
-        if self.graphs:
-            logits = self.runner.score_block(self.state, token_ids, positions, prefix, block, warn=prefix > 0)
-            return logits[-1:] if last_only else logits
-        if prefix == self._cache_len() and bool(block.equal(torch.ones_like(block).tril())):
-            mask = None  # plain causal: let the model build it
-        else:
-            allowed = torch.cat([torch.ones(block.shape[0], prefix, dtype=torch.bool), block], 1)
-            dtype = next(self.model.parameters()).dtype
-            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
-        return self._forward(token_ids, positions, mask, last_only)
+            return GraphKV(self.model, "auto", self.width)
+        return DynamicKV(self._forward, next(self.model.parameters()).dtype)
 
     def _catch_up(self, token_ids: list[int]) -> torch.Tensor:
         """Feed the committed tokens the cache lacks (the root always: its logits score the first level) -> (V,)."""
         keep = 0
         while keep < min(len(self.cached), len(token_ids) - 1) and self.cached[keep] == token_ids[keep]:
             keep += 1
-        if keep == 0 and self.graphs:
-            self.state = self.runner.new_state()  # a new sequence
+        if self.kv is None:
+            self.kv = self._new_kv()
         self.cached = self.cached[:keep]
-        self._cache_keep(keep)  # also drops a tree whose observe() never came
+        self.kv.keep(keep)  # also drops a tree whose observe() never came; keep 0 = a new sequence
         new = len(token_ids) - keep
         causal = torch.ones(new, new, dtype=torch.bool).tril()
-        logits = self._block_forward(token_ids[keep:], list(range(keep, len(token_ids))), keep, causal,
-                                     last_only=True)[-1]
+        logits = self.kv.run(token_ids[keep:], list(range(keep, len(token_ids))), keep, causal, last_only=True)[-1]
         self.cached = token_ids
         return logits
 
@@ -255,7 +202,7 @@ class ModelDrafter:
 
     def _run_frontier(self, nodes: list[_Node], frontier: list[int]) -> torch.Tensor:
         """One draft forward over the frontier nodes: each sees the committed tokens, its ancestors' KV and itself."""
-        past, committed = self._cache_len(), len(self.cached)
+        past, committed = self.kv.length, len(self.cached)
         block = torch.zeros(len(frontier), past - committed + len(frontier), dtype=torch.bool)
         for row, node in enumerate(frontier):
             ancestor = nodes[node].parent
@@ -265,14 +212,15 @@ class ModelDrafter:
             nodes[node].slot = past + row
             block[row, past - committed + row] = True
         positions = [committed - 1 + nodes[node].depth for node in frontier]
-        return self._block_forward([nodes[node].token for node in frontier], positions, committed, block)
+        return self.kv.run([nodes[node].token for node in frontier], positions, committed, block)
 
-    def _forward(self, token_ids: list[int], positions: list[int], mask: torch.Tensor | None,
+    def _forward(self, token_ids: list[int], positions: list[int], mask: torch.Tensor | None, cache,
                  last_only: bool = False) -> torch.Tensor:
+        """`DynamicKV`'s forward: the draft model over `cache` with a 4D float mask (None: causal) -> (T, V)."""
         device = self.model.device
         keep_last = last_only and "logits_to_keep" in inspect.signature(self.model.forward).parameters
         out = self.model(input_ids=torch.tensor([token_ids], device=device),
                          position_ids=torch.tensor([positions], device=device),
                          attention_mask=None if mask is None else mask.to(device),
-                         past_key_values=self.cache, use_cache=True, **({"logits_to_keep": 1} if keep_last else {}))
+                         past_key_values=cache, use_cache=True, **({"logits_to_keep": 1} if keep_last else {}))
         return out.logits[0]

@@ -114,17 +114,16 @@ def test_graphs_give_the_same_drafts_and_an_exact_cache(stories_model, stories_h
                 controller=controller)
     drafter = EarlyExitDrafter(stories_head, threshold=0.3, mode=mode, topk=2, graphs=True)
     assert run(stories_model, drafter, prompts, 60, controller=controller) == pytest.approx(eager)
-    assert eager > 1.3 and drafter.state.buffer.shape[0] == LAYER
+    assert eager > 1.3 and drafter.kv.state.buffer.shape[0] == LAYER
     generator = SpeculativeGenerator(stories_model, drafter=drafter, controller=controller)
     for _ in generator.stream([1, 29], max_new_tokens=40):
         with torch.no_grad():
             full = stories_model(input_ids=torch.tensor([drafter.cached]), use_cache=True).past_key_values
-        assert drafter.state.length == len(drafter.cached)
+        assert drafter.kv.length == len(drafter.cached)
         for index, layer in enumerate(full.layers[:LAYER]):
-            torch.testing.assert_close(drafter.state.buffer[index, 0, ..., : drafter.state.length, :], layer.keys,
-                                       rtol=0, atol=1e-5)
-            torch.testing.assert_close(drafter.state.buffer[index, 1, ..., : drafter.state.length, :],
-                                       layer.values, rtol=0, atol=1e-5)
+            keys, values = drafter.kv.layer(index)
+            torch.testing.assert_close(keys, layer.keys, rtol=0, atol=1e-5)
+            torch.testing.assert_close(values, layer.values, rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------- the cache
@@ -138,11 +137,12 @@ def test_cache_equals_target_kv_of_first_layers(stories_model, stories_head):
         ids = torch.tensor([drafter.cached])
         with torch.no_grad():
             out = stories_model(input_ids=ids, use_cache=True, output_hidden_states=True)
-        assert len(drafter.cache.layers) == LAYER
-        assert drafter.cache.get_seq_length() == len(drafter.cached)
-        for mine, full in zip(drafter.cache.layers, out.past_key_values.layers[:LAYER]):
-            torch.testing.assert_close(mine.keys, full.keys, rtol=0, atol=1e-10)
-            torch.testing.assert_close(mine.values, full.values, rtol=0, atol=1e-10)
+        assert len(drafter.kv.cache.layers) == LAYER
+        assert drafter.kv.length == len(drafter.cached)
+        for index, full in enumerate(out.past_key_values.layers[:LAYER]):
+            keys, values = drafter.kv.layer(index)
+            torch.testing.assert_close(keys, full.keys, rtol=0, atol=1e-10)
+            torch.testing.assert_close(values, full.values, rtol=0, atol=1e-10)
         steps += 1
     assert steps > 5
     fresh = EarlyExitDrafter(stories_head)  # the draft pass = head over output_hidden_states[L]

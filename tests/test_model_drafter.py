@@ -153,7 +153,7 @@ class CheckedDrafter(ModelDrafter):
         super().observe(result)
         context, self.context = self.context, None
         if not self.cached:  # propose() failed: the cache was dropped, the next propose() prefills again
-            assert self._cache_len() == 0
+            assert self.kv.length == 0
             return
         if context is not None and len(result.tree):
             kept = len(self.cached) - len(context)
@@ -161,13 +161,9 @@ class CheckedDrafter(ModelDrafter):
         fresh = DynamicCache()
         with torch.no_grad():
             self.model(input_ids=torch.tensor([self.cached]), past_key_values=fresh, use_cache=True)
-        assert self._cache_len() == len(self.cached) == fresh.get_seq_length()
+        assert self.kv.length == len(self.cached) == fresh.get_seq_length()
         for index, theirs in enumerate(fresh.layers):
-            if self.graphs:  # the static buffer's first rows
-                keys = self.state.buffer[index, 0, ..., : len(self.cached), :]
-                values = self.state.buffer[index, 1, ..., : len(self.cached), :]
-            else:
-                keys, values = self.cache.layers[index].keys, self.cache.layers[index].values
+            keys, values = self.kv.layer(index)
             torch.testing.assert_close(keys, theirs.keys, rtol=0, atol=1e-5 if self.graphs else 1e-10)
             torch.testing.assert_close(values, theirs.values, rtol=0, atol=1e-5 if self.graphs else 1e-10)
         CheckedDrafter.steps += 1
@@ -297,7 +293,7 @@ def test_observe_keeps_the_accepted_path_kv_only():
     logits = torch.zeros(len(tree) + 1, 6)
     drafter.observe(VerifyResult(tree, accepted_nodes=[1], accepted_tokens=[B], bonus_token=D, logits=logits))
     assert drafter.cached == [E, ROOT, B]
-    assert drafter.cache.layers[0].keys[0, 0].tolist() == [[E, 0], [ROOT, 1], [B, 2]]  # B's row moved up
+    assert drafter.kv.layer(0)[0][0, 0].tolist() == [[E, 0], [ROOT, 1], [B, 2]]  # B's row moved up
     model.inputs.clear()
     propose(drafter, Budget(max_nodes=1, max_depth=1), context=(E, ROOT, B, D))
     assert model.inputs == [[D]]  # only the bonus is new

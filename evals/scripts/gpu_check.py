@@ -141,7 +141,7 @@ def fast_path_checks() -> None:
         report(out.token_ids == truth and out.stats.drafter_errors == 0,
                f"model drafter on graphs ({mode}, self-drafting) through the graph backend == AR on HF "
                f"({out.token_ids == truth}), tau {out.stats.tau:.2f}, drafter errors {out.stats.drafter_errors}, "
-               f"draft graphs {len(drafter.runner._steps)}, eager draft steps {drafter.runner.eager_steps}")
+               f"draft graphs {len(drafter.kv.runner._steps)}, eager draft steps {drafter.kv.runner.eager_steps}")
     from specdec.drafters.early_exit import EarlyExitDrafter
     from specdec.train.early_exit import ExitHead, ExitHeadConfig
 
@@ -151,7 +151,7 @@ def fast_path_checks() -> None:
     out = SpeculativeGenerator(model, drafter=drafter, backend=graph).generate(prompt, max_new_tokens=200)
     report(out.token_ids == truth and out.stats.drafter_errors == 0,
            f"early_exit on graphs (3 of 6 layers, tree) through the graph backend == AR on HF "
-           f"({out.token_ids == truth}), tau {out.stats.tau:.2f}, cache layers {drafter.state.buffer.shape[0]}")
+           f"({out.token_ids == truth}), tau {out.stats.tau:.2f}, cache layers {drafter.kv.state.buffer.shape[0]}")
     expected = "specdec_tree" if DEVICE == "cuda" else None
     report(graph.attention == expected and model.config._attn_implementation == "sdpa",
            f"graphs captured with {graph.attention!r}; the model kept {model.config._attn_implementation!r}")
