@@ -97,6 +97,18 @@ def test_bench_writes_results_and_stays_lossless(target_dir, data_file, tmp_path
     assert turns[1] > turns[0]
 
 
+@pytest.mark.parametrize("backend", ["static", "graph"])
+def test_every_backend_runs_the_bench_losslessly(target_dir, data_file, tmp_path, backend):
+    """ar and the drafters on the static and graph backends: the same answers as on the default hf backend."""
+    assert _bench(target_dir, data_file, tmp_path / "hf", "--methods", "ar,ngram") == 0
+    assert _bench(target_dir, data_file, tmp_path / backend, "--methods", "ar,ngram", "--backend", backend) == 0
+    payloads = {name: json.loads((tmp_path / name / "results.json").read_text()) for name in ("hf", backend)}
+    assert payloads[backend]["config"]["backend"] == backend
+    tokens = {name: {(r["method"], r["question_id"], r["turn"]): r["token_ids"] for r in payload["records"]}
+              for name, payload in payloads.items()}
+    assert tokens[backend] == tokens["hf"]
+
+
 def test_a_broken_method_is_caught(target_dir, data_file, tmp_path, extra_methods):
     code = _bench(target_dir, data_file, tmp_path, "--methods", "ar,broken,ngram")
     assert code == EXIT_ALGORITHMIC
