@@ -112,19 +112,23 @@ class SampledTreeDrafter:
 
 
 CASES = {
-    # name: (drafter factory, sampling options, generations)
+    # name: (drafter factory, sampling options, generations[, backend])
     "t0.7-ngram": (lambda: "ngram:max_n=2,max_matches=3", dict(temperature=0.7), 2000),
     "t0.7-sampled": (lambda: SampledTreeDrafter(replace=True), dict(temperature=0.7), 2000),
     "top_k-sampled-no-replacement": (lambda: SampledTreeDrafter(replace=False, seed=1),
                                      dict(temperature=1.0, top_k=3), 1500),
     "top_p-sampled": (lambda: SampledTreeDrafter(replace=True, seed=2), dict(temperature=0.9, top_p=0.8), 1500),
+    # the fast path's bucketed static steps (CUDA graphs on a GPU, the same code here) under the same test
+    "t0.7-sampled-graph-backend": (lambda: SampledTreeDrafter(replace=True, seed=3), dict(temperature=0.7), 2000,
+                                   "graph"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_first_tokens_follow_the_target_distribution(case):
-    make_drafter, options, generations = CASES[case]
-    generator = SpeculativeGenerator(model(), drafter=make_drafter(), controller="static:max_depth=2,max_nodes=6")
+    make_drafter, options, generations, *backend = CASES[case]
+    generator = SpeculativeGenerator(model(), drafter=make_drafter(), controller="static:max_depth=2,max_nodes=6",
+                                     backend=backend[0] if backend else None)
     counts = torch.zeros(VOCAB, VOCAB, VOCAB, dtype=torch.long)
     accepted_hist, drafted = Counter(), 0
     for seed in range(generations):
