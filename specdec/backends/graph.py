@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from transformers import PreTrainedModel
@@ -213,12 +213,11 @@ class GraphBackend(StaticBackend):
         block[:, 0] = True  # every node sees the root; the root sees itself
         block[1:, 1:] = host_ancestor_mask(tree)
         positions = [state.length] + [state.length + depth for depth in depth_list(tree)]
-        return self.score_block(state, [root_token], positions, state.length, block, tree.tokens,
-                                eager=lambda: StaticBackend.score_tree(self, state, root_token, tree))
+        return self.score_block(state, [root_token], positions, state.length, block, tree.tokens)
 
     def score_block(self, state: StaticState, tokens: Sequence[int], positions: Sequence[int], prefix: int,
                     block_mask: torch.Tensor, device_tokens: torch.Tensor | None = None,
-                    eager: Callable[[], torch.Tensor] | None = None, warn: bool = True) -> torch.Tensor:
+                    warn: bool = True) -> torch.Tensor:
         """One forward of T = block_mask.shape[0] queries (`tokens`, then `device_tokens`) written at slots
         [L, L + T), L = state.length: each sees the slots < `prefix` and, of the block [prefix, L + T), those its
         row of `block_mask` ((T, L - prefix + T) host bool) allows. Returns (T, V) logits; state.length += T.
@@ -239,8 +238,6 @@ class GraphBackend(StaticBackend):
                 _warn_eager(f"a step of {count} queries over {used} block keys exceeds the largest bucket "
                             f"{self.buckets[-1]}")
             self.eager_steps += 1
-            if eager is not None:
-                return eager()
             return self._eager_block(state, tokens, positions, prefix, block_mask, device_tokens)
         step = self._step(size, max(size, width))
         step.fill(tokens, positions, prefix, offset, block_mask, device_tokens)
