@@ -6,7 +6,6 @@ import random
 import shutil
 
 import pytest
-import torch
 
 from specdec import SamplingParams, SpeculativeGenerator
 from specdec.backends.graph import GraphBackend

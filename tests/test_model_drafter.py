@@ -28,7 +28,7 @@ from specdec.sampling import SamplingParams, target_probs
 from specdec.stopping import StopRule
 from specdec.tree import DraftTree
 from specdec.verify import VerifyResult
-from tiny_models import chi_square_p_value, fresh_tiny_model, repetitive_prompt, single_thread
+from tiny_models import chi_square_p_value, distorted, fresh_tiny_model, repetitive_prompt, single_thread
 
 GREEDY = SamplingParams()
 VOCAB = 128
@@ -339,8 +339,6 @@ def exact_first_two(params: SamplingParams) -> torch.Tensor:
     return probs[0, 0][:, None] * probs[:, 1]
 
 
-
-
 class TargetQDrafter(ModelDrafter):
     """A deliberate bug: draws from the perturbed draft model but reports the target's own distributions as q."""
 
@@ -367,14 +365,6 @@ def first_two_counts(drafter, options: dict, generations: int) -> tuple[torch.Te
         accepted.update(out.stats.accepted_hist)
         assert out.stats.drafter_errors == 0
     return counts, accepted
-
-
-def distorted(joint: torch.Tensor, mass: float = 0.05) -> torch.Tensor:
-    flat = joint.flatten().clone()
-    best, second = flat.topk(2).indices.tolist()
-    flat[best] -= mass
-    flat[second] += mass
-    return flat.reshape(joint.shape)
 
 
 @pytest.mark.parametrize("options", [dict(temperature=1.0), dict(temperature=1.0, top_k=3)], ids=["t1", "top_k3"])

@@ -16,7 +16,7 @@ from specdec.drafters.recycling import PRESETS, RecyclingDrafter, TemplateShape,
 from specdec.sampling import SamplingParams
 from specdec.tree import DraftTree
 from specdec.verify import VerifyResult
-from tiny_models import VOCAB, greedy_truth, repetitive_prompt, tiny_model
+from tiny_models import VOCAB, greedy_tau_on_tiny, greedy_truth, repetitive_prompt, tiny_model
 
 GREEDY = SamplingParams()
 CPU = torch.device("cpu")
@@ -171,17 +171,8 @@ SETUPS = {  # drafter, controller
 @pytest.mark.parametrize("setup", sorted(SETUPS))
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_greedy_equals_reference_tiny(arch, setup):
-    model = tiny_model(arch)
     drafter, controller = SETUPS[setup]
-    generator = SpeculativeGenerator(model, drafter=drafter, controller=controller)
-    forwards = new_tokens = 0
-    for seed in range(2):
-        prompt = repetitive_prompt(VOCAB, seed=seed)
-        out = generator.generate(prompt, max_new_tokens=40)
-        assert out.token_ids == greedy_truth(model, tuple(prompt), 40)
-        assert out.stats.drafter_errors == 0
-        forwards, new_tokens = forwards + out.stats.target_forwards, new_tokens + out.stats.new_tokens
-    assert new_tokens / forwards > 1.0, "no draft was ever accepted: the test would not exercise acceptance"
+    greedy_tau_on_tiny(tiny_model(arch), drafter, controller)
 
 
 def test_greedy_equals_reference_stories(stories_model):

@@ -17,7 +17,7 @@ import torch
 from specdec import SpeculativeGenerator
 from specdec.sampling import SamplingParams, target_probs
 from specdec.tree import DraftTree
-from tiny_models import chi_square_p_value, single_thread, tiny_model
+from tiny_models import chi_square_p_value, distorted, single_thread, tiny_model
 
 VOCAB = 8
 STEPS = 3  # tokens per generation whose joint distribution is tested
@@ -46,17 +46,6 @@ def exact_joint(params: SamplingParams) -> torch.Tensor:
     second = probs[::VOCAB, 1]                           # (V, V): [x1, x2]
     third = probs[:, 2].reshape(VOCAB, VOCAB, VOCAB)     # [x1, x2, x3]
     return first[:, None, None] * second[:, :, None] * third
-
-
-
-
-def distorted(joint: torch.Tensor, mass: float = 0.05) -> torch.Tensor:
-    """`joint` with `mass` moved from its most likely sequence to the second most likely."""
-    flat = joint.flatten().clone()
-    best, second = flat.topk(2).indices.tolist()
-    flat[best] -= mass
-    flat[second] += mass
-    return flat.reshape(joint.shape)
 
 
 def assert_target_distribution(counts: torch.Tensor, joint: torch.Tensor) -> None:

@@ -149,6 +149,16 @@ def chi_square_p_value(counts: torch.Tensor, expected_probs: torch.Tensor) -> fl
     return float(torch.special.gammaincc(torch.tensor((counts.numel() - 1) / 2), statistic / 2))
 
 
+def distorted(joint: torch.Tensor, mass: float = 0.05) -> torch.Tensor:
+    """`joint` with `mass` moved from its most likely cell to the second most likely: what a distribution test
+    must be able to reject (its power check)."""
+    flat = joint.flatten().clone()
+    best, second = flat.topk(2).indices.tolist()
+    flat[best] -= mass
+    flat[second] += mass
+    return flat.reshape(joint.shape)
+
+
 @functools.lru_cache(maxsize=None)
 def greedy_truth(model, prompt: tuple[int, ...], length: int, eos: int | None = None) -> list[int]:
     """The reference decoder's greedy continuation of `prompt` (the oracle the drafter tests compare with); cached,
@@ -160,3 +170,20 @@ def greedy_truth(model, prompt: tuple[int, ...], length: int, eos: int | None = 
 
     rule = StopRule(length, eos_token_ids=frozenset() if eos is None else frozenset([eos]))
     return reference_decode(HFBackend(model), list(prompt), SamplingParams(), rule)
+
+
+def greedy_tau_on_tiny(model, drafter: str, controller: str, seeds=(0, 1), length: int = 40) -> float:
+    """Generate `repetitive_prompt`s of these seeds with `drafter`; every output must equal the reference decoder's
+    and no drafter error may occur. Returns tau, which must exceed 1 (else acceptance was never exercised)."""
+    from specdec import SpeculativeGenerator
+
+    generator = SpeculativeGenerator(model, drafter=drafter, controller=controller)
+    forwards = new_tokens = 0
+    for seed in seeds:
+        prompt = repetitive_prompt(VOCAB, seed=seed)
+        out = generator.generate(prompt, max_new_tokens=length)
+        assert out.token_ids == greedy_truth(model, tuple(prompt), length)
+        assert out.stats.drafter_errors == 0
+        forwards, new_tokens = forwards + out.stats.target_forwards, new_tokens + out.stats.new_tokens
+    assert new_tokens / forwards > 1.0, "no draft was ever accepted: the test would not exercise acceptance"
+    return new_tokens / forwards
