@@ -21,6 +21,9 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
+from specdec.backends.hf import move_cache_rows
+from specdec.backends.static import move_buffer_rows
+
 # forward(ids, positions, 4D float mask or None = causal, cache, last_only) -> (T, V) logits
 Forward = Callable[[list[int], list[int], "torch.Tensor | None", object, bool], torch.Tensor]
 
@@ -40,10 +43,7 @@ class DynamicKV:
             self.cache.crop(length - self.length)
 
     def move(self, rows: list[int], start: int) -> None:
-        for layer in self.cache.layers:
-            source = torch.tensor(rows, device=layer.keys.device)
-            layer.keys[..., start: start + len(rows), :] = layer.keys[..., source, :]
-            layer.values[..., start: start + len(rows), :] = layer.values[..., source, :]
+        move_cache_rows(self.cache, rows, start)
 
     def run(self, token_ids: list[int], positions: list[int], prefix: int, block: torch.Tensor,
             last_only: bool = False) -> torch.Tensor:
@@ -82,10 +82,7 @@ class GraphKV:
         self.state.length = min(self.state.length, length)
 
     def move(self, rows: list[int], start: int) -> None:
-        buffer = self.state.buffer  # (L, 2, 1, Hkv, S_max, D): one copy for every layer
-        source = torch.tensor(rows, device=buffer.device)
-        target = torch.arange(start, start + len(rows), device=buffer.device)
-        buffer.index_copy_(4, target, buffer.index_select(4, source))
+        move_buffer_rows(self.state.buffer, rows, start)
 
     def run(self, token_ids: list[int], positions: list[int], prefix: int, block: torch.Tensor,
             last_only: bool = False) -> torch.Tensor:

@@ -134,7 +134,6 @@ def step_costs(model, shape: str, path: str, contexts: list[int], sizes: list[in
                     state.cache.crop(-1)
 
             out.append(StepTiming(shape, path, context, n, _median_ms(step, reps)))
-        del backend, state
     return out
 
 

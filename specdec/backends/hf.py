@@ -43,6 +43,14 @@ def context_window(config) -> int | None:
     return min(limits) if limits else None
 
 
+def move_cache_rows(cache, rows: Sequence[int], start: int) -> None:
+    """Copy the KV rows `rows` (in order) of every layer of a transformers cache to [start, start + len(rows))."""
+    for layer in cache.layers:
+        source = torch.as_tensor(rows, device=layer.keys.device)
+        layer.keys[..., start: start + len(rows), :] = layer.keys[..., source, :]
+        layer.values[..., start: start + len(rows), :] = layer.values[..., source, :]
+
+
 class HFBackend:
     """Runs a transformers `PreTrainedModel` (batch 1) in whatever dtype and device it is on."""
 
@@ -78,11 +86,15 @@ class HFBackend:
     def decode(self, state: HFState, token: int) -> torch.Tensor:
         return self._forward(state, self._ids([token]), self._positions(state.length, 1), None)[-1]
 
-    def score_tree(self, state: HFState, root_token: int, tree: DraftTree) -> torch.Tensor:
+    def _tree_inputs(self, root_token: int, tree: DraftTree, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """([root] + tree token ids, their position ids: the root at `start`, node i at start + its depth)."""
         token_ids = torch.cat([self._ids([root_token]), tree.tokens.to(self.device)])
-        offsets = torch.tensor([0] + depth_list(tree), device=self.device)
+        return token_ids, start + torch.tensor([0] + depth_list(tree), device=self.device)
+
+    def score_tree(self, state: HFState, root_token: int, tree: DraftTree) -> torch.Tensor:
+        token_ids, positions = self._tree_inputs(root_token, tree, state.length)
         mask = tree_attention_mask(tree, state.length, self.dtype, self.device)
-        return self._forward(state, token_ids, state.length + offsets, mask)
+        return self._forward(state, token_ids, positions, mask)
 
     @torch.inference_mode()
     def commit(self, state: HFState, accepted_nodes: Sequence[int], tree_size: int) -> None:
@@ -90,10 +102,7 @@ class HFBackend:
         root = state.length - tree_size - 1
         accepted = len(accepted_nodes)
         if accepted and list(accepted_nodes) != list(range(accepted)):
-            source = torch.as_tensor(accepted_nodes, device=self.device) + root + 1
-            for layer in state.cache.layers:
-                layer.keys[..., root + 1: root + 1 + accepted, :] = layer.keys[..., source, :]
-                layer.values[..., root + 1: root + 1 + accepted, :] = layer.values[..., source, :]
+            move_cache_rows(state.cache, [root + 1 + node for node in accepted_nodes], root + 1)
         dropped = tree_size - accepted
         if dropped:
             state.cache.crop(-dropped)

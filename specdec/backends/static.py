@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from specdec.backends.hf import HFBackend
-from specdec.tree import DraftTree, ancestor_mask, depth_list
+from specdec.tree import DraftTree, ancestor_mask
 
 
 class _Slots:
@@ -59,6 +59,14 @@ class _StaticLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return self.keys.shape[-2]
+
+
+def move_buffer_rows(buffer: torch.Tensor, rows: Sequence[int], start: int) -> None:
+    """Copy the KV rows `rows` (in order) to [start, start + len(rows)) in every layer of a static buffer
+    (L, 2, 1, Hkv, S_max, D): one gather and one scatter for all layers."""
+    source = torch.as_tensor(rows, device=buffer.device)
+    target = torch.arange(start, start + len(rows), device=buffer.device)
+    buffer.index_copy_(4, target, buffer.index_select(4, source))
 
 
 @dataclass
@@ -117,12 +125,11 @@ class StaticBackend(HFBackend):
 
     def score_tree(self, state: StaticState, root_token: int, tree: DraftTree) -> torch.Tensor:
         count, start = len(tree) + 1, state.length
-        token_ids = torch.cat([self._ids([root_token]), tree.tokens.to(self.device)])
-        offsets = torch.tensor([0] + depth_list(tree), device=self.device)
+        token_ids, positions = self._tree_inputs(root_token, tree, start)
         visible = torch.zeros(count, self.max_len, dtype=torch.bool, device=self.device)
         visible[:, : start + 1] = True
         visible[1:, start + 1: start + count] = ancestor_mask(tree).to(self.device)
-        return self._run(state, token_ids, start + offsets, visible)
+        return self._run(state, token_ids, positions, visible)
 
     @torch.inference_mode()
     def commit(self, state: StaticState, accepted_nodes: Sequence[int], tree_size: int) -> None:
@@ -130,7 +137,5 @@ class StaticBackend(HFBackend):
         root = state.length - tree_size - 1
         accepted = len(accepted_nodes)
         if accepted and list(accepted_nodes) != list(range(accepted)):
-            source = torch.as_tensor(accepted_nodes, device=self.device) + root + 1
-            target = torch.arange(root + 1, root + 1 + accepted, device=self.device)
-            state.buffer.index_copy_(4, target, state.buffer.index_select(4, source))
+            move_buffer_rows(state.buffer, [root + 1 + node for node in accepted_nodes], root + 1)
         state.length = root + 1 + accepted
