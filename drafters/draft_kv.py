@@ -6,7 +6,7 @@
     kv.run(ids, positions, prefix, block, last_only) -> (T, V) logits
                                    feed T tokens after the cached rows; each sees the rows < `prefix` and, of the
                                    block [prefix, length + T), those its row of `block` ((T, length - prefix + T)
-                                   host bool) allows
+                                   host bool) allows; block None = causal over the new tokens (prefix = length)
     kv.layer(i) -> (keys, values)  layer i's cached rows, (1, Hkv, length, D) each
 
 `DynamicKV`: a transformers `DynamicCache`, run through the drafter's own forward (HF's eager modules).
@@ -45,9 +45,9 @@ class DynamicKV:
     def move(self, rows: list[int], start: int) -> None:
         move_cache_rows(self.cache, rows, start)
 
-    def run(self, token_ids: list[int], positions: list[int], prefix: int, block: torch.Tensor,
+    def run(self, token_ids: list[int], positions: list[int], prefix: int, block: torch.Tensor | None,
             last_only: bool = False) -> torch.Tensor:
-        if prefix == self.length and bool(block.equal(torch.ones_like(block).tril())):
+        if block is None:
             mask = None  # plain causal: let the model build it
         else:
             allowed = torch.cat([torch.ones(block.shape[0], prefix, dtype=torch.bool), block], 1)
@@ -84,8 +84,10 @@ class GraphKV:
     def move(self, rows: list[int], start: int) -> None:
         move_buffer_rows(self.state.buffer, rows, start)
 
-    def run(self, token_ids: list[int], positions: list[int], prefix: int, block: torch.Tensor,
+    def run(self, token_ids: list[int], positions: list[int], prefix: int, block: torch.Tensor | None,
             last_only: bool = False) -> torch.Tensor:
+        if block is None:
+            block = torch.ones(len(token_ids), len(token_ids), dtype=torch.bool).tril()
         # a catch-up from an empty cache is a prefill: past the largest bucket it runs eagerly without a warning
         logits = self.runner.score_block(self.state, token_ids, positions, prefix, block, warn=prefix > 0)
         return logits[-1:] if last_only else logits

@@ -151,9 +151,7 @@ class ModelDrafter:
             self.kv = self._new_kv()
         self.cached = self.cached[:keep]
         self.kv.keep(keep)  # also drops a tree whose observe() never came; keep 0 = a new sequence
-        new = len(token_ids) - keep
-        causal = torch.ones(new, new, dtype=torch.bool).tril()
-        logits = self.kv.run(token_ids[keep:], list(range(keep, len(token_ids))), keep, causal, last_only=True)[-1]
+        logits = self.kv.run(token_ids[keep:], list(range(keep, len(token_ids))), keep, None, last_only=True)[-1]
         self.cached = token_ids
         return logits
 
