@@ -138,15 +138,22 @@ def sample_rows(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def draw_sampling_case(data: st.DataObject, logit_scale: float):
+    """A random tree's parents, a vocabulary of 2-8, sampling params, a seeded generator, (N+1, V) Gaussian logits of
+    this scale and the target probabilities they give."""
+    parents = data.draw(random_parents())
+    vocab = data.draw(st.integers(2, 8))
+    params = data.draw(sampling_params(vocab))
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    logits = torch.randn(len(parents) + 1, vocab, generator=generator) * logit_scale
+    return parents, vocab, params, generator, logits, target_probs(logits, params)
+
+
 @given(data=st.data())
 @settings(max_examples=150, deadline=None)
 def test_sampling_commits_an_accepted_path_the_target_can_emit(data: st.DataObject) -> None:
-    parents = data.draw(random_parents())
-    n, vocab = len(parents), data.draw(st.integers(2, 8))
-    params = data.draw(sampling_params(vocab))
-    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
-    logits = torch.randn(n + 1, vocab, generator=generator) * 3
-    probs = target_probs(logits, params)
+    parents, vocab, params, generator, logits, probs = draw_sampling_case(data, logit_scale=3.0)
+    n = len(parents)
     parent_rows = torch.tensor(parents, dtype=torch.long) + 1
     draft_probs = None
     if data.draw(st.booleans(), label="sampled drafts"):
@@ -177,12 +184,7 @@ def test_sampling_commits_an_accepted_path_the_target_can_emit(data: st.DataObje
 @settings(max_examples=100, deadline=None)
 def test_draft_equal_to_target_accepts_every_first_child(data: st.DataObject) -> None:
     """q == p gives r(x) / q(x) = 1 for the first child tried at a row: the first-child path is always accepted."""
-    parents = data.draw(random_parents())
-    n, vocab = len(parents), data.draw(st.integers(2, 8))
-    params = data.draw(sampling_params(vocab))
-    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
-    logits = torch.randn(n + 1, vocab, generator=generator) * 2
-    probs = target_probs(logits, params)
+    parents, vocab, params, generator, logits, probs = draw_sampling_case(data, logit_scale=2.0)
     draft_probs = probs[torch.tensor(parents, dtype=torch.long) + 1]
     tokens = sample_rows(draft_probs, generator)
     tree = DraftTree(tokens, torch.tensor(parents, dtype=torch.long), draft_probs)
