@@ -5,7 +5,7 @@
 #   bash evals/scripts/h100_model_bench.sh build     # zoo target (~7 min) + early-exit heads (~1 min each)
 #   bash evals/scripts/h100_model_bench.sh distill   # draft model: target-generated data, <= 150 s of training, report
 #   bash evals/scripts/h100_model_bench.sh bench-model   # ar, hf-assisted, model chain, model tree
-#   bash evals/scripts/h100_model_bench.sh bench-exit    # ar, early_exit at each layer, fused
+#   bash evals/scripts/h100_model_bench.sh bench-exit    # ar, early_exit at each layer, ngram, fused
 set -euo pipefail
 stage=${1:?build, distill or bench}
 out=${OUT:-out}
@@ -53,7 +53,7 @@ bench-model|bench-exit)
       methods="$methods,early_exit:head=$work/exit_head_$layer.safetensors,mode=chain,graphs=True"
     done
     methods="$methods,early_exit:head=$work/exit_head_${layers##*,}.safetensors,mode=tree,graphs=True"
-    methods="$methods,fused:drafters=copyspec+recycling"
+    methods="$methods,ngram,fused:drafters=copyspec+recycling"
   fi
   set +e
   specdec bench --target "zoo:$preset" --backend "${BACKEND:-graph}" --data "code:${QUESTIONS:-12}" --warmup 2 \
