@@ -144,9 +144,9 @@ class GraphBackend(StaticBackend):
         # kernels of HF's modules) before it is captured; one compilation per bucket shape
         self.forward_fn = model
         if compile:
-            import torch._dynamo
+            from torch import _dynamo  # (`import torch._dynamo` here would make `torch` a local of __init__)
 
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(buckets))
+            _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 4 * len(buckets))
             self.forward_fn = torch.compile(model, dynamic=False)
         if not buckets or min(buckets) < 1:
             raise ValueError(f"buckets must be sizes >= 1, got {buckets!r}")
