@@ -45,7 +45,8 @@ class BenchConfig:
                                                    "specs such as ngram:max_n=4,min_n=2")
     controller: str = option("heuristic", "the draft-size controller of the specdec methods")
     backend: str = option("hf", "how ar and the specdec methods run the target: hf (DynamicCache), static "
-                                "(preallocated cache) or graph (static cache + CUDA graphs + Triton tree attention)")
+                                "(preallocated cache), graph (static cache + CUDA graphs + Triton tree attention) or "
+                                "native (graph with specdec's own Llama-family forward)")
     assistant: str | None = option(None, "draft model path for hf-assisted")
     max_new_tokens: int = option(128, "new tokens per turn")
     runs: int = option(1, "timed repetitions (mean ± std over them)")

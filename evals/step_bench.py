@@ -4,7 +4,8 @@ For random-init models of real shapes (timing does not depend on weight values; 
 bf16 on the GPU: t_AR (one token) and t_verify(n) (a chain of n-1 drafted tokens below the root, so n queries) at
 several context lengths, for each path = attention implementation (HF eager, HF sdpa, specdec's Triton
 `specdec_tree`) @ backend (`hf`: DynamicCache in eager Python; `graph`: static cache, each step a CUDA graph;
-`graph+compile`: the same with each step's forward compiled by torch.compile before capture); the
+`graph+compile`: the same with each step's forward compiled by torch.compile before capture; `native`: the
+graph backend with specdec's own Llama forward, `specdec_tree@native`); the
 ratios of the fast path's goals (t_AR / bandwidth floor, t_verify(64) / t_AR); and the attention kernel alone:
 `tree_attention` vs PyTorch SDPA with the float tree mask (which loses the flash kernel) vs SDPA causal at n = 1,
 with the achieved bandwidth of the KV read -- GPU time from CUDA events around a CUDA graph of 10 calls, so the
@@ -27,6 +28,7 @@ from rich.table import Table
 
 from specdec.backends.graph import GraphBackend
 from specdec.backends.hf import HFBackend, tree_attention_mask
+from specdec.backends.native import NativeBackend
 from specdec.tree import DraftTree
 
 console = Console(stderr=True)
@@ -111,7 +113,8 @@ def _kernel_ms(fn, reps: int, calls: int = 10) -> float:
 
 
 def step_costs(model, shape: str, path: str, contexts: list[int], sizes: list[int], reps: int) -> list[StepTiming]:
-    """t_verify(n) through a backend ("hf", or "graph": static cache + CUDA graphs of the sizes measured): score a
+    """t_verify(n) through a backend ("hf"; "graph": static cache + CUDA graphs of the sizes measured; "native": the
+    same with specdec's own forward): score a
     chain of n-1 nodes, then drop it again (the cache keeps its length). n = 1 is the AR step."""
     backend_name, _, option = path.split("@")[1].partition("+")
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -120,6 +123,8 @@ def step_costs(model, shape: str, path: str, contexts: list[int], sizes: list[in
         if backend_name == "graph":
             backend = GraphBackend(model, max_len=context + max(sizes) + 8, buckets=sizes, attention=None,
                                    compile=option == "compile")
+        elif backend_name == "native":
+            backend = NativeBackend(model, max_len=context + max(sizes) + 8, buckets=sizes)
         else:
             backend = HFBackend(model)
         state = backend.prefill(torch.randint(0, vocab, (context,)).tolist())
@@ -231,9 +236,9 @@ def run(args) -> int:
         floors[shape] = weight_floor_ms(model)
         for path in args.paths.split(","):
             attn, _, backend = path.partition("@")
-            if backend not in ("hf", "graph", "graph+compile"):
-                raise ValueError(f"path {path!r}: expected <attention>@hf, <attention>@graph or "
-                                 f"<attention>@graph+compile")
+            if backend not in ("hf", "graph", "graph+compile", "native"):
+                raise ValueError(f"path {path!r}: expected <attention>@hf, <attention>@graph, "
+                                 f"<attention>@graph+compile or specdec_tree@native")
             set_attention(model, attn)
             timings += step_costs(model, shape, path, ints(args.contexts), ints(args.sizes), args.reps)
             if device == "cuda":

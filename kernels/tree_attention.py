@@ -86,7 +86,7 @@ def _tree_attention_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_mi, stride_mj,
-    num_kv_heads, T, D, num_splits,
+    num_kv_heads, T, W, D, num_splits,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PREFIX_IN_TENSOR: tl.constexpr, MASK_FULL_WIDTH: tl.constexpr, SPLIT: tl.constexpr, FP32_MATH: tl.constexpr,
 ):
@@ -133,12 +133,12 @@ def _tree_attention_kernel(
         scores = tl.where(col_ok[None, :], _scores(q, k, qk_scale, FP32_MATH), float("-inf"))
         m_i, l_i, acc = _softmax_step(scores, v, m_i, l_i, acc, FP32_MATH)
 
-    # Tree block: keys [P, P + T) through the tree mask, in the last split only.
-    tree_end = tl.where(split == num_splits - 1, T, 0)
+    # Tree block: keys [P, P + W) through the tree mask (W = T for a tree), in the last split only.
+    tree_end = tl.where(split == num_splits - 1, W, 0)
     mask_col0 = prefix_len if MASK_FULL_WIDTH else 0
     for block in range(0, tree_end, BLOCK_N):
         cols = block + tl.arange(0, BLOCK_N)
-        col_ok = cols < T
+        col_ok = cols < W
         k = tl.load(k_base + (prefix_len + cols[None, :]) * stride_kn + dims[:, None] * stride_kd,
                     mask=col_ok[None, :] & dim_ok[:, None], other=0.0)
         v = tl.load(v_base + (prefix_len + cols[:, None]) * stride_vn + dims[None, :] * stride_vd,
@@ -220,31 +220,38 @@ def _block_sizes(rows: int, head_dim: int) -> tuple[int, int, int, int]:
 
 def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask: torch.Tensor,
                    scale: float | None = None, prefix_len: int | torch.Tensor | None = None,
-                   num_splits: int | None = None) -> torch.Tensor:
+                   num_splits: int | None = None, block_len: int | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of T tree queries over [prefix] + [tree block] keys; returns (B, Hq, T, D) in q's dtype.
 
     q:          (B, Hq, T, D); any strides
     k, v:       (B, Hkv, K, D) with Hq % Hkv == 0 (GQA, no repeat_kv); the prefix is keys [0, P), the tree block
-                keys [P, P + T); keys from P + T on are ignored (the unused tail of a static cache)
-    tree_mask:  (T, T) bool, True = may attend; or (T, >= P + T) bool whose columns are key positions (the tree
-                block is then read at columns [P, P + T): the rows of an HF 4D mask, no slicing needed)
+                keys [P, P + W); keys from P + W on are ignored (the unused tail of a static cache)
+    tree_mask:  (T, W) bool, True = may attend; or, without `block_len`, (T, >= P + T) bool whose columns are key
+                positions (the tree block is then read at columns [P, P + T): the rows of an HF 4D mask)
     scale:      softmax scale, default D ** -0.5
-    prefix_len: P; None = K - T; a 0-d integer tensor on q's device keeps it on the device (CUDA graphs, static
-                caches: no host sync; the split count is then chosen for P = K - T)
+    prefix_len: P; None = K - W; a 0-d integer tensor on q's device keeps it on the device (CUDA graphs, static
+                caches: no host sync; the split count is then chosen for P = K - W)
     num_splits: split-KV chunks of the prefix; None = `num_kv_splits`
+    block_len:  W, the block's keys; None = T (a tree: the queries are the block). W > T: the queries were written
+                somewhere inside a longer block (a drafter growing its tree, a chunk of a prefill)
+    out:        (B, Hq, T, D), any strides: written in place of a new tensor (e.g. a (T, Hq, D) buffer, transposed)
     """
     batch, num_heads, tree_size, head_dim = q.shape
     num_kv_heads, kv_len = k.shape[1], k.shape[2]
     if num_heads % num_kv_heads or k.shape != v.shape or (k.shape[0], k.shape[3]) != (batch, head_dim):
         raise ValueError(f"expected q (B, Hq, T, D) and k, v (B, Hkv, K, D) with Hq % Hkv == 0, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if tree_mask.dim() != 2 or tree_mask.shape[0] != tree_size or tree_mask.shape[1] < tree_size:
-        raise ValueError(f"tree_mask must be (T, T) or (T, >= P + T) with T = {tree_size}, "
+    block = tree_size if block_len is None else block_len
+    if tree_mask.dim() != 2 or tree_mask.shape[0] != tree_size or tree_mask.shape[1] < block:
+        raise ValueError(f"tree_mask must be (T, W) or (T, >= P + T) with T = {tree_size}, W = {block}, "
                          f"got {tuple(tree_mask.shape)}")
+    if out is not None and out.shape != q.shape:
+        raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
     prefix_in_tensor = isinstance(prefix_len, torch.Tensor)
-    host_prefix = kv_len - tree_size if prefix_len is None or prefix_in_tensor else int(prefix_len)
-    if host_prefix < 0 or host_prefix + tree_size > kv_len:
-        raise ValueError(f"prefix_len {host_prefix} + T {tree_size} does not fit in the {kv_len} keys of k and v")
+    host_prefix = kv_len - block if prefix_len is None or prefix_in_tensor else int(prefix_len)
+    if host_prefix < 0 or host_prefix + block > kv_len:
+        raise ValueError(f"prefix_len {host_prefix} + W {block} does not fit in the {kv_len} keys of k and v")
     group = num_heads // num_kv_heads
     block_m, block_n, block_d, num_warps = _block_sizes(group * tree_size, head_dim)
     row_tiles = triton.cdiv(group * tree_size, block_m)
@@ -253,7 +260,7 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask:
         num_splits = num_kv_splits(batch * num_kv_heads * row_tiles, host_prefix, sm_count)
     chunk = triton.cdiv(triton.cdiv(max(host_prefix, 1), max(num_splits, 1)), block_n) * block_n
     num_splits = triton.cdiv(max(host_prefix, 1), chunk)  # the kernel's chunking: no split without prefix keys
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     part_out = part_lse = out  # unused without a split
     if num_splits > 1:
         part_out = torch.empty(batch, num_heads, num_splits, tree_size, head_dim, dtype=torch.float32,
@@ -265,10 +272,10 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask:
         q, k, v, mask, out, part_out, part_lse, prefix_len if prefix_in_tensor else host_prefix,
         (head_dim ** -0.5 if scale is None else scale) * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask.stride(),
-        num_kv_heads, tree_size, head_dim, num_splits,
+        num_kv_heads, tree_size, block, head_dim, num_splits,
         GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PREFIX_IN_TENSOR=prefix_in_tensor,
-        MASK_FULL_WIDTH=tree_mask.shape[1] != tree_size, SPLIT=num_splits > 1, FP32_MATH=fp32_math,
-        num_warps=num_warps,
+        MASK_FULL_WIDTH=block_len is None and tree_mask.shape[1] != tree_size, SPLIT=num_splits > 1,
+        FP32_MATH=fp32_math, num_warps=num_warps,
     )
     if num_splits > 1:
         rows = batch * num_heads * tree_size
@@ -283,16 +290,17 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask:
 
 def tree_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,
                              tree_mask: torch.Tensor, scale: float | None = None,
-                             dtype: torch.dtype = torch.float64) -> torch.Tensor:
+                             dtype: torch.dtype = torch.float64, block_len: int | None = None) -> torch.Tensor:
     """Plain torch, computed in `dtype` (float64 = the oracle; q's dtype = the error baseline of the tests):
-    repeat the kv heads, mask explicitly, softmax. Same shapes and result dtype as `tree_attention`."""
+    repeat the kv heads, mask explicitly, softmax. Same shapes, arguments and result dtype as `tree_attention`."""
     tree_size, group = q.shape[2], q.shape[1] // k.shape[1]
-    keys = k[:, :, : prefix_len + tree_size].repeat_interleave(group, dim=1).to(dtype)
-    values = v[:, :, : prefix_len + tree_size].repeat_interleave(group, dim=1).to(dtype)
+    block = tree_size if block_len is None else block_len
+    keys = k[:, :, : prefix_len + block].repeat_interleave(group, dim=1).to(dtype)
+    values = v[:, :, : prefix_len + block].repeat_interleave(group, dim=1).to(dtype)
     scores = q.to(dtype) @ keys.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
-    allowed = torch.ones(tree_size, prefix_len + tree_size, dtype=torch.bool, device=q.device)
-    full_width = tree_mask.shape[1] != tree_size
-    allowed[:, prefix_len:] = tree_mask[:, prefix_len: prefix_len + tree_size] if full_width else tree_mask
+    allowed = torch.ones(tree_size, prefix_len + block, dtype=torch.bool, device=q.device)
+    full_width = block_len is None and tree_mask.shape[1] != tree_size
+    allowed[:, prefix_len:] = tree_mask[:, prefix_len: prefix_len + block] if full_width else tree_mask[:, :block]
     scores = scores.masked_fill(~allowed, float("-inf"))
     return (scores.softmax(-1).nan_to_num(0.0) @ values).to(q.dtype)
 

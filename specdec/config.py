@@ -28,8 +28,8 @@ class GenerateConfig:
     chat: bool = option(False, "apply the tokenizer's chat template")
     dtype: str = option("auto", "model dtype: auto, float32, bfloat16, float16")
     device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
-    backend: str = option("hf", "how the target runs: hf, static, or graph (static cache + CUDA graphs: the fast "
-                                "path on a GPU)")
+    backend: str = option("hf", "how the target runs: hf, static, graph (static cache + CUDA graphs: the fast "
+                                "path on a GPU) or native (graph with specdec's own Llama-family forward)")
 
 
 GENERATE_PRESETS: dict[str, dict[str, typing.Any]] = {

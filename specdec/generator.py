@@ -99,7 +99,7 @@ class SpeculativeGenerator:
     drafter:    a registered drafter name or spec (`"ngram:max_n=4"`) or a `Drafter` object
     controller: a registered controller name or spec (`"static:max_depth=6"`) or a `Controller` object
     backend:    how the target runs: "hf" (default), "static", "graph" (static cache + CUDA graphs: the fast path
-                on a GPU) or a backend object
+                on a GPU), "native" (graph with specdec's own Llama-family forward, the fastest) or a backend object
     """
 
     def __init__(self, target, tokenizer=None, drafter: str | Drafter = "ngram",

@@ -7,7 +7,9 @@
 3. the fast path (static cache + CUDA graphs + tree attention): AR through it equals our AR decoder on the HF
    backend token for token, and so does step-by-step verification of random trees around the true continuation
    (1 to ~130 queries, every bucket; each step's accepted length checked) -- float32 random-init Llama, 6 prompts;
-   and the model drafter and early_exit with their KV on graphs (`graphs=True`) equal to AR too.
+   and the model drafter and early_exit with their KV on graphs (`graphs=True`) equal to AR too;
+4. the native forward (`NativeBackend`): its kernels in bf16 at real widths (2x the torch error), and the same AR and
+   tree-verification equalities as 3.
 
     python3 evals/scripts/gpu_check.py [OUT_FILE]      # prints PASS/FAIL lines; exit 1 on any failure
 """
@@ -25,7 +27,11 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from specdec.backends.graph import GraphBackend  # noqa: E402
 from specdec.backends.hf import HFBackend  # noqa: E402
+from specdec.backends.native import NativeBackend  # noqa: E402
 from specdec.kernels.kv_compact import kv_compact, kv_compact_reference  # noqa: E402
+from specdec.kernels.rmsnorm import add_rmsnorm, add_rmsnorm_reference  # noqa: E402
+from specdec.kernels.rope_cache import rope_cache, rope_cache_reference  # noqa: E402
+from specdec.kernels.silu_mul import silu_mul, silu_mul_reference  # noqa: E402
 from specdec.kernels.tree_attention import tree_attention, tree_attention_reference  # noqa: E402
 from specdec.reference import reference_decode  # noqa: E402
 from specdec.sampling import SamplingParams  # noqa: E402
@@ -99,6 +105,74 @@ def tree_around(truth: list[int], rng: random.Random, true_len: int, branches: i
     return DraftTree.from_paths(paths or [[(truth[0] + 1) % VOCAB]])
 
 
+def within_twice_torch(out: torch.Tensor, exact: torch.Tensor, same: torch.Tensor) -> tuple[bool, str]:
+    baseline = (same.double() - exact).abs().max().item()
+    error = (out.double() - exact).abs().max().item()
+    ok = error <= 2 * baseline + FLOOR[out.dtype] * max(1.0, exact.abs().max().item())
+    return ok, f"error {error:.2e}, torch {out.dtype} error {baseline:.2e}"
+
+
+def native_kernel_checks() -> None:
+    """The native forward's kernels in bf16 at the 1.1B / 7B widths, and attention over a block longer than T."""
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    for hidden_size, inner in ((2048, 5632), (4096, 11008)):
+        hidden, delta = (torch.randn(64, hidden_size, device=DEVICE, generator=generator).bfloat16() for _ in "hd")
+        weight = (1 + torch.randn(hidden_size, device=DEVICE, generator=generator) / 4).bfloat16()
+        exact = add_rmsnorm_reference(hidden.double(), weight.double(), 1e-5, delta.double())
+        same = add_rmsnorm_reference(hidden.clone(), weight, 1e-5, delta)
+        ok, text = within_twice_torch(add_rmsnorm(hidden.clone(), weight, 1e-5, delta), exact, same)
+        report(ok, f"add_rmsnorm (64, {hidden_size}) bf16: {text}")
+        gate_up = torch.randn(64, 2 * inner, device=DEVICE, generator=generator).mul(3).bfloat16()
+        ok, text = within_twice_torch(silu_mul(gate_up), silu_mul_reference(gate_up.double()),
+                                      silu_mul_reference(gate_up))
+        report(ok, f"silu_mul (64, {2 * inner}) bf16: {text}")
+    for q_heads, kv_heads, head_dim in ((32, 4, 64), (32, 32, 128)):
+        qkv = torch.randn(64, (q_heads + 2 * kv_heads) * head_dim, device=DEVICE, generator=generator).bfloat16()
+        angles = torch.arange(4096, device=DEVICE)[:, None] * torch.rand(head_dim // 2, device=DEVICE)
+        cos, sin = (torch.cat([f(angles)] * 2, dim=1).bfloat16() for f in (torch.cos, torch.sin))
+        positions = torch.randint(0, 4096, (64,), device=DEVICE)
+        slots = torch.randperm(4096, device=DEVICE)[:64]
+        caches = [torch.zeros(kv_heads, 4096, head_dim, device=DEVICE, dtype=torch.bfloat16) for _ in range(4)]
+        mine, expected = qkv.clone(), qkv.clone()
+        rope_cache(mine, positions, slots, cos, sin, caches[0], caches[1], q_heads)
+        rope_cache_reference(expected, positions, slots, cos, sin, caches[2], caches[3], q_heads)
+        ulps = max(((mine.float() - expected.float()).abs() / expected.float().abs().clamp(min=1e-3)).max().item(),
+                   ((caches[0].float() - caches[2].float()).abs() / caches[2].float().abs().clamp(min=1e-3)).max()
+                   .item()) * 2 ** 7  # in units of a bf16 ulp at each value's magnitude (at most)
+        report(ulps <= 1.0 and torch.equal(caches[1], caches[3]),
+               f"rope_cache Hq={q_heads} Hkv={kv_heads} D={head_dim} bf16: at most {ulps:.2f} bf16 ulp from the "
+               f"reference (float32 FMA vs mul-add, one rounding), values copied exactly")
+    q = torch.randn(1, 32, 16, 64, device=DEVICE, generator=generator).bfloat16()
+    k, v = (torch.randn(1, 4, 4096, 64, device=DEVICE, generator=generator).bfloat16() for _ in "kv")
+    block = tree_block(random_tree(40, torch.Generator().manual_seed(1)))[25:].to(DEVICE)  # 16 queries, 41 keys
+    out = tree_attention(q, k, v, block, prefix_len=torch.tensor(3000, device=DEVICE), block_len=41)
+    ok, text = within_twice_torch(out, *(tree_attention_reference(q, k, v, 3000, block, dtype=dtype, block_len=41)
+                                         for dtype in (torch.float64, torch.bfloat16)))
+    report(ok, f"block attention: tree_attention, 16 queries inside a block of 41 keys after P=3000, bf16: {text}")
+
+
+def backend_check(backend: GraphBackend, name: str, prompt: list[int], truth: list[int], rng: random.Random,
+                  seed: int) -> None:
+    """AR through `backend` == AR on HF, and so is the verification of random trees (1 to ~130 queries: every
+    bucket) around the truth, step after step, each accepted length checked."""
+    ar = reference_decode(backend, prompt, GREEDY, StopRule(260))
+    state, committed, wrong_accepts, sizes = backend.prefill(prompt[:-1]), list(prompt), 0, set()
+    while len(committed) - len(prompt) < 200:
+        done = len(committed) - len(prompt)
+        true_len = rng.randrange(0, 8)
+        tree = tree_around(truth[done:], rng, true_len, rng.choice([0, 2, 10, 30]))
+        sizes.add(backend.bucket(len(tree) + 1, state.length))
+        result = verify(backend, state, committed[-1], tree.to(DEVICE), GREEDY, None)
+        wrong_accepts += result.accepted_len != true_len
+        committed += result.committed_tokens
+    got = committed[len(prompt):]
+    report(ar == truth and got == truth[: len(got)] and wrong_accepts == 0,
+           f"fast path ({name}), prompt {seed} ({len(prompt)} tokens): AR through {name} == AR on HF "
+           f"({ar == truth}); tree verification through {name} == AR on HF ({got == truth[: len(got)]}, {len(got)} "
+           f"tokens, buckets {sorted(s for s in sizes if s)}, wrong accepted lengths {wrong_accepts}, eager steps "
+           f"{backend.eager_steps})")
+
+
 def fast_path_checks() -> None:
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
                          num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
@@ -107,27 +181,13 @@ def fast_path_checks() -> None:
     model = LlamaForCausalLM(config).to(DEVICE).float().eval()
     model.generation_config.eos_token_id = None
     graph = GraphBackend(model)
+    native = NativeBackend(model)  # the same weights (HF's modules now view its fused ones), its own cache
     for seed in range(2 if QUICK else 6):
         rng = random.Random(seed)
         prompt = [rng.randrange(VOCAB) for _ in range(100 + 150 * seed)]
         truth = reference_decode(HFBackend(model), prompt, GREEDY, StopRule(260))
-        ar = reference_decode(graph, prompt, GREEDY, StopRule(260))
-        # verification of random trees (1 to ~130 queries: every bucket) around the truth, step after step
-        state, committed, wrong_accepts, sizes = graph.prefill(prompt[:-1]), list(prompt), 0, set()
-        while len(committed) - len(prompt) < 200:
-            done = len(committed) - len(prompt)
-            true_len = rng.randrange(0, 8)
-            tree = tree_around(truth[done:], rng, true_len, rng.choice([0, 2, 10, 30]))
-            sizes.add(graph.bucket(len(tree) + 1, state.length))
-            result = verify(graph, state, committed[-1], tree.to(DEVICE), GREEDY, None)
-            wrong_accepts += result.accepted_len != true_len
-            committed += result.committed_tokens
-        got = committed[len(prompt):]
-        report(ar == truth and got == truth[: len(got)] and wrong_accepts == 0,
-               f"fast path, prompt {seed} ({len(prompt)} tokens): AR through graphs == AR on HF ({ar == truth}); "
-               f"tree verification through graphs == AR on HF ({got == truth[: len(got)]}, {len(got)} tokens, "
-               f"buckets {sorted(s for s in sizes if s)}, wrong accepted lengths {wrong_accepts}, eager steps "
-               f"{graph.eager_steps})")
+        for name, backend in (("graphs", graph), ("native", native)):
+            backend_check(backend, name, prompt, truth, random.Random(seed), seed)
     # the model drafter with its own KV on graphs (self-drafting: the target drafts for itself, so deep trees)
     from specdec import SpeculativeGenerator
     from specdec.drafters.model import ModelDrafter
@@ -161,6 +221,7 @@ if __name__ == "__main__":
     print(torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", torch.__version__, flush=True)
     attention_checks()
     compaction_check()
+    native_kernel_checks()
     fast_path_checks()
     summary = f"{len(lines) - failures} passed, {failures} failed"
     print(summary)

@@ -64,24 +64,8 @@ class _Step:
 
     def forward(self) -> torch.Tensor:
         """The step on the static tensors: (size, V) logits. Captured as it is; no host reads inside."""
-        backend, size, width = self.backend, self.size, self.width
         torch.add(self.offsets, self.prefix + self.offset, out=self.write_slots)
-        self.state.slots.write_slots = self.write_slots
-        block_mask = self.block_flat.view(size, width) != 0
-        relative = self.columns - self.prefix  # key slot - P: < 0 prefix, [0, width) the block
-        in_block = (relative >= 0) & (relative < width)
-        block = block_mask.gather(1, relative.clamp(0, width - 1).expand(size, -1)) & in_block
-        visible = (relative < 0) | block
-        mask = torch.zeros(visible.shape, dtype=backend.dtype, device=backend.device)
-        mask.masked_fill_(~visible, torch.finfo(backend.dtype).min)
-        # square steps hand P and the (T, T) block mask to the attention function: specdec's Triton kernel reads
-        # keys [0, P) unmasked and [P, P + T) through the mask (wherever in the block the queries were written)
-        square = size == width
-        kernel = {"specdec_prefix_len": self.prefix, "specdec_tree_mask": block_mask} if square else {}
-        out = backend.forward_fn(input_ids=self.tokens[None], position_ids=self.positions[None],
-                                 attention_mask=mask[None, None], past_key_values=self.state.cache, use_cache=True,
-                                 **kernel)
-        return out.logits[0]
+        return self.backend.step_forward(self)
 
     def fill(self, tokens: Sequence[int], positions: Sequence[int], prefix: int, offset: int,
              block_mask: torch.Tensor, device_tokens: torch.Tensor | None = None) -> None:
@@ -179,6 +163,25 @@ class GraphBackend(StaticBackend):
         finally:
             if self.model.config._attn_implementation != previous:
                 self.model.set_attn_implementation(previous)
+
+    def step_forward(self, step: _Step) -> torch.Tensor:
+        """One step through HF's modules, on the step's static tensors (`write_slots` already set)."""
+        size, width = step.size, step.width
+        step.state.slots.write_slots = step.write_slots
+        block_mask = step.block_flat.view(size, width) != 0
+        relative = step.columns - step.prefix  # key slot - P: < 0 prefix, [0, width) the block
+        in_block = (relative >= 0) & (relative < width)
+        block = block_mask.gather(1, relative.clamp(0, width - 1).expand(size, -1)) & in_block
+        visible = (relative < 0) | block
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+        # square steps hand P and the (T, T) block mask to the attention function: specdec's Triton kernel reads
+        # keys [0, P) unmasked and [P, P + T) through the mask (wherever in the block the queries were written)
+        kernel = {"specdec_prefix_len": step.prefix, "specdec_tree_mask": block_mask} if size == width else {}
+        out = self.forward_fn(input_ids=step.tokens[None], position_ids=step.positions[None],
+                              attention_mask=mask[None, None], past_key_values=step.state.cache, use_cache=True,
+                              **kernel)
+        return out.logits[0]
 
     def new_state(self) -> StaticState:
         """The one cache the graphs were captured on, emptied (its stale contents are never visible). On CUDA the

@@ -1,0 +1,185 @@
+"""The native fast path: a Llama-family forward written for batch-1 steps on the static cache, ~10 kernels a layer.
+
+Why (measured, issue 4): under CUDA graphs HF's Llama modules still launch ~36 kernels a layer (RMSNorm alone is
+six, rotary ~ten, three q/k/v and two gate/up GEMVs, two cache index copies); at batch 1 each costs ~3 us of launch
+and ramp, so a 1.1B step took 3.16 ms against a 0.73 ms weight-read floor. This forward runs, per layer:
+
+    add+RMSNorm -> GEMV qkv -> rotary + KV write -> tree attention -> GEMV o -> add+RMSNorm -> GEMV gate_up
+    -> silu*up -> GEMV down
+
+with q/k/v and gate/up fused into one weight each (the HF modules' weights become views into the fused ones, so no
+memory is doubled and the HF model keeps working), rotary tables precomputed for every position of the cache by the
+model's own rotary module (its rope scaling included), and the four Triton kernels of `specdec.kernels`. Weights
+come from the loaded HF model (so from its safetensors); the KV buffer is `StaticBackend`'s, so commits, kv_compact
+and the drafters' `GraphKV` work unchanged.
+
+`NativeBackend` is `GraphBackend` with this forward in every step (graphs, buckets and the one-copy inputs as
+there); `native_backend(model)` falls back to `GraphBackend` with a warning where the model or the machine cannot
+run it (not a Llama/Mistral/Qwen2-style model, no Triton or CUDA).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from specdec.backends.graph import DEFAULT_BUCKETS, GraphBackend, _Step
+from specdec.backends.static import StaticState
+from specdec.kernels.rmsnorm import add_rmsnorm
+from specdec.kernels.rope_cache import rope_cache
+from specdec.kernels.silu_mul import silu_mul
+from specdec.kernels.tree_attention import kernel_available, tree_attention
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # tables that do not change with the sequence length
+
+
+@dataclass
+class _Layer:
+    input_norm: torch.Tensor    # (H,)
+    qkv: torch.Tensor           # ((Hq + 2 Hkv) D, H): [q; k; v] rows
+    qkv_bias: torch.Tensor | None
+    out: torch.Tensor           # (H, Hq D)
+    post_norm: torch.Tensor     # (H,)
+    gate_up: torch.Tensor       # (2 I, H): [gate; up] rows
+    down: torch.Tensor          # (H, I)
+
+
+def unsupported_reason(model: PreTrainedModel) -> str | None:
+    """Why the native forward cannot run `model` exactly as HF does, or None if it can."""
+    config = model.config.get_text_config()
+    if config.model_type not in SUPPORTED_TYPES:
+        return f"model type {config.model_type!r} is not one of {', '.join(SUPPORTED_TYPES)}"
+    if getattr(config, "hidden_act", None) != "silu" or getattr(config, "mlp_bias", False):
+        return "only a bias-free SiLU-gated MLP is supported"
+    rope_type = getattr(getattr(model.model, "rotary_emb", None), "rope_type", None)
+    if rope_type not in STATIC_ROPE:
+        return f"rope type {rope_type!r} is not one of {', '.join(STATIC_ROPE)}"
+    attention = model.model.layers[0].self_attn
+    if getattr(attention, "q_norm", None) is not None or attention.o_proj.bias is not None:
+        return "q/k norms or an output-projection bias are not supported"
+    if next(model.parameters()).dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {next(model.parameters()).dtype} is not float32, float16 or bfloat16"
+    return None
+
+
+def _fuse(modules: Sequence[torch.nn.Linear], attribute: str = "weight") -> torch.Tensor | None:
+    """One tensor of the modules' weights (or biases) stacked by rows; each module's own becomes a view of it."""
+    parts = [getattr(module, attribute) for module in modules]
+    if any(part is None for part in parts):
+        return None
+    fused = torch.cat([part.detach() for part in parts])
+    start = 0
+    for module, part in zip(modules, parts):
+        getattr(module, attribute).data = fused[start: start + part.shape[0]]
+        start += part.shape[0]
+    return fused
+
+
+class NativeLlama:
+    """The forward of a loaded Llama/Mistral/Qwen2-style `model` on a `StaticBackend` buffer of `max_len` slots."""
+
+    def __init__(self, model: PreTrainedModel, max_len: int):
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"the native forward cannot run {type(model).__name__}: {reason}")
+        config, inner = model.config.get_text_config(), model.model
+        attention = inner.layers[0].self_attn
+        self.num_q_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_q_heads
+        self.head_dim = attention.head_dim
+        self.scale = attention.scaling
+        self.eps = inner.norm.variance_epsilon
+        with torch.no_grad():
+            self.layers = [_Layer(
+                layer.input_layernorm.weight,
+                _fuse([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
+                _fuse([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], "bias"),
+                layer.self_attn.o_proj.weight, layer.post_attention_layernorm.weight,
+                _fuse([layer.mlp.gate_proj, layer.mlp.up_proj]), layer.mlp.down_proj.weight,
+            ) for layer in inner.layers]
+        self.embed, self.norm = inner.embed_tokens.weight, inner.norm.weight
+        self.head = model.get_output_embeddings().weight
+        positions = torch.arange(max_len, device=self.head.device)[None]
+        probe = torch.zeros(1, dtype=self.head.dtype, device=self.head.device)
+        with torch.no_grad():
+            cos, sin = inner.rotary_emb(probe, positions)  # (1, S, D), in the model's dtype, scaling applied
+        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
+
+    def forward(self, buffer: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                prefix: int | torch.Tensor, block_mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """T queries: `tokens`, `positions`, written at cache `slots` (all (T,) device ints); each sees the slots
+        below `prefix` (P) and, of the block [P, P + W), the keys its row of `block_mask` ((T, W) device bool)
+        allows. Returns (T, V) logits ((1, V) with last_only). No host reads: capturable as a CUDA graph."""
+        count, width = block_mask.shape
+        hidden = F.embedding(tokens, self.embed)  # (T, H): the residual stream
+        attended = torch.empty(count, self.num_q_heads, self.head_dim, dtype=hidden.dtype, device=hidden.device)
+        delta = None  # what the last block adds to the stream (fused into the next norm)
+        for index, layer in enumerate(self.layers):
+            normed = add_rmsnorm(hidden, layer.input_norm, self.eps, delta)
+            qkv = F.linear(normed, layer.qkv, layer.qkv_bias)
+            keys, values = buffer[index, 0, 0], buffer[index, 1, 0]  # (Hkv, S_max, D)
+            rope_cache(qkv, positions, slots, self.cos, self.sin, keys, values, self.num_q_heads)
+            queries = qkv[:, : self.num_q_heads * self.head_dim].view(count, self.num_q_heads, self.head_dim)
+            tree_attention(queries.transpose(0, 1)[None], keys[None], values[None], block_mask, self.scale,
+                           prefix_len=prefix, block_len=width, out=attended.transpose(0, 1)[None])
+            delta = F.linear(attended.view(count, -1), layer.out)
+            normed = add_rmsnorm(hidden, layer.post_norm, self.eps, delta)
+            delta = F.linear(silu_mul(F.linear(normed, layer.gate_up)), layer.down)
+        normed = add_rmsnorm(hidden, self.norm, self.eps, delta)
+        return F.linear(normed[-1:] if last_only else normed, self.head)
+
+
+class NativeBackend(GraphBackend):
+    """`GraphBackend` whose every step (graphs, eager fallbacks, prefills) runs `NativeLlama`'s forward."""
+
+    def __init__(self, model: PreTrainedModel, max_len: int | None = None,
+                 buckets: Sequence[int] = DEFAULT_BUCKETS):
+        super().__init__(model, max_len, buckets, attention=None)
+        if not kernel_available(self.device):
+            raise ValueError("the native forward needs Triton on a CUDA device (or TRITON_INTERPRET=1)")
+        self.native = NativeLlama(model, self.max_len)
+
+    def step_forward(self, step: _Step) -> torch.Tensor:
+        block_mask = step.block_flat.view(step.size, step.width) != 0
+        return self.native.forward(step.state.buffer, step.tokens, step.positions, step.write_slots, step.prefix,
+                                   block_mask)
+
+    def prefill(self, token_ids: Sequence[int]) -> StaticState:
+        state = self.new_state()
+        count = len(token_ids)
+        if count:
+            causal = torch.ones(count, count, dtype=torch.bool).tril()
+            self._eager_block(state, token_ids, range(count), 0, causal, None, last_only=True)
+        return state
+
+    @torch.inference_mode()
+    def _eager_block(self, state: StaticState, tokens, positions, prefix: int, block_mask: torch.Tensor,
+                     device_tokens: torch.Tensor | None, last_only: bool = False) -> torch.Tensor:
+        count = block_mask.shape[0]
+        ids = self._ids(list(tokens))
+        if device_tokens is not None and len(device_tokens):
+            ids = torch.cat([ids, device_tokens.to(self.device)])
+        slots = self._positions(state.length, count)
+        logits = self.native.forward(state.buffer, ids, torch.as_tensor(list(positions), device=self.device), slots,
+                                     prefix, block_mask.to(self.device), last_only)
+        state.length += count
+        return logits
+
+
+def native_backend(model: PreTrainedModel, max_len: int | None = None,
+                   buckets: Sequence[int] = DEFAULT_BUCKETS) -> GraphBackend:
+    """`NativeBackend` where the model and machine allow it, else `GraphBackend` (HF's modules) with a warning."""
+    reason = unsupported_reason(model)
+    if reason is None and not kernel_available(model.device):
+        reason = "Triton or CUDA is unavailable"
+    if reason is None:
+        return NativeBackend(model, max_len, buckets)
+    warnings.warn(f"native backend unavailable ({reason}); using the graph backend on HF's modules",
+                  RuntimeWarning, stacklevel=2)
+    return GraphBackend(model, max_len, buckets)
