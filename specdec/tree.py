@@ -140,16 +140,14 @@ def ancestor_mask(tree: DraftTree) -> torch.Tensor:
 def host_ancestor_mask(tree: DraftTree) -> torch.Tensor:
     """`ancestor_mask` on the host (CPU), whatever the tree's device."""
     n = len(tree)
-    rows: list[int] = []
-    cols: list[int] = []
-    lineage: list[list[int]] = []
-    for node, parent in enumerate(tree.host_parents):
-        lineage.append((lineage[parent] if parent >= 0 else []) + [node])
-        rows += [node] * len(lineage[node])
-        cols += lineage[node]
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    mask[rows, cols] = True
-    return mask
+    if n == 0:
+        return torch.zeros(0, 0, dtype=torch.bool)
+    rows: list[bytearray] = []  # row i = its parent's row plus itself: one C-level copy per node (a 255-node chain
+    for node, parent in enumerate(tree.host_parents):  # in ~0.1 ms, where indexing with Python lists took ~13 ms)
+        row = bytearray(rows[parent]) if parent >= 0 else bytearray(n)
+        row[node] = 1
+        rows.append(row)
+    return torch.frombuffer(bytearray().join(rows), dtype=torch.uint8).view(n, n).bool()
 
 
 def position_ids(tree: DraftTree, root_position: int) -> torch.Tensor:
