@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from specdec.accept import accept
+from specdec.accept import accept, greedy_walk
 from specdec.backends.base import Backend
 from specdec.sampling import SamplingParams
 from specdec.timing import PhaseTimer
@@ -48,11 +48,15 @@ def verify(backend: Backend, state: Any, root_token: int, tree: DraftTree, param
     timer = timer or PhaseTimer()
     with timer("verify"):
         logits = backend.score_tree(state, root_token, tree)
-    with timer("accept"):
-        acceptance = accept(tree, logits, params, generator)
-        # the step's one host sync: the outcome and the tree's tokens in one read
-        read = torch.cat([torch.stack([acceptance.deepest_node, acceptance.bonus_token]), tree.tokens]).tolist()
-        deepest_node, bonus_token, tokens = read[0], read[1], read[2:]
+    with timer("accept"):  # the step's one host sync: the outcome (or greedy: every row's argmax) and the tokens
+        if params.greedy:
+            read = torch.cat([logits.argmax(-1), tree.tokens]).tolist()
+            tokens = read[len(tree) + 1:]
+            deepest_node, bonus_token = greedy_walk(tree.host_parents, tokens, read[: len(tree) + 1])
+        else:
+            acceptance = accept(tree, logits, params, generator)
+            read = torch.cat([torch.stack([acceptance.deepest_node, acceptance.bonus_token]), tree.tokens]).tolist()
+            deepest_node, bonus_token, tokens = read[0], read[1], read[2:]
     with timer("commit"):
         accepted_nodes = path_to(tree, deepest_node)
         backend.commit(state, accepted_nodes, len(tree))

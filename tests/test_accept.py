@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from specdec import accept as accept_module
-from specdec.accept import Acceptance, accept
+from specdec.accept import Acceptance, accept, greedy_walk
 from specdec.sampling import SamplingParams, target_probs
 from specdec.tree import DraftTree, depths, path_to
 
@@ -98,6 +98,7 @@ def test_greedy_hand_built_trees(name: str) -> None:
     logits = logits_with_argmax(argmax_per_row)
     assert greedy_reference(parents, tokens, logits) == expected
     assert as_ints(accept(make_tree(parents, tokens), logits, GREEDY)) == expected
+    assert greedy_walk(parents, tokens, argmax_per_row) == (expected[0], expected[2])  # verify's host path
 
 
 def test_greedy_ties_take_the_first_maximum() -> None:
@@ -118,7 +119,9 @@ def test_greedy_matches_loop_reference_on_random_trees(data: st.DataObject) -> N
     tokens = [best[parent + 1] if data.draw(st.booleans()) else data.draw(st.integers(0, vocab - 1))
               for parent in parents]
     acceptance = accept(make_tree(parents, tokens), logits, GREEDY)
-    assert as_ints(acceptance) == greedy_reference(parents, tokens, logits)
+    expected = greedy_reference(parents, tokens, logits)
+    assert as_ints(acceptance) == expected
+    assert greedy_walk(parents, tokens, best) == (expected[0], expected[2])  # verify's host path
 
 
 # ---------------------------------------------------------------------------------------------------------------

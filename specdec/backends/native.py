@@ -154,7 +154,7 @@ class NativeBackend(GraphBackend):
         state = self.new_state()
         count = len(token_ids)
         if count:
-            causal = torch.ones(count, count, dtype=torch.bool).tril()
+            causal = torch.ones(count, count, dtype=torch.bool, device=self.device).tril()
             self._eager_block(state, token_ids, range(count), 0, causal, None, last_only=True)
         return state
 
