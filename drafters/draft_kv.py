@@ -62,12 +62,16 @@ class DynamicKV:
 class GraphKV:
     """model: what the `GraphBackend` captures (a causal LM, or `early_exit`'s first layers wrapped as one);
     attention: its attention for square steps ("auto": specdec's tree kernel on CUDA); width: the most frontier
-    queries of one draft step (their shapes are captured up front on CUDA)."""
+    queries of one draft step (their shapes are captured up front on CUDA); native: run the steps through
+    `NativeBackend`'s own Llama-family forward (None: where it can, on CUDA)."""
 
-    def __init__(self, model, attention: str | None, width: int):
+    def __init__(self, model, attention: str | None, width: int, native: bool | None = None):
         from specdec.backends.graph import GraphBackend
+        from specdec.backends.native import NativeBackend, unsupported_reason
 
-        self.runner = GraphBackend(model, attention=attention)
+        if native is None:
+            native = model.device.type == "cuda" and unsupported_reason(model) is None
+        self.runner = NativeBackend(model) if native else GraphBackend(model, attention=attention)
         self.state = self.runner.new_state()  # on CUDA: captures the square buckets (catch-up, first frontier)
         if self.runner.device.type == "cuda":  # and the frontier shapes: up to `width` queries over a wider block
             buckets = self.runner.buckets

@@ -103,7 +103,7 @@ class EarlyExitDrafter(ModelDrafter):
 
     def _new_kv(self):
         if self.graphs:  # an L-layer static cache; the model's own attention over the 4D mask
-            return GraphKV(_EarlyLayers(self), None, self.width)
+            return GraphKV(_EarlyLayers(self), None, self.width, native=False)  # the head is not a Llama layer
         return super()._new_kv()
 
 

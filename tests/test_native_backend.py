@@ -165,3 +165,19 @@ def test_no_triton_device_falls_back_and_the_name_reaches_the_generator(monkeypa
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU without the interpreter: no kernel can run
     with pytest.warns(RuntimeWarning, match="Triton or CUDA is unavailable"):
         assert type(native_backend(model, max_len=64)) is GraphBackend
+
+
+def test_model_drafter_runs_its_draft_steps_on_the_native_forward():
+    """GraphKV(native=True) (automatic on CUDA for a Llama-family draft): the same greedy output as the reference,
+    frontiers written after the nodes already drafted (the non-square steps) included."""
+    from specdec.drafters.draft_kv import GraphKV
+    from specdec.drafters.model import ModelDrafter
+
+    target, draft = float_model("llama"), float_model("llama")  # self-drafting: deep accepted trees
+    drafter = ModelDrafter(draft, mode="tree", graphs=True)
+    drafter._new_kv = lambda: GraphKV(draft, None, drafter.width, native=True)
+    prompt = repetitive_prompt(VOCAB, seed=3)
+    out = SpeculativeGenerator(target, drafter=drafter, controller="heuristic:start_depth=4,max_depth=6").generate(
+        prompt, max_new_tokens=24)
+    assert out.token_ids == reference_decode(HFBackend(target), prompt, SamplingParams(), StopRule(24))
+    assert type(drafter.kv.runner) is NativeBackend and out.stats.drafter_errors == 0 and out.stats.tau > 1.0

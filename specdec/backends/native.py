@@ -52,6 +52,8 @@ class _Layer:
 
 def unsupported_reason(model: PreTrainedModel) -> str | None:
     """Why the native forward cannot run `model` exactly as HF does, or None if it can."""
+    if not isinstance(model, PreTrainedModel) or not hasattr(model, "model"):
+        return f"{type(model).__name__} is not a transformers causal LM with a decoder body"
     config = model.config.get_text_config()
     if config.model_type not in SUPPORTED_TYPES:
         return f"model type {config.model_type!r} is not one of {', '.join(SUPPORTED_TYPES)}"
