@@ -176,8 +176,9 @@ def test_graph_backend_steps_go_through_the_kernel_with_the_prefix_on_the_device
     out = SpeculativeGenerator(model, drafter="ngram", backend=backend).generate(prompt, max_new_tokens=24)
     assert out.token_ids == expected
     assert out.stats.tau > 1.0
-    assert len(kernel_calls) == model.config.num_hidden_layers * out.stats.target_forwards  # prefill: SDPA
-    assert backend.eager_steps == 0
+    prefill_steps = 1  # the 47 cached prompt tokens: one causal step of the 64 bucket
+    assert len(kernel_calls) == model.config.num_hidden_layers * (out.stats.target_forwards + prefill_steps)
+    assert kernel_calls[0][2] == 64 and backend.eager_steps == 0
 
 
 def test_graph_backend_switches_the_attention_for_its_steps_only(kernel_calls):
@@ -190,7 +191,8 @@ def test_graph_backend_switches_the_attention_for_its_steps_only(kernel_calls):
     backend = GraphBackend(model, max_len=128, buckets=(1, 4, 16, 64), attention=name)
     out = SpeculativeGenerator(model, drafter="ngram", backend=backend).generate(prompt, max_new_tokens=16)
     assert out.token_ids == expected
-    assert len(kernel_calls) == model.config.num_hidden_layers * out.stats.target_forwards
+    prefill_steps = 1  # the 39 cached prompt tokens: one causal step of the 64 bucket
+    assert len(kernel_calls) == model.config.num_hidden_layers * (out.stats.target_forwards + prefill_steps)
     assert model.config._attn_implementation == "sdpa"  # the model's own setting outside the steps
 
 

@@ -152,14 +152,6 @@ class NativeBackend(GraphBackend):
         return self.native.forward(step.state.buffer, step.tokens, step.positions, step.write_slots, step.prefix,
                                    block_mask)
 
-    def prefill(self, token_ids: Sequence[int]) -> StaticState:
-        state = self.new_state()
-        count = len(token_ids)
-        if count:
-            causal = torch.ones(count, count, dtype=torch.bool, device=self.device).tril()
-            self._eager_block(state, token_ids, range(count), 0, causal, None, last_only=True)
-        return state
-
     @torch.inference_mode()
     def _eager_block(self, state: StaticState, tokens, positions, prefix: int, block_mask: torch.Tensor,
                      device_tokens: torch.Tensor | None, last_only: bool = False) -> torch.Tensor:
