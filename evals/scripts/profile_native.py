@@ -34,8 +34,11 @@ lines: list[str] = []
 
 
 def say(text: str) -> None:
+    """Print, and rewrite the output file with everything so far (a reader that stops early loses nothing)."""
     lines.append(text)
     print(text, flush=True)
+    if len(sys.argv) > 1:
+        open(sys.argv[1], "w").write("\n".join(lines) + "\n")
 
 
 def timed(fn, repeats: int = 5) -> float:
@@ -79,5 +82,3 @@ for sync in (True, False):
 profile(ar, "ar")
 generator = SpeculativeGenerator(model, drafter="ngram", backend=backend)
 profile(lambda: generator.generate(prompt, max_new_tokens=NEW), "ngram")
-if len(sys.argv) > 1:
-    open(sys.argv[1], "w").write("\n".join(lines) + "\n")
