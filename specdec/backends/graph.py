@@ -260,12 +260,17 @@ class GraphBackend(StaticBackend):
         state.length = start + count
         return logits[:count].clone()  # the static output is overwritten by the next replay
 
-    def _eager_block(self, state: StaticState, tokens, positions, prefix: int, block_mask: torch.Tensor,
-                     device_tokens: torch.Tensor | None) -> torch.Tensor:
-        count, used = block_mask.shape
+    def _block_ids(self, tokens: Sequence[int], device_tokens: torch.Tensor | None) -> torch.Tensor:
+        """A step's token ids on the device: `tokens`, then `device_tokens`."""
         ids = self._ids(list(tokens))
         if device_tokens is not None and len(device_tokens):
             ids = torch.cat([ids, device_tokens.to(self.device)])
+        return ids
+
+    def _eager_block(self, state: StaticState, tokens, positions, prefix: int, block_mask: torch.Tensor,
+                     device_tokens: torch.Tensor | None) -> torch.Tensor:
+        count, used = block_mask.shape
+        ids = self._block_ids(tokens, device_tokens)
         visible = torch.zeros(count, self.max_len, dtype=torch.bool)
         visible[:, :prefix] = True
         visible[:, prefix: prefix + used] = block_mask

@@ -114,10 +114,10 @@ class NativeLlama:
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
 
     def forward(self, buffer: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                prefix: int | torch.Tensor, block_mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+                prefix: int | torch.Tensor, block_mask: torch.Tensor) -> torch.Tensor:
         """T queries: `tokens`, `positions`, written at cache `slots` (all (T,) device ints); each sees the slots
         below `prefix` (P) and, of the block [P, P + W), the keys its row of `block_mask` ((T, W) device bool)
-        allows. Returns (T, V) logits ((1, V) with last_only). No host reads: capturable as a CUDA graph."""
+        allows. Returns (T, V) logits. No host reads: capturable as a CUDA graph."""
         count, width = block_mask.shape
         hidden = F.embedding(tokens, self.embed)  # (T, H): the residual stream
         attended = torch.empty(count, self.num_q_heads, self.head_dim, dtype=hidden.dtype, device=hidden.device)
@@ -134,11 +134,11 @@ class NativeLlama:
             normed = add_rmsnorm(hidden, layer.post_norm, self.eps, delta)
             delta = F.linear(silu_mul(F.linear(normed, layer.gate_up)), layer.down)
         normed = add_rmsnorm(hidden, self.norm, self.eps, delta)
-        return F.linear(normed[-1:] if last_only else normed, self.head)
+        return F.linear(normed, self.head)
 
 
 class NativeBackend(GraphBackend):
-    """`GraphBackend` whose every step (graphs, eager fallbacks, prefills) runs `NativeLlama`'s forward."""
+    """`GraphBackend` whose every step (graphs, prefill chunks, eager fallbacks) runs `NativeLlama`'s forward."""
 
     def __init__(self, model: PreTrainedModel, max_len: int | None = None,
                  buckets: Sequence[int] = DEFAULT_BUCKETS):
@@ -154,14 +154,12 @@ class NativeBackend(GraphBackend):
 
     @torch.inference_mode()
     def _eager_block(self, state: StaticState, tokens, positions, prefix: int, block_mask: torch.Tensor,
-                     device_tokens: torch.Tensor | None, last_only: bool = False) -> torch.Tensor:
+                     device_tokens: torch.Tensor | None) -> torch.Tensor:
         count = block_mask.shape[0]
-        ids = self._ids(list(tokens))
-        if device_tokens is not None and len(device_tokens):
-            ids = torch.cat([ids, device_tokens.to(self.device)])
+        ids = self._block_ids(tokens, device_tokens)
         slots = self._positions(state.length, count)
         logits = self.native.forward(state.buffer, ids, torch.as_tensor(list(positions), device=self.device), slots,
-                                     prefix, block_mask.to(self.device), last_only)
+                                     prefix, block_mask.to(self.device))
         state.length += count
         return logits
 
