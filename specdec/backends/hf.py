@@ -98,12 +98,18 @@ class HFBackend:
 
     @torch.inference_mode()
     def commit(self, state: HFState, accepted_nodes: Sequence[int], tree_size: int) -> None:
-        """Move the accepted nodes' KV rows right behind the root, then crop the rejected rest."""
+        """Move the accepted nodes' KV rows right behind the root, then drop the rejected rest."""
         root = state.length - tree_size - 1
         accepted = len(accepted_nodes)
         if accepted and list(accepted_nodes) != list(range(accepted)):
-            move_cache_rows(state.cache, [root + 1 + node for node in accepted_nodes], root + 1)
-        dropped = tree_size - accepted
-        if dropped:
-            state.cache.crop(-dropped)
-        state.length -= dropped
+            self._move_rows(state, [root + 1 + node for node in accepted_nodes], root + 1)
+        self._truncate(state, root + 1 + accepted)
+
+    def _move_rows(self, state: HFState, rows: list[int], start: int) -> None:
+        move_cache_rows(state.cache, rows, start)
+
+    def _truncate(self, state: HFState, length: int) -> None:
+        """Keep the first `length` cached rows (the DynamicCache is cropped)."""
+        if state.length > length:
+            state.cache.crop(length - state.length)
+        state.length = length

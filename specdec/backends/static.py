@@ -131,11 +131,9 @@ class StaticBackend(HFBackend):
         visible[1:, start + 1: start + count] = ancestor_mask(tree).to(self.device)
         return self._run(state, token_ids, positions, visible)
 
-    @torch.inference_mode()
-    def commit(self, state: StaticState, accepted_nodes: Sequence[int], tree_size: int) -> None:
-        """Move the accepted rows of every layer behind the root in one copy; the rest becomes stale tail."""
-        root = state.length - tree_size - 1
-        accepted = len(accepted_nodes)
-        if accepted and list(accepted_nodes) != list(range(accepted)):
-            move_buffer_rows(state.buffer, [root + 1 + node for node in accepted_nodes], root + 1)
-        state.length = root + 1 + accepted
+    def _move_rows(self, state: StaticState, rows: list[int], start: int) -> None:
+        """The accepted rows of every layer in one copy (`HFBackend.commit`)."""
+        move_buffer_rows(state.buffer, rows, start)
+
+    def _truncate(self, state: StaticState, length: int) -> None:
+        state.length = length  # the rest becomes stale tail, never visible
