@@ -36,6 +36,7 @@ console = Console(stderr=True)
 SHAPES = {  # hidden, layers, q heads, kv heads, ffn, vocab
     "1b": (2048, 22, 32, 4, 5632, 32000),     # TinyLlama-1.1B
     "7b": (4096, 32, 32, 32, 11008, 32000),   # Llama-2-7B
+    "zoo": (768, 16, 12, 4, 2048, 8192),      # zoo:gpu-100m, the benchmark target (profiles)
     "tiny": (64, 2, 4, 2, 128, 512),          # CPU smoke test
 }
 

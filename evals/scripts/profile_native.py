@@ -13,19 +13,16 @@ import sys
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from specdec import SpeculativeGenerator
 from specdec.backends.native import NativeBackend
+from specdec.evals.step_bench import build_model
 from specdec.reference import reference_decode
 from specdec.sampling import SamplingParams
 from specdec.stopping import StopRule
 
 NEW = 128
-config = LlamaConfig(vocab_size=8192, hidden_size=768, num_hidden_layers=16, num_attention_heads=12,
-                     num_key_value_heads=4, intermediate_size=2048, max_position_embeddings=2048)
-torch.manual_seed(0)
-model = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+model = build_model("zoo", "sdpa", "cuda", torch.bfloat16)  # the zoo target's shape, random weights
 model.generation_config.eos_token_id = None
 motif = torch.randint(0, 8192, (40,)).tolist()
 prompt = (motif * 10)[:300]  # a random model repeats nothing by itself; ngram still finds the prompt's motif
