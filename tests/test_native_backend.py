@@ -117,6 +117,24 @@ def test_native_forward_equals_hf_modules(arch):
     assert torch.equal(model(torch.tensor([prompt])).logits[0], expected)  # the fused weights left HF's model intact
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_one_token_steps_through_the_fused_gemvs_equal_hf_modules(arch):
+    """Token by token, each step takes `_forward_one` (norms, rotary, cache write, gate, residual in the GEMVs)."""
+    model = float_model(arch)
+    prompt = repetitive_prompt(VOCAB, seed=3, length=20)
+    expected = model(torch.tensor([prompt])).logits[0]
+    backend = NativeBackend(model, max_len=64)
+    assert backend.native.one_token_gemv
+    state, one = backend.new_state(), torch.ones(1, 1, dtype=torch.bool)
+    for position, token in enumerate(prompt):
+        logits = backend._eager_block(state, [token], [position], position, one, None)
+        torch.testing.assert_close(logits[0], expected[position], atol=1e-5, rtol=1e-4)
+    for index, layer in enumerate(HFBackend(model).prefill(prompt).cache.layers):
+        torch.testing.assert_close(state.buffer[index, 0, ..., : len(prompt), :], layer.keys, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(state.buffer[index, 1, ..., : len(prompt), :], layer.values, atol=1e-5,
+                                   rtol=1e-4)
+
+
 def test_greedy_speculation_through_native_equals_reference_decoder():
     model = float_model("llama")
     prompt = repetitive_prompt(VOCAB, seed=1)

@@ -14,11 +14,13 @@
     python3 evals/scripts/gpu_check.py [OUT_FILE]      # prints PASS/FAIL lines; exit 1 on any failure
 """
 
+import itertools
 import random
 import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
@@ -28,6 +30,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from specdec.backends.graph import GraphBackend  # noqa: E402
 from specdec.backends.hf import HFBackend  # noqa: E402
 from specdec.backends.native import NativeBackend  # noqa: E402
+from specdec.kernels.gemv import gemv, gemv_gated, gemv_qkv_rope  # noqa: E402
 from specdec.kernels.kv_compact import kv_compact, kv_compact_reference  # noqa: E402
 from specdec.kernels.rmsnorm import add_rmsnorm, add_rmsnorm_reference  # noqa: E402
 from specdec.kernels.rope_cache import rope_cache, rope_cache_reference  # noqa: E402
@@ -142,6 +145,7 @@ def native_kernel_checks() -> None:
         report(ulps <= 1.0 and torch.equal(caches[1], caches[3]),
                f"rope_cache Hq={q_heads} Hkv={kv_heads} D={head_dim} bf16: at most {ulps:.2f} bf16 ulp from the "
                f"reference (float32 FMA vs mul-add, one rounding), values copied exactly")
+    gemv_checks(generator)
     q = torch.randn(1, 32, 16, 64, device=DEVICE, generator=generator).bfloat16()
     k, v = (torch.randn(1, 4, 4096, 64, device=DEVICE, generator=generator).bfloat16() for _ in "kv")
     block = tree_block(random_tree(40, torch.Generator().manual_seed(1)))[25:].to(DEVICE)  # 16 queries, 41 keys
@@ -149,6 +153,50 @@ def native_kernel_checks() -> None:
     ok, text = within_twice_torch(out, *(tree_attention_reference(q, k, v, 3000, block, dtype=dtype, block_len=41)
                                          for dtype in (torch.float64, torch.bfloat16)))
     report(ok, f"block attention: tree_attention, 16 queries inside a block of 41 keys after P=3000, bf16: {text}")
+
+
+def gemv_checks(generator: torch.Generator) -> None:
+    """The one-token GEMVs with their fused ops, bf16 at the 1.1B / 7B shapes, vs the unfused torch ops."""
+    eps = 1e-5
+    for hidden, q_heads, kv_heads, inner in ((2048, 32, 4, 5632), (4096, 32, 32, 11008)):
+        head_dim = hidden // q_heads
+
+        def rand(*shape, scale=1.0):
+            return (torch.randn(*shape, device=DEVICE, generator=generator) * scale).bfloat16()
+
+        x, norm, stream = rand(1, hidden), 1 + rand(hidden, scale=0.25), rand(1, hidden)
+        for name, rows, size in (("o", hidden, hidden), ("down", hidden, inner)):
+            weight, source = rand(rows, size, scale=size ** -0.5), rand(1, size)
+            exact = stream.double() + F.linear(source.double(), weight.double())
+            same = stream + F.linear(source, weight)
+            ok, text = within_twice_torch(gemv(source, weight, residual=stream.clone()), exact, same)
+            report(ok, f"gemv {name} + residual ({rows}x{size}) bf16: {text}")
+
+        def normed(t, w):
+            return add_rmsnorm_reference(t.clone(), w, eps)
+
+        gate_up = rand(2 * inner, hidden, scale=hidden ** -0.5)
+        exact = silu_mul_reference(F.linear(normed(x.double(), norm.double()), gate_up.double()))
+        same = silu_mul_reference(F.linear(normed(x, norm), gate_up))
+        ok, text = within_twice_torch(gemv_gated(x, gate_up, norm, eps), exact, same)
+        report(ok, f"gemv_gated norm + gate_up ({2 * inner}x{hidden}) + silu*up bf16: {text}")
+        qkv = rand((q_heads + 2 * kv_heads) * head_dim, hidden, scale=hidden ** -0.5)
+        angles = torch.arange(4096, device=DEVICE)[:, None] * torch.rand(head_dim // 2, device=DEVICE)
+        cos, sin = (torch.cat([f(angles)] * 2, dim=1).bfloat16() for f in (torch.cos, torch.sin))
+        where = torch.tensor([3001], device=DEVICE)
+        results = []
+        for dtype in (None, torch.float64, torch.bfloat16):  # the kernel, then the unfused torch ops
+            caches = [torch.zeros(kv_heads, 4096, head_dim, device=DEVICE, dtype=dtype or torch.bfloat16)
+                      for _ in "kv"]
+            if dtype is None:
+                queries = gemv_qkv_rope(x, qkv, where, where, cos, sin, *caches, q_heads, norm, eps)
+            else:
+                projected = F.linear(normed(x.to(dtype), norm.to(dtype)), qkv.to(dtype))
+                rope_cache_reference(projected, where, where, cos.to(dtype), sin.to(dtype), *caches, q_heads)
+                queries = projected[:, : q_heads * head_dim]
+            results.append(torch.cat([queries.flatten(), caches[0][:, 3001].flatten(), caches[1][:, 3001].flatten()]))
+        ok, text = within_twice_torch(*results)
+        report(ok, f"gemv_qkv_rope norm + qkv ({qkv.shape[0]}x{hidden}) + rotary + KV write bf16: {text}")
 
 
 def backend_check(backend: GraphBackend, name: str, prompt: list[int], truth: list[int], rng: random.Random,
@@ -192,14 +240,14 @@ def fast_path_checks() -> None:
     from specdec import SpeculativeGenerator
     from specdec.drafters.model import ModelDrafter
 
-    for mode in ("chain", "tree"):
-        rng = random.Random(7)
-        prompt = [rng.randrange(VOCAB) for _ in range(300)]
-        truth = reference_decode(HFBackend(model), prompt, GREEDY, StopRule(200))
-        drafter = ModelDrafter(model, mode=mode, graphs=True)
-        out = SpeculativeGenerator(model, drafter=drafter, backend=graph).generate(prompt, max_new_tokens=200)
+    rng = random.Random(7)
+    prompt = [rng.randrange(VOCAB) for _ in range(300)]
+    truth = reference_decode(HFBackend(model), prompt, GREEDY, StopRule(200))
+    for mode, (name, backend) in itertools.product(("chain", "tree"), (("graph", graph), ("native", native))):
+        drafter = ModelDrafter(model, mode=mode, graphs=True)  # its draft steps on the native forward (CUDA)
+        out = SpeculativeGenerator(model, drafter=drafter, backend=backend).generate(prompt, max_new_tokens=200)
         report(out.token_ids == truth and out.stats.drafter_errors == 0,
-               f"model drafter on graphs ({mode}, self-drafting) through the graph backend == AR on HF "
+               f"model drafter on graphs ({mode}, self-drafting) through the {name} backend == AR on HF "
                f"({out.token_ids == truth}), tau {out.stats.tau:.2f}, drafter errors {out.stats.drafter_errors}, "
                f"draft graphs {len(drafter.kv.runner._steps)}, eager draft steps {drafter.kv.runner.eager_steps}")
     from specdec.drafters.early_exit import EarlyExitDrafter

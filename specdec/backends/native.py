@@ -30,6 +30,7 @@ from transformers import PreTrainedModel
 
 from specdec.backends.graph import DEFAULT_BUCKETS, GraphBackend, _Step
 from specdec.backends.static import StaticState
+from specdec.kernels.gemv import gemv, gemv_gated, gemv_qkv_rope
 from specdec.kernels.rmsnorm import add_rmsnorm
 from specdec.kernels.rope_cache import rope_cache
 from specdec.kernels.silu_mul import silu_mul
@@ -86,7 +87,7 @@ def _fuse(modules: Sequence[torch.nn.Linear], attribute: str = "weight") -> torc
 class NativeLlama:
     """The forward of a loaded Llama/Mistral/Qwen2-style `model` on a `StaticBackend` buffer of `max_len` slots."""
 
-    def __init__(self, model: PreTrainedModel, max_len: int):
+    def __init__(self, model: PreTrainedModel, max_len: int, one_token_gemv: bool = True):
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the native forward cannot run {type(model).__name__}: {reason}")
@@ -112,6 +113,7 @@ class NativeLlama:
         with torch.no_grad():
             cos, sin = inner.rotary_emb(probe, positions)  # (1, S, D), in the model's dtype, scaling applied
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
+        self.one_token_gemv = one_token_gemv  # one-query steps take `_forward_one` (5 launches a layer)
 
     def forward(self, buffer: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 prefix: int | torch.Tensor, block_mask: torch.Tensor) -> torch.Tensor:
@@ -119,6 +121,8 @@ class NativeLlama:
         below `prefix` (P) and, of the block [P, P + W), the keys its row of `block_mask` ((T, W) device bool)
         allows. Returns (T, V) logits. No host reads: capturable as a CUDA graph."""
         count, width = block_mask.shape
+        if count == 1 and self.one_token_gemv:
+            return self._forward_one(buffer, tokens, positions, slots, prefix, block_mask)
         hidden = F.embedding(tokens, self.embed)  # (T, H): the residual stream
         attended = torch.empty(count, self.num_q_heads, self.head_dim, dtype=hidden.dtype, device=hidden.device)
         delta = None  # what the last block adds to the stream (fused into the next norm)
@@ -135,6 +139,25 @@ class NativeLlama:
             delta = F.linear(silu_mul(F.linear(normed, layer.gate_up)), layer.down)
         normed = add_rmsnorm(hidden, self.norm, self.eps, delta)
         return F.linear(normed, self.head)
+
+    def _forward_one(self, buffer: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+                     slots: torch.Tensor, prefix: int | torch.Tensor, block_mask: torch.Tensor) -> torch.Tensor:
+        """`forward` for one query: the norms, rotary, cache write, SwiGLU gate and residual adds ride in the
+        GEMVs (`specdec.kernels.gemv`): qkv, attention, o, gate_up, down."""
+        hidden = F.embedding(tokens, self.embed)  # (1, H): the residual stream, updated in place
+        heads, dim = self.num_q_heads, self.head_dim
+        queries = torch.empty(1, heads * dim, dtype=hidden.dtype, device=hidden.device)
+        attended = torch.empty(1, heads, dim, dtype=hidden.dtype, device=hidden.device)
+        for index, layer in enumerate(self.layers):
+            keys, values = buffer[index, 0, 0], buffer[index, 1, 0]  # (Hkv, S_max, D)
+            gemv_qkv_rope(hidden, layer.qkv, positions, slots, self.cos, self.sin, keys, values, heads,
+                          layer.input_norm, self.eps, layer.qkv_bias, queries)
+            tree_attention(queries.view(1, heads, dim).transpose(0, 1)[None], keys[None], values[None], block_mask,
+                           self.scale, prefix_len=prefix, block_len=block_mask.shape[1],
+                           out=attended.transpose(0, 1)[None])
+            gemv(attended.view(1, -1), layer.out, residual=hidden)
+            gemv(gemv_gated(hidden, layer.gate_up, layer.post_norm, self.eps), layer.down, residual=hidden)
+        return gemv(hidden, self.head, self.norm, self.eps)
 
 
 class NativeBackend(GraphBackend):
