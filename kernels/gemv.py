@@ -21,6 +21,10 @@ that is summed once at the end. Weights are (N, K), rows contiguous: `nn.Linear`
 
 from __future__ import annotations  # annotations stay strings: `tl.constexpr` parses without Triton installed
 
+import json
+import os
+from pathlib import Path
+
 import torch
 
 from specdec.kernels.tree_attention import _jit, interpret_mode, tl, triton
@@ -53,17 +57,30 @@ def _input(X, NormW, cols, ok, inv_rms, NORM: tl.constexpr):
 
 
 @_jit
-def _rows_dot(X, NormW, W, Bias, rows, row_ok, size, stride_w, inv_rms, NORM: tl.constexpr, BIAS: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(W[rows] @ x + bias[rows]) rounded to W's dtype, returned in float32."""
-    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    for start in range(0, size, BLOCK_K):
-        cols = start + tl.arange(0, BLOCK_K)
+def _rows_dot(X, NormW, W, Bias, rows, row_ok, size, stride_w, eps, NORM: tl.constexpr, BIAS: tl.constexpr,
+              WHOLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(W[rows] @ x^ + bias[rows]) rounded to W's dtype, returned in float32; x^ = RMSNorm(x) with NORM.
+    WHOLE (BLOCK_K >= size): the whole row in one tile, its weights requested before the norm is computed (no serial
+    pass over x ahead of the weight stream); else BLOCK_K columns at a time after a pass for the norm."""
+    if WHOLE:
+        cols = tl.arange(0, BLOCK_K)
         ok = cols < size
-        x = _input(X, NormW, cols, ok, inv_rms, NORM)
         w = tl.load(W + rows[:, None] * stride_w + cols[None, :], mask=row_ok[:, None] & ok[None, :], other=0.0)
-        acc += w.to(tl.float32) * x[None, :]
-    out = tl.sum(acc, 1)
+        x = tl.load(X + cols, mask=ok, other=0.0).to(tl.float32)
+        inv_rms = tl.rsqrt(tl.sum(x * x, 0) / size + eps)
+        x = _input(X, NormW, cols, ok, inv_rms, NORM)
+        out = tl.sum(w.to(tl.float32) * x[None, :], 1)
+    else:
+        inv_rms = _inverse_rms(X, size, eps, NORM, BLOCK_K)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        for start in range(0, size, BLOCK_K):
+            cols = start + tl.arange(0, BLOCK_K)
+            ok = cols < size
+            x = _input(X, NormW, cols, ok, inv_rms, NORM)
+            w = tl.load(W + rows[:, None] * stride_w + cols[None, :], mask=row_ok[:, None] & ok[None, :],
+                        other=0.0)
+            acc += w.to(tl.float32) * x[None, :]
+        out = tl.sum(acc, 1)
     if BIAS:
         out += tl.load(Bias + rows, mask=row_ok, other=0.0).to(tl.float32)
     return out.to(W.dtype.element_ty).to(tl.float32)
@@ -71,24 +88,22 @@ def _rows_dot(X, NormW, W, Bias, rows, row_ok, size, stride_w, inv_rms, NORM: tl
 
 @_jit
 def _gemv_kernel(X, NormW, W, Bias, Out, size, rows_total, stride_w, eps, NORM: tl.constexpr, BIAS: tl.constexpr,
-                 RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 RESIDUAL: tl.constexpr, WHOLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < rows_total
-    inv_rms = _inverse_rms(X, size, eps, NORM, BLOCK_K)
-    out = _rows_dot(X, NormW, W, Bias, rows, row_ok, size, stride_w, inv_rms, NORM, BIAS, BLOCK_N, BLOCK_K)
+    out = _rows_dot(X, NormW, W, Bias, rows, row_ok, size, stride_w, eps, NORM, BIAS, WHOLE, BLOCK_N, BLOCK_K)
     if RESIDUAL:  # Out is the residual stream: out = stream + delta, one rounding (as add_rmsnorm's add)
         out += tl.load(Out + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(Out + rows, out.to(Out.dtype.element_ty), mask=row_ok)
 
 
 @_jit
-def _gemv_gated_kernel(X, NormW, W, Out, size, width, stride_w, eps, NORM: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+def _gemv_gated_kernel(X, NormW, W, Out, size, width, stride_w, eps, NORM: tl.constexpr, WHOLE: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # gate rows; their up rows are `width` further
     row_ok = rows < width
-    inv_rms = _inverse_rms(X, size, eps, NORM, BLOCK_K)
-    gate = _rows_dot(X, NormW, W, W, rows, row_ok, size, stride_w, inv_rms, NORM, False, BLOCK_N, BLOCK_K)
-    up = _rows_dot(X, NormW, W, W, rows + width, row_ok, size, stride_w, inv_rms, NORM, False, BLOCK_N, BLOCK_K)
+    gate = _rows_dot(X, NormW, W, W, rows, row_ok, size, stride_w, eps, NORM, False, WHOLE, BLOCK_N, BLOCK_K)
+    up = _rows_dot(X, NormW, W, W, rows + width, row_ok, size, stride_w, eps, NORM, False, WHOLE, BLOCK_N, BLOCK_K)
     activated = (gate / (1.0 + tl.exp(-gate))).to(Out.dtype.element_ty).to(tl.float32)
     tl.store(Out + rows, (activated * up).to(Out.dtype.element_ty), mask=row_ok)
 
@@ -97,14 +112,13 @@ def _gemv_gated_kernel(X, NormW, W, Out, size, width, stride_w, eps, NORM: tl.co
 def _gemv_qkv_rope_kernel(X, NormW, W, Bias, Queries, Keys, Values, Cos, Sin, Positions, Slots, size, stride_w,
                           eps, stride_rope, stride_kh, stride_ks, stride_vh, stride_vs, num_q_heads, num_kv_heads,
                           HALF: tl.constexpr, PER_HEAD: tl.constexpr, NORM: tl.constexpr, BIAS: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          WHOLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     head = tl.program_id(0) // PER_HEAD  # [0, Hq) q heads, then Hkv k heads, then Hkv v heads
     dims = (tl.program_id(0) % PER_HEAD) * BLOCK_N + tl.arange(0, BLOCK_N)  # within the first half of the head
     ok = dims < HALF
     rows = head * 2 * HALF + dims
-    inv_rms = _inverse_rms(X, size, eps, NORM, BLOCK_K)
-    x1 = _rows_dot(X, NormW, W, Bias, rows, ok, size, stride_w, inv_rms, NORM, BIAS, BLOCK_N, BLOCK_K)
-    x2 = _rows_dot(X, NormW, W, Bias, rows + HALF, ok, size, stride_w, inv_rms, NORM, BIAS, BLOCK_N, BLOCK_K)
+    x1 = _rows_dot(X, NormW, W, Bias, rows, ok, size, stride_w, eps, NORM, BIAS, WHOLE, BLOCK_N, BLOCK_K)
+    x2 = _rows_dot(X, NormW, W, Bias, rows + HALF, ok, size, stride_w, eps, NORM, BIAS, WHOLE, BLOCK_N, BLOCK_K)
     position = tl.load(Positions)
     slot = tl.load(Slots)
     if head < num_q_heads + num_kv_heads:  # rotate, as rope_cache: [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]
@@ -130,12 +144,39 @@ def _gemv_qkv_rope_kernel(X, NormW, W, Bias, Queries, Keys, Values, Cos, Sin, Po
 
 # ----------------------------------------------------------------------------------------------------- launchers
 
-def gemv_config(rows: int, size: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for `rows` outputs of `size` inputs. The interpreter wants few,
-    big tiles."""
+# (kind, rows, size) -> (BLOCK_N, BLOCK_K, num_warps, num_stages), the fastest of a sweep on an H100 at the 1.1B,
+# 7B and zoo shapes (evals/scripts/gemv_bench.py); kind: "plain", "norm", "residual", "gated" (rows = I), "qkv"
+TUNED: dict[tuple[str, int, int], tuple[int, int, int, int]] = {}
+
+
+def load_tuned(path: str | Path) -> None:
+    """Add a sweep's table (gemv_bench.py's tuned.json: [{"kind", "rows", "size", "config"}, ...]) to `TUNED`.
+    The environment variable SPECDEC_GEMV_TUNED names one to load at import."""
+    try:
+        entries = json.loads(Path(path).read_text())
+        table = {(str(e["kind"]), int(e["rows"]), int(e["size"])): tuple(int(v) for v in e["config"])
+                 for e in entries}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"cannot read a GEMV config table from {path}: {error}") from error
+    if any(len(config) != 4 or min(config) < 1 for config in table.values()):
+        raise ValueError(f"{path}: each config must be 4 positive ints (BLOCK_N, BLOCK_K, num_warps, num_stages)")
+    TUNED.update(table)
+
+
+if os.environ.get("SPECDEC_GEMV_TUNED"):
+    load_tuned(os.environ["SPECDEC_GEMV_TUNED"])
+
+
+def gemv_config(kind: str, rows: int, size: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for a `kind` GEMV of `rows` outputs over `size` inputs: the tuned
+    entry, else few rows per program (many programs in flight: the weight stream needs them) over 1024 columns, or
+    the whole row where it is short. The interpreter wants few, big tiles."""
     if interpret_mode():
         return 16, min(triton.next_power_of_2(size), 1024), 4, 1
-    return 16, 512, 4, 3
+    if (kind, rows, size) in TUNED:
+        return TUNED[kind, rows, size]
+    whole = triton.next_power_of_2(size)
+    return 4, whole if whole <= 2048 else 1024, 4 if size <= 2048 else 8, 3
 
 
 def _vector(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -170,11 +211,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor | None = None
     out = torch.empty(1, rows, dtype=weight.dtype, device=x.device) if residual is None else residual
     if out.numel() != rows or not out.is_contiguous():
         raise ValueError(f"residual must be a contiguous (N,) or (1, N) = ({rows},) tensor, got {tuple(out.shape)}")
-    block_n, block_k, warps, stages = config or gemv_config(rows, size)
+    kind = "residual" if residual is not None else "norm" if norm is not None else "plain"
+    block_n, block_k, warps, stages = config or gemv_config(kind, rows, size)
     _gemv_kernel[(triton.cdiv(rows, block_n),)](
         x, x if norm is None else norm, weight, weight if bias is None else bias, out, size, rows, weight.stride(0),
-        eps, NORM=norm is not None, BIAS=bias is not None, RESIDUAL=residual is not None, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        eps, NORM=norm is not None, BIAS=bias is not None, RESIDUAL=residual is not None, WHOLE=block_k >= size,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -188,10 +230,11 @@ def gemv_gated(x: torch.Tensor, gate_up: torch.Tensor, norm: torch.Tensor | None
         raise ValueError(f"gate_up must have an even number of rows ([gate; up]), got {gate_up.shape[0]}")
     width = gate_up.shape[0] // 2
     out = torch.empty(1, width, dtype=gate_up.dtype, device=x.device)
-    block_n, block_k, warps, stages = config or gemv_config(width, size)
+    block_n, block_k, warps, stages = config or gemv_config("gated", width, size)
     _gemv_gated_kernel[(triton.cdiv(width, block_n),)](
         x, x if norm is None else norm, gate_up, out, size, width, gate_up.stride(0), eps,
-        NORM=norm is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        NORM=norm is not None, WHOLE=block_k >= size, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        num_stages=stages)
     return out
 
 
@@ -220,12 +263,13 @@ def gemv_qkv_rope(x: torch.Tensor, qkv: torch.Tensor, positions: torch.Tensor, s
     if queries.numel() != num_q_heads * head_dim or not queries.is_contiguous():
         raise ValueError(f"queries must be a contiguous buffer of {num_q_heads * head_dim} values")
     half = head_dim // 2
-    block_n, block_k, warps, stages = config or gemv_config(qkv.shape[0], size)
+    block_n, block_k, warps, stages = config or gemv_config("qkv", qkv.shape[0], size)
     block_n = min(block_n, max(16, triton.next_power_of_2(half)))
     per_head = triton.cdiv(half, block_n)
     _gemv_qkv_rope_kernel[((num_q_heads + 2 * num_kv_heads) * per_head,)](
         x, x if norm is None else norm, qkv, qkv if bias is None else bias, queries, keys, values, cos, sin,
         positions, slots, size, qkv.stride(0), eps, cos.stride(0), keys.stride(0), keys.stride(1),
-        values.stride(0), values.stride(1), num_q_heads, num_kv_heads, HALF=half, PER_HEAD=per_head, NORM=norm is not None,
-        BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        values.stride(0), values.stride(1), num_q_heads, num_kv_heads, HALF=half, PER_HEAD=per_head,
+        NORM=norm is not None, BIAS=bias is not None, WHOLE=block_k >= size, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps, num_stages=stages)
     return queries

@@ -18,6 +18,7 @@ from specdec.kernels.silu_mul import silu_mul_reference  # noqa: E402
 from test_native_backend import DTYPES, assert_within_twice_torch  # noqa: E402
 
 EPS = 1e-5
+CONFIGS = [None, (8, 32, 4, 1)]  # the default (whole rows here), and 32-column chunks after a pass for the norm
 
 
 def _truncating(dtype) -> bool:
@@ -55,10 +56,11 @@ def _inputs(dtype, rows=37, size=97, seed=0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_norm", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_gemv_matches_linear(dtype, with_norm, with_bias):
+@pytest.mark.parametrize("config", CONFIGS)
+def test_gemv_matches_linear(dtype, with_norm, with_bias, config):
     x, weight, norm, bias = _inputs(dtype)
     norm, bias = (norm if with_norm else None), (bias if with_bias else None)
-    out = gemv(x, weight, norm, EPS, bias)
+    out = gemv(x, weight, norm, EPS, bias, config=config)
     double = [None if t is None else t.double() for t in (x, weight, norm, bias)]
     exact = F.linear(_normed(double[0], double[2]), double[1], double[3])
     same_dtype = F.linear(_normed(x, norm), weight, bias)
@@ -78,9 +80,10 @@ def test_gemv_residual_adds_in_place(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gemv_gated_matches_silu_mul(dtype):
+@pytest.mark.parametrize("config", CONFIGS)
+def test_gemv_gated_matches_silu_mul(dtype, config):
     x, gate_up, norm, _ = _inputs(dtype, rows=2 * 45, size=97, seed=3)
-    out = gemv_gated(x, gate_up, norm, EPS)
+    out = gemv_gated(x, gate_up, norm, EPS, config=config)
     exact = silu_mul_reference(F.linear(_normed(x.double(), norm.double()), gate_up.double()))
     same_dtype = silu_mul_reference(F.linear(_normed(x, norm), gate_up))
     if _truncating(dtype):
@@ -91,7 +94,8 @@ def test_gemv_gated_matches_silu_mul(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [8, 64])
-def test_gemv_qkv_rope_matches_linear_and_rope_cache(dtype, head_dim):
+@pytest.mark.parametrize("config", CONFIGS)
+def test_gemv_qkv_rope_matches_linear_and_rope_cache(dtype, head_dim, config):
     num_q, num_kv, size, slots_total = 4, 2, 97, 11
     rows = (num_q + 2 * num_kv) * head_dim
     x, qkv, norm, bias = _inputs(dtype, rows=rows, size=size, seed=4)
@@ -107,7 +111,8 @@ def test_gemv_qkv_rope_matches_linear_and_rope_cache(dtype, head_dim):
         return queries.reshape(-1), keys, values
 
     def fused(keys, values, x_, qkv_, norm_, bias_, cos_, sin_):
-        return gemv_qkv_rope(x_, qkv_, position, slot, cos_, sin_, keys, values, num_q, norm_, EPS, bias_)
+        return gemv_qkv_rope(x_, qkv_, position, slot, cos_, sin_, keys, values, num_q, norm_, EPS, bias_,
+                             config=config)
 
     def unfused(keys, values, x_, qkv_, norm_, bias_, cos_, sin_):
         projected = F.linear(_normed(x_, norm_), qkv_, bias_)[None]
@@ -142,3 +147,17 @@ def test_gemv_rejects_bad_shapes():
         gemv(x, weight, norm[:10])
     with pytest.raises(ValueError, match="even number"):
         gemv_gated(x, weight)
+
+
+def test_a_tuned_table_loads_and_a_corrupt_one_is_refused(tmp_path, monkeypatch):
+    from specdec.kernels import gemv as module
+
+    monkeypatch.setattr(module, "TUNED", {})
+    good = tmp_path / "tuned.json"
+    good.write_text('[{"kind": "qkv", "rows": 2560, "size": 2048, "config": [4, 2048, 4, 1]}]')
+    module.load_tuned(good)
+    assert module.TUNED == {("qkv", 2560, 2048): (4, 2048, 4, 1)}
+    for text in ('[{"kind": "qkv"}]', "not json", '[{"kind": "qkv", "rows": 1, "size": 1, "config": [0, 1, 1, 1]}]'):
+        good.write_text(text)
+        with pytest.raises(ValueError, match="tuned|config"):
+            module.load_tuned(good)

@@ -20,7 +20,9 @@ import torch.nn.functional as F
 
 from specdec.evals.step_bench import SHAPES, _kernel_ms, _median_ms, build_model, weight_floor_ms
 from specdec.backends.native import NativeBackend
-from specdec.kernels.gemv import gemv, gemv_config, gemv_gated, gemv_qkv_rope
+from specdec.kernels import gemv as gemv_mod
+from specdec.kernels.gemv import gemv, gemv_gated, gemv_qkv_rope
+from specdec.kernels.tree_attention import triton
 from specdec.tree import DraftTree
 
 
@@ -31,56 +33,66 @@ def say(*parts) -> None:
     print(*parts, flush=True)
 
 
-def matrices(shape: str) -> dict[str, tuple[int, int]]:
+def kinds(shape: str) -> dict[str, tuple[int, int]]:
+    """The forward's one-token GEMVs: kind -> (rows as `gemv_config` counts them, size)."""
     hidden, _, heads, kv_heads, ffn, vocab = SHAPES[shape]
     head_dim = hidden // heads
-    return {"qkv": ((heads + 2 * kv_heads) * head_dim, hidden), "o": (hidden, hidden), "gate_up": (2 * ffn, hidden),
-            "down": (hidden, ffn), "head": (vocab, hidden)}
+    return {"qkv": ((heads + 2 * kv_heads) * head_dim, hidden), "residual_o": (hidden, hidden),
+            "gated": (ffn, hidden), "residual_down": (hidden, ffn), "norm_head": (vocab, hidden)}
 
 
-def sweep(shape: str, configs: list[tuple[int, int, int, int]], reps: int) -> list[dict]:
-    """Each matrix: cuBLAS F.linear at M=1, plain `gemv` at every config, the fused variant at the best one."""
+def candidates(size: int, quick: bool) -> list[tuple[int, int, int, int]]:
+    """Whole rows (one tile, stages irrelevant) and 512/1024-column chunks, 1-8 rows a program, 4 or 8 warps."""
+    whole = triton.next_power_of_2(size)
+    if quick:
+        return [(4, min(whole, 1024), 4, 3), (4, whole, 4, 1)]
+    configs = [(n, whole, w, 1) for n in (1, 2, 4, 8) for w in (4, 8) if n * whole <= 32768]
+    return configs + [(n, k, w, s) for n in (2, 4, 8) for k in (512, 1024) if k < whole for w in (4, 8)
+                      for s in (1, 3)]
+
+
+def sweep(shape: str, reps: int, quick: bool) -> list[dict]:
+    """Each kind of one-token GEMV at this shape: cuBLAS F.linear at M = 1 (the bare product, none of the fused
+    ops) and specdec's kernel at every candidate config; the best goes into `TUNED` for the step measurements."""
     hidden, _, heads, kv_heads, _, _ = SHAPES[shape]
     head_dim = hidden // heads
-    rows = []
-    for name, (n, k) in matrices(shape).items():
-        weight = (torch.randn(n, k, device=DEVICE) * 0.02).to(torch.bfloat16)
-        x = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
-        norm = torch.ones(k, device=DEVICE, dtype=torch.bfloat16)
-        gbytes = n * k * 2 / 1e9
-        row = {"shape": shape, "matrix": name, "n": n, "k": k, "cublas_ms": _kernel_ms(lambda: F.linear(x, weight),
-                                                                                          reps)}
-        row["cublas_tb_s"] = gbytes / row["cublas_ms"]
+    rows_out = []
+    for name, (rows, size) in kinds(shape).items():
+        kind = name.split("_")[0]
+        n = 2 * rows if kind == "gated" else rows
+        weight = (torch.randn(n, size, device=DEVICE) * 0.02).to(torch.bfloat16)
+        x = torch.randn(1, size, device=DEVICE, dtype=torch.bfloat16)
+        norm = torch.ones(size, device=DEVICE, dtype=torch.bfloat16)
+        stream = torch.zeros(1, rows, device=DEVICE, dtype=torch.bfloat16)
+        cache = torch.zeros(kv_heads, 64, head_dim, device=DEVICE, dtype=torch.bfloat16)
+        values = cache.clone()
+        cos = torch.ones(64, head_dim, device=DEVICE, dtype=torch.bfloat16)
+        where = torch.tensor([3], device=DEVICE)
+        calls = {"qkv": lambda c: gemv_qkv_rope(x, weight, where, where, cos, cos, cache, values, heads, norm, 1e-5,
+                                                config=c),
+                 "residual": lambda c: gemv(x, weight, residual=stream, config=c),
+                 "gated": lambda c: gemv_gated(x, weight, norm, 1e-5, config=c),
+                 "norm": lambda c: gemv(x, weight, norm, 1e-5, config=c)}
+        gbytes = n * size * 2 / 1e9
+        row = {"shape": shape, "kind": kind, "matrix": name, "rows": n, "size": size,
+               "cublas_ms": _kernel_ms(lambda: F.linear(x, weight), reps)}
         timed = {}
-        for config in configs:
+        for config in candidates(size, quick):
             try:
-                timed[config] = _kernel_ms(lambda: gemv(x, weight, config=config), reps)
+                timed[config] = _kernel_ms(lambda: calls[kind](config), reps)
             except Exception as error:  # noqa: BLE001 - a config the compiler refuses (registers, shared memory)
                 say(f"  {shape} {name} {config}: {type(error).__name__}")
         best = min(timed, key=timed.get)
-        row.update(best_config=list(best), gemv_ms=timed[best], gemv_tb_s=gbytes / timed[best],
-                   default_config=list(gemv_config(n, k)), default_ms=timed.get(gemv_config(n, k)),
-                   all={",".join(map(str, c)): round(ms * 1e3, 2) for c, ms in sorted(timed.items(),
-                                                                                     key=lambda kv: kv[1])[:8]})
-        if name == "gate_up":
-            row["fused_ms"] = _kernel_ms(lambda: gemv_gated(x, weight, norm, 1e-5, config=best), reps)
-        elif name == "qkv":
-            cache = torch.zeros(kv_heads, 64, head_dim, device=DEVICE, dtype=torch.bfloat16)
-            cos = torch.ones(64, head_dim, device=DEVICE, dtype=torch.bfloat16)
-            where = torch.tensor([3], device=DEVICE)
-            row["fused_ms"] = _kernel_ms(lambda: gemv_qkv_rope(x, weight, where, where, cos, cos, cache,
-                                                               cache.clone(), heads, norm, 1e-5, config=best), reps)
-        elif name in ("o", "down"):
-            stream = torch.zeros(1, n, device=DEVICE, dtype=torch.bfloat16)
-            row["fused_ms"] = _kernel_ms(lambda: gemv(x, weight, residual=stream, config=best), reps)
-        else:
-            row["fused_ms"] = _kernel_ms(lambda: gemv(x, weight, norm, 1e-5, config=best), reps)
-        say(f"{shape:4s} {name:8s} {n:6d}x{k:<6d} cuBLAS {row['cublas_ms'] * 1e3:7.2f} us "
-            f"({row['cublas_tb_s']:.2f} TB/s) | gemv best {best} {row['gemv_ms'] * 1e3:7.2f} us "
-            f"({row['gemv_tb_s']:.2f} TB/s) default {(row['default_ms'] or float('nan')) * 1e3:.2f} us | "
-            f"fused {row['fused_ms'] * 1e3:7.2f} us")
-        rows.append(row)
-    return rows
+        gemv_mod.TUNED[kind, rows, size] = best
+        row.update(best_config=list(best), best_ms=timed[best], best_tb_s=gbytes / timed[best],
+                   cublas_tb_s=gbytes / row["cublas_ms"],
+                   top={",".join(map(str, c)): round(ms * 1e3, 2) for c, ms in sorted(timed.items(),
+                                                                                     key=lambda kv: kv[1])[:6]})
+        say(f"{shape:4s} {name:14s} {n:6d}x{size:<6d} cuBLAS (bare) {row['cublas_ms'] * 1e3:7.2f} us "
+            f"({row['cublas_tb_s']:.2f} TB/s) | fused best {best} {row['best_ms'] * 1e3:7.2f} us "
+            f"({row['best_tb_s']:.2f} TB/s)")
+        rows_out.append(row)
+    return rows_out
 
 
 def steps(shape: str, context: int, reps: int, profile: bool) -> dict:
@@ -139,23 +151,23 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="a few configs only")
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="a kernel table of the AR step's graph")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
     say(name, torch.__version__)
-    if args.quick:
-        configs = [(16, 512, 4, 3), (8, 512, 4, 3), (32, 256, 4, 3)]
-    else:
-        configs = list(itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8), (1, 3, 5)))
     result = {"device": name, "sweep": [], "steps": []}
     path = args.out / "gemv_bench.json"
     for shape in args.shapes.split(","):
         if not args.no_sweep:
-            result["sweep"] += sweep(shape, configs, args.reps)
+            result["sweep"] += sweep(shape, args.reps, args.quick)
             path.write_text(json.dumps(result, indent=1))
     for shape in args.shapes.split(","):
-        result["steps"].append(steps(shape, args.context, args.reps, profile=shape != "7b"))
+        result["steps"].append(steps(shape, args.context, args.reps, profile=args.profile))
         path.write_text(json.dumps(result, indent=1))
+    (args.out / "tuned.json").write_text(json.dumps(
+        [{"kind": k, "rows": r, "size": n, "config": list(c)} for (k, r, n), c in sorted(gemv_mod.TUNED.items())]))
+    say("TUNED = {" + ", ".join(f"{key!r}: {value!r}" for key, value in sorted(gemv_mod.TUNED.items())) + "}")
     return 0
 
 
