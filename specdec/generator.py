@@ -77,15 +77,16 @@ class StreamChunk:
 
 
 class _TextStream:
-    """Incremental detokenisation that never emits half a UTF-8 character."""
+    """Incremental detokenisation that never emits half a UTF-8 character. Without a tokenizer every delta is ""."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.emitted = tokenizer, ""
 
-    def push(self, token_ids: Sequence[int], final: bool = False) -> str:
+    def push(self, generated: list[int], end: int | None = None, final: bool = False) -> str:
+        """The text that `generated[:end]` adds to what was emitted."""
         if self.tokenizer is None:
             return ""
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        text = self.tokenizer.decode(generated[:end], skip_special_tokens=True)
         if not final and text.endswith("\ufffd"):
             return ""
         delta, self.emitted = text[len(self.emitted):], text
@@ -132,7 +133,8 @@ class SpeculativeGenerator:
                        seed=seed, stop=stop, chat=chat)
         if _is_batch(prompt):
             return [self.generate(one, **options) for one in prompt]
-        steps = self.stream(prompt, **options)
+        # the steps' streamed text would go unread: decoding the whole text each step costs O(length) host time
+        steps = self._decode_loop(*self._prepare(prompt, **options), stream_text=False)
         while True:
             try:
                 next(steps)
@@ -143,15 +145,22 @@ class SpeculativeGenerator:
                top_k: int = 0, seed: int | None = 0, stop: Sequence[str] = (),
                chat: bool = False) -> Generator[StreamChunk, None, GenerationOutput]:
         """Yields a `StreamChunk` per step; the generator's return value is the `GenerationOutput`."""
+        return self._decode_loop(*self._prepare(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop, chat))
+
+    def _prepare(self, prompt, max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
+                 stop: Sequence[str], chat: bool) -> tuple[list[int], SamplingParams, StopRule]:
+        """One generation's checked prompt ids, sampling parameters and stopping rule."""
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         prompt_ids = self.encode(prompt, chat)
         room = None if self.backend.max_positions is None else self.backend.max_positions - len(prompt_ids)
         rule = StopRule(max_new_tokens, self._eos_ids(), tuple(stop), self.tokenizer, room)
-        return self._decode_loop(prompt_ids, params, rule)
+        return prompt_ids, params, rule
 
-    def _decode_loop(self, prompt_ids: list[int], params: SamplingParams,
-                     rule: StopRule) -> Iterator[StreamChunk]:
-        stats, timer, text = GenerationStats(), PhaseTimer(self.phase_sync), _TextStream(self.tokenizer)
+    def _decode_loop(self, prompt_ids: list[int], params: SamplingParams, rule: StopRule,
+                     stream_text: bool = True) -> Iterator[StreamChunk]:
+        """The steps of one generation; stream_text=False leaves the chunks' text empty (generate() reads none)."""
+        stats, timer = GenerationStats(), PhaseTimer(self.phase_sync)
+        text = _TextStream(self.tokenizer if stream_text else None)
         started = time.perf_counter()
         generator = make_generator(params, self.backend.device)
         with timer("prefill"):
@@ -165,10 +174,10 @@ class SpeculativeGenerator:
             with timer("draft"):
                 tree = self._propose(DraftContext(committed, budget, params, self.target_view), budget, stats)
             result = verify(self.backend, state, committed[-1], tree, params, generator, timer)
-            start = len(generated)
-            generated += result.committed_tokens
+            start, new_tokens = len(generated), result.committed_tokens
+            generated += new_tokens
             end = rule.cut(generated, start)
-            committed = list(prompt_ids) + generated[:end]
+            committed = committed + new_tokens  # a new list (a drafter may keep the last one); unused once cut
             with timer("observe"):
                 spent = {phase: timer.seconds[phase] - spent_before.get(phase, 0.0) for phase in timer.seconds}
                 step = StepStats(len(tree), max_depth(tree), result.accepted_len, draft_s=spent["draft"],
@@ -179,7 +188,7 @@ class SpeculativeGenerator:
             stats.target_forwards += 1
             stats.drafted_nodes += len(tree)
             stats.accepted_hist[result.accepted_len] += 1
-            yield StreamChunk(generated[start:end], text.push(generated[:end]))
+            yield StreamChunk(generated[start:end], text.push(generated, end))
         generated = generated[:end]
         tail = text.push(generated, final=True)
         if tail:
@@ -217,7 +226,8 @@ class SpeculativeGenerator:
         if len(tree) == 0:
             return None
         vocab = self.backend.vocab_size
-        if int(tree.tokens.min()) < 0 or int(tree.tokens.max()) >= vocab:
+        tokens = tree.host_tokens if tree.host_tokens is not None else tree.tokens.tolist()  # one read, if any
+        if min(tokens) < 0 or max(tokens) >= vocab:
             return f"draft token ids must lie in [0, {vocab})"
         if len(tree) > budget.max_nodes or max_depth(tree) > budget.max_depth:
             return (f"the tree ({len(tree)} nodes, depth {max_depth(tree)}) exceeds the budget "

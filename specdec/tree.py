@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy
 import torch
 
 
@@ -34,6 +35,8 @@ class DraftTree:
     source:      N names or None: which drafter proposed each node (fused trees, per-source statistics).
     host_parents: `parents` as a tuple on the host, so the structure functions below never read the device (a
                  GPU sync per call). Filled from `parents` at construction; `.to()` carries it over.
+    host_tokens: `tokens` as a tuple on the host where that costs no device read: filled at construction when
+                 `tokens` is on the CPU (else None, unless given); `.to()` carries it over.
     """
 
     tokens: torch.Tensor
@@ -41,6 +44,7 @@ class DraftTree:
     draft_probs: torch.Tensor | None = None
     source: tuple[str, ...] | None = None
     host_parents: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
+    host_tokens: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         tokens, parents = self.tokens, self.parents
@@ -54,6 +58,11 @@ class DraftTree:
             object.__setattr__(self, "host_parents", tuple(parents.tolist()))
         elif parents.device.type == "cpu" and tuple(parents.tolist()) != tuple(self.host_parents):
             raise ValueError("host_parents must equal parents; leave it unset and it is filled in")
+        if self.host_tokens is None:
+            if tokens.device.type == "cpu":
+                object.__setattr__(self, "host_tokens", tuple(tokens.tolist()))
+        elif tokens.device.type == "cpu" and tuple(tokens.tolist()) != tuple(self.host_tokens):
+            raise ValueError("host_tokens must equal tokens; leave it unset and it is filled in")
         if not all(-1 <= parent < node for node, parent in enumerate(self.host_parents)):
             raise ValueError(f"parents must satisfy -1 <= parents[i] < i (topological order), "
                              f"got {list(self.host_parents)}")
@@ -69,7 +78,7 @@ class DraftTree:
     def empty(cls, device: torch.device | str = "cpu") -> DraftTree:
         """The tree with no nodes: the verifier then does a plain autoregressive step."""
         none = torch.empty(0, dtype=torch.long, device=device)
-        return cls(tokens=none, parents=none.clone(), host_parents=())
+        return cls(tokens=none, parents=none.clone(), host_parents=(), host_tokens=())
 
     @classmethod
     def chain(cls, tokens: Sequence[int] | torch.Tensor, draft_probs: torch.Tensor | None = None,
@@ -103,12 +112,19 @@ class DraftTree:
                     parents.append(parent)
                 parent = node
         names = None if source is None else (source,) * len(tokens)
-        return cls(tokens=torch.tensor(tokens, dtype=torch.long),
-                   parents=torch.tensor(parents, dtype=torch.long), source=names)
+        return cls(tokens=_long_tensor(tokens), parents=_long_tensor(parents), source=names)
 
     def to(self, device: torch.device | str) -> DraftTree:
+        tokens, parents = self.tokens.to(device), self.parents.to(device)
         probs = None if self.draft_probs is None else self.draft_probs.to(device)
-        return DraftTree(self.tokens.to(device), self.parents.to(device), probs, self.source, self.host_parents)
+        if tokens is self.tokens and parents is self.parents and probs is self.draft_probs:
+            return self  # already there (like `Tensor.to`); a frozen tree is safe to share
+        return DraftTree(tokens, parents, probs, self.source, self.host_parents, self.host_tokens)
+
+
+def _long_tensor(values: list[int]) -> torch.Tensor:
+    """(len(values),) int64 on the CPU; through numpy, a third of `torch.tensor`'s host time on a short list."""
+    return torch.from_numpy(numpy.array(values, dtype=numpy.int64))
 
 
 def depth_list(tree: DraftTree) -> list[int]:
@@ -137,17 +153,22 @@ def ancestor_mask(tree: DraftTree) -> torch.Tensor:
     return host_ancestor_mask(tree).to(tree.tokens.device)
 
 
-def host_ancestor_mask(tree: DraftTree) -> torch.Tensor:
-    """`ancestor_mask` on the host (CPU), whatever the tree's device."""
-    n = len(tree)
-    if n == 0:
+def host_ancestor_mask(tree: DraftTree, with_root: bool = False) -> torch.Tensor:
+    """`ancestor_mask` on the host (CPU), whatever the tree's device. with_root: (N + 1, N + 1) with the root as row
+    and column 0 (every row sees the root, the root only itself): the block mask of a verification step."""
+    first = int(with_root)  # the column of node 0
+    size = len(tree) + first
+    if size == 0:
         return torch.zeros(0, 0, dtype=torch.bool)
-    rows: list[bytearray] = []  # row i = its parent's row plus itself: one C-level copy per node (a 255-node chain
-    for node, parent in enumerate(tree.host_parents):  # in ~0.1 ms, where indexing with Python lists took ~13 ms)
-        row = bytearray(rows[parent]) if parent >= 0 else bytearray(n)
-        row[node] = 1
+    # row of node i = its parent's row plus itself: one C-level copy per node (a 255-node chain in ~0.1 ms, where
+    # indexing with Python lists took ~13 ms). rows[0] is the root's, rows[1 + i] node i's.
+    rows = [bytearray(size)]
+    rows[0][0] = first
+    for node, parent in enumerate(tree.host_parents):
+        row = bytearray(rows[parent + 1])
+        row[first + node] = 1
         rows.append(row)
-    return torch.frombuffer(bytearray().join(rows), dtype=torch.uint8).view(n, n).bool()
+    return torch.frombuffer(bytearray().join(rows[1 - first:]), dtype=torch.bool).view(size, size)
 
 
 def position_ids(tree: DraftTree, root_position: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ After `verify` the target's cache holds exactly the committed tokens but the new
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -50,16 +50,24 @@ def verify(backend: Backend, state: Any, root_token: int, tree: DraftTree, param
         logits = backend.score_tree(state, root_token, tree)
     with timer("accept"):  # the step's one host sync: the outcome (or greedy: every row's argmax) and the tokens
         if params.greedy:
-            read = torch.cat([logits.argmax(-1), tree.tokens]).tolist()
-            tokens = read[len(tree) + 1:]
-            deepest_node, bonus_token = greedy_walk(tree.host_parents, tokens, read[: len(tree) + 1])
+            best, tokens = _read_with_tokens(logits.argmax(-1), tree)
+            deepest_node, bonus_token = greedy_walk(tree.host_parents, tokens, best)
         else:
             acceptance = accept(tree, logits, params, generator)
-            read = torch.cat([torch.stack([acceptance.deepest_node, acceptance.bonus_token]), tree.tokens]).tolist()
-            deepest_node, bonus_token, tokens = read[0], read[1], read[2:]
+            outcome = torch.stack([acceptance.deepest_node, acceptance.bonus_token])
+            (deepest_node, bonus_token), tokens = _read_with_tokens(outcome, tree)
     with timer("commit"):
         accepted_nodes = path_to(tree, deepest_node)
         backend.commit(state, accepted_nodes, len(tree))
     return VerifyResult(tree=tree, accepted_nodes=accepted_nodes,
                         accepted_tokens=[tokens[node] for node in accepted_nodes],
                         bonus_token=bonus_token, logits=logits)
+
+
+def _read_with_tokens(values: torch.Tensor, tree: DraftTree) -> tuple[list[int], Sequence[int]]:
+    """(values, the tree's tokens) on the host: one device read, of both where the tree's tokens are not on the host
+    already (`host_tokens`)."""
+    if tree.host_tokens is not None:
+        return values.tolist(), tree.host_tokens
+    read = torch.cat([values, tree.tokens]).tolist()
+    return read[: values.numel()], read[values.numel():]
