@@ -145,8 +145,25 @@ def _gemv_qkv_rope_kernel(X, NormW, W, Bias, Queries, Keys, Values, Cos, Sin, Po
 # ----------------------------------------------------------------------------------------------------- launchers
 
 # (kind, rows, size) -> (BLOCK_N, BLOCK_K, num_warps, num_stages), the fastest of a sweep on an H100 at the 1.1B,
-# 7B and zoo shapes (evals/scripts/gemv_bench.py); kind: "plain", "norm", "residual", "gated" (rows = I), "qkv"
-TUNED: dict[tuple[str, int, int], tuple[int, int, int, int]] = {}
+# 7B and zoo shapes (`python3 evals/scripts/gemv_bench.py --out DIR`, evals/results/h100_gemv_bench.json);
+# kind: "plain", "norm", "residual", "gated" (rows = I), "qkv". Whole-row tiles of 1-8 rows won nearly everywhere.
+TUNED: dict[tuple[str, int, int], tuple[int, int, int, int]] = {
+    ('gated', 2048, 768): (4, 1024, 4, 1),
+    ('gated', 5632, 2048): (2, 2048, 8, 1),
+    ('gated', 11008, 4096): (1, 4096, 4, 1),
+    ('norm', 8192, 768): (8, 1024, 4, 1),
+    ('norm', 32000, 2048): (2, 2048, 8, 1),
+    ('norm', 32000, 4096): (1, 4096, 4, 1),
+    ('qkv', 1280, 768): (2, 1024, 4, 1),
+    ('qkv', 2560, 2048): (1, 2048, 4, 1),
+    ('qkv', 12288, 4096): (2, 4096, 8, 1),
+    ('residual', 768, 768): (2, 1024, 8, 1),
+    ('residual', 768, 2048): (4, 2048, 8, 1),
+    ('residual', 2048, 2048): (8, 2048, 8, 1),
+    ('residual', 2048, 5632): (4, 8192, 8, 1),
+    ('residual', 4096, 4096): (8, 1024, 4, 3),
+    ('residual', 4096, 11008): (2, 16384, 4, 1),
+}
 
 
 def load_tuned(path: str | Path) -> None:
@@ -169,14 +186,16 @@ if os.environ.get("SPECDEC_GEMV_TUNED"):
 
 def gemv_config(kind: str, rows: int, size: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) for a `kind` GEMV of `rows` outputs over `size` inputs: the tuned
-    entry, else few rows per program (many programs in flight: the weight stream needs them) over 1024 columns, or
-    the whole row where it is short. The interpreter wants few, big tiles."""
+    entry, else what won the sweep at other shapes: 2 rows a program (many programs in flight: the weight stream
+    needs them) over the whole row, or 1024-column chunks past 16k. The interpreter wants few, big tiles."""
     if interpret_mode():
         return 16, min(triton.next_power_of_2(size), 1024), 4, 1
     if (kind, rows, size) in TUNED:
         return TUNED[kind, rows, size]
     whole = triton.next_power_of_2(size)
-    return 4, whole if whole <= 2048 else 1024, 4 if size <= 2048 else 8, 3
+    if whole > 16384:
+        return 2, 1024, 8, 3
+    return 2, whole, 8 if whole >= 2048 else 4, 1
 
 
 def _vector(x: torch.Tensor, name: str) -> torch.Tensor:

@@ -10,7 +10,6 @@ Writes DIR/gemv_bench.json and prints as it goes (a closed pipe loses nothing al
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 from pathlib import Path
