@@ -171,3 +171,32 @@ def test_bench_step_smoke(tmp_path):
     assert {(s["attn"], s["tokens"]) for s in result["steps"]} == {(p, n) for p in paths for n in (1, 3)}
     assert all(s["ms"] > 0 for s in result["steps"])
     assert {(k["context"], k["tokens"]) for k in result["kernels"]["tiny"]} == {(32, 1), (32, 16), (32, 64)}
+
+
+def test_spec_methods_are_timed_without_phase_syncs_and_split_from_a_synced_rerun():
+    """The timed run is uninstrumented, like `ar`; on a GPU the phase split comes from a second, synchronised run,
+    scaled to the first run's forwards (forced here on the CPU, where the sync itself is a no-op)."""
+    from specdec import SamplingParams
+    from specdec.evals.methods import BenchContext, SpecMethod
+
+    model = fresh_tiny_model("llama").float()
+    method = SpecMethod("recycling", BenchContext(model, None, SamplingParams()))
+    assert not method.synced_phases  # CPU: one run
+    method.synced_phases = True
+    syncs, original = [], method.generator.generate
+
+    def generate(*args, **kwargs):
+        syncs.append(method.generator.phase_sync)
+        out = original(*args, **kwargs)
+        generate.forwards.append(out.stats.target_forwards)
+        generate.seconds.append(dict(out.stats.seconds))
+        return out
+
+    generate.forwards, generate.seconds = [], []
+    method.generator.generate = generate
+    prompt = list(range(5, 40)) * 2
+    result = method.run(prompt, 24)
+    assert syncs == [False, True]
+    assert result.forwards == generate.forwards[0]
+    scale = generate.forwards[0] / generate.forwards[1]
+    assert result.phase_seconds == pytest.approx({k: v * scale for k, v in generate.seconds[1].items()})
