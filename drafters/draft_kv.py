@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -43,7 +44,8 @@ class DynamicKV:
             self.cache.crop(length - self.length)
 
     def move(self, rows: list[int], start: int) -> None:
-        move_cache_rows(self.cache, rows, start)
+        if not _in_place(rows, start):
+            move_cache_rows(self.cache, rows, start)
 
     def run(self, token_ids: list[int], positions: list[int], prefix: int, block: torch.Tensor | None,
             last_only: bool = False) -> torch.Tensor:
@@ -86,12 +88,13 @@ class GraphKV:
         self.state.length = min(self.state.length, length)
 
     def move(self, rows: list[int], start: int) -> None:
-        move_buffer_rows(self.state.buffer, rows, start)
+        if not _in_place(rows, start):  # (a chain's accepted rows always are: no index copy to the device)
+            move_buffer_rows(self.state.buffer, rows, start)
 
     def run(self, token_ids: list[int], positions: list[int], prefix: int, block: torch.Tensor | None,
             last_only: bool = False) -> torch.Tensor:
         if block is None:
-            block = torch.ones(len(token_ids), len(token_ids), dtype=torch.bool).tril()
+            block = _causal_block(len(token_ids))
         # a catch-up from an empty cache is a prefill: past the largest bucket it runs eagerly without a warning
         logits = self.runner.score_block(self.state, token_ids, positions, prefix, block, warn=prefix > 0)
         return logits[-1:] if last_only else logits
@@ -99,3 +102,14 @@ class GraphKV:
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.state.buffer[index, 0, ..., : self.length, :],
                 self.state.buffer[index, 1, ..., : self.length, :])
+
+
+@functools.lru_cache(maxsize=16)
+def _causal_block(count: int) -> torch.Tensor:
+    """(count, count) lower-triangular host bool, shared between calls: read-only (the backend copies it)."""
+    return torch.ones(count, count, dtype=torch.bool).tril()
+
+
+def _in_place(rows: list[int], start: int) -> bool:
+    """Whether moving `rows` to [start, start + len(rows)) would copy each row onto itself."""
+    return rows == list(range(start, start + len(rows)))

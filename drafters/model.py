@@ -33,6 +33,7 @@ import itertools
 import os
 from dataclasses import dataclass
 
+import numpy
 import torch
 from specdec.controllers.base import Budget
 from specdec.drafters.base import DraftContext, TargetView, register_drafter
@@ -89,16 +90,19 @@ class ModelDrafter:
         self.cached: list[int] = []   # the committed tokens whose KV `kv` holds (its first rows)
         self._proposal: tuple[list[int], list[int], list[int]] | None = None  # tokens, parents, cache rows
         self._rng: torch.Generator | None = None
+        self._device: torch.device | None = None  # the draft model's, looked up once per sequence
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> DraftTree:
         if self.model is None:
             self._load(ctx.target)
         if self._rng is None:  # a new sequence
-            self._rng = torch.Generator(self.model.device)
+            self._device = self.model.device
+            self._rng = torch.Generator(self._device)
             self._rng.seed() if ctx.params.seed is None else self._rng.manual_seed(ctx.params.seed ^ _SEED_SALT)
         try:
-            root_logits = self._catch_up([int(token) for token in ctx.token_ids])
+            token_ids = ctx.token_ids if isinstance(ctx.token_ids, list) else list(map(int, ctx.token_ids))
+            root_logits = self._catch_up(token_ids)
             nodes, kept = self._grow(root_logits, ctx.budget, ctx.params)
         except Exception:
             self.cached = []  # a forward that failed part-way leaves layers uneven: the next propose starts anew
@@ -111,10 +115,10 @@ class ModelDrafter:
         parents = [-1 if nodes[i].parent < 0 else index[nodes[i].parent] for i in order]
         self._proposal = (tokens, parents, [nodes[i].slot for i in order])
         probs = None if ctx.params.greedy or not order else torch.stack([nodes[i].q for i in order])
-        device = self.model.device
-        return DraftTree(torch.tensor(tokens, dtype=torch.long, device=device),
-                         torch.tensor(parents, dtype=torch.long, device=device), probs, ("model",) * len(order),
-                         host_parents=tuple(parents))
+        host = torch.from_numpy(numpy.array([tokens, parents], dtype=numpy.int64))
+        tokens_and_parents = host.to(self._device)  # one host-to-device copy for both
+        return DraftTree(tokens_and_parents[0], tokens_and_parents[1], probs, ("model",) * len(order),
+                         host_parents=tuple(parents), host_tokens=tuple(tokens))
 
     @torch.inference_mode()
     def observe(self, result) -> None:
@@ -122,7 +126,9 @@ class ModelDrafter:
         proposal, self._proposal = self._proposal, None
         if proposal is not None and self.model is not None:
             tokens, parents, slots = proposal
-            if result.tree.tokens.tolist() == tokens and list(result.tree.host_parents) == parents:
+            tree = result.tree  # a tree that kept our host_tokens needs no device read to be recognised
+            tree_tokens = tree.host_tokens if tree.host_tokens is not None else tree.tokens.tolist()
+            if list(tree_tokens) == tokens and list(tree.host_parents) == parents:
                 path = list(itertools.takewhile(lambda node: slots[node] >= 0, result.accepted_nodes))
                 if path:
                     self.kv.move([slots[n] for n in path], len(self.cached))
@@ -143,16 +149,18 @@ class ModelDrafter:
         return DynamicKV(self._forward, next(self.model.parameters()).dtype)
 
     def _catch_up(self, token_ids: list[int]) -> torch.Tensor:
-        """Feed the committed tokens the cache lacks (the root always: its logits score the first level) -> (V,)."""
-        keep = 0
-        while keep < min(len(self.cached), len(token_ids) - 1) and self.cached[keep] == token_ids[keep]:
-            keep += 1
+        """Feed the committed tokens the cache lacks (the root always: its logits score the first level) -> (V,).
+        Host work is O(new tokens) but for one list comparison in C (the usual case: the whole cache matches)."""
+        keep = max(min(len(self.cached), len(token_ids) - 1), 0)
+        if self.cached[:keep] != token_ids[:keep]:
+            keep = next(i for i, (ours, theirs) in enumerate(zip(self.cached, token_ids)) if ours != theirs)
         if self.kv is None:
             self.kv = self._new_kv()
-        self.cached = self.cached[:keep]
+        del self.cached[keep:]  # our own list, never the caller's
         self.kv.keep(keep)  # also drops a tree whose observe() never came; keep 0 = a new sequence
-        logits = self.kv.run(token_ids[keep:], list(range(keep, len(token_ids))), keep, None, last_only=True)[-1]
-        self.cached = token_ids
+        new_ids = [int(token) for token in token_ids[keep:]]
+        logits = self.kv.run(new_ids, list(range(keep, len(token_ids))), keep, None, last_only=True)[-1]
+        self.cached += new_ids
         return logits
 
     def _grow(self, root_logits: torch.Tensor, budget: Budget, params: SamplingParams):
@@ -162,14 +170,18 @@ class ModelDrafter:
         and its own slot probability is >= `self.threshold` (0 here; early_exit's Kangaroo stop sets it)."""
         nodes: list[_Node] = []
         own: list[float] = []  # slot probability of each candidate (its score over its parent's)
+        rank_keys: list[tuple[float, int, int]] = []  # (-score, depth, index): best first; ties shallower, older
         frontier, logits, ranked = [-1], root_logits[None], []
         floor = budget.min_confidence or 0.0
         for depth in range(1, budget.max_depth + 1):
             for parent, children in zip(frontier, self._children(logits, params)):
                 base = 1.0 if parent < 0 else nodes[parent].score
-                nodes += [_Node(token, parent, depth, base * slot_prob, q) for token, slot_prob, q in children]
-                own += [slot_prob for _, slot_prob, _ in children]
-            ranked = sorted(range(len(nodes)), key=lambda i: (-nodes[i].score, nodes[i].depth, i))
+                for token, slot_prob, q in children:
+                    score = base * slot_prob
+                    rank_keys.append((-score, depth, len(nodes)))
+                    nodes.append(_Node(token, parent, depth, score, q))
+                    own.append(slot_prob)
+            ranked = [index for _, _, index in sorted(rank_keys)]
             frontier = [i for i in ranked[: budget.max_nodes - 1] if nodes[i].depth == depth
                         and nodes[i].score >= floor and own[i] >= self.threshold][: self.width]
             if depth == budget.max_depth or not frontier:
@@ -178,30 +190,55 @@ class ModelDrafter:
         return nodes, ranked[: budget.max_nodes]
 
     def _children(self, logits: torch.Tensor, params: SamplingParams) -> list[list[tuple[int, float, torch.Tensor]]]:
-        """(F, V) logits -> per row, up to `width` (token, slot probability, q it was drawn from), best slot first."""
-        if params.greedy:
-            top = logits.double().softmax(-1).topk(min(self.width, logits.shape[-1]))
-            return [[(token, prob, None) for token, prob in zip(tokens, probs) if prob > 0]
-                    for tokens, probs in zip(top.indices.tolist(), top.values.tolist())]
-        q = target_probs(logits, params)
-        slot_probs = q.sort(-1, descending=True).values[:, : self.width].tolist()
-        children: list[list] = [[] for _ in slot_probs]
-        for slot in range(len(slot_probs[0])):
-            rows = [row for row, probs in enumerate(slot_probs) if probs[slot] > 0]  # q has a token left
+        """(F, V) logits -> per row, up to `width` (token, slot probability, q it was drawn from), best slot first.
+        One host read (a device sync on CUDA) when greedy, whatever the width; `_sampled_children` makes two."""
+        count = min(self.width, logits.shape[-1])
+        if not params.greedy:
+            return self._sampled_children(target_probs(logits, params), count)
+        top = logits.double().softmax(-1).topk(count)
+        read = torch.cat([top.values, top.indices.double()], -1).tolist()  # ids < 2^53: exact as float64
+        return [[(int(token), prob, None) for prob, token in zip(row[:count], row[count:]) if prob > 0]
+                for row in read]
+
+    def _sampled_children(self, q: torch.Tensor, count: int) -> list[list[tuple[int, float, torch.Tensor]]]:
+        """`_children` from (F, V) probabilities q: slot j's token is drawn from q without slots 1..j-1's tokens.
+        Two host reads: the slot probabilities (which rows draw which slot), then every slot's tokens at once."""
+        slot_probs = q.topk(count).values.tolist()  # (F, count): slot j's probability, per row
+        plan = []  # (slot, the rows that draw it: where q has a token left, its slot-th probability > 0)
+        for slot in range(count):
+            rows = [row for row, probs in enumerate(slot_probs) if probs[slot] > 0]
             if not rows:
                 break
-            tokens = torch.multinomial(q[rows], 1, generator=self._rng)[:, 0]
-            for row, token in zip(rows, tokens.tolist()):
-                children[row].append((token, slot_probs[row][slot], q[row]))
-            q = q.clone()  # the rows handed out above stay as they were drawn from
-            q[rows, tokens] = 0.0
-            q[rows] /= q[rows].sum(-1, keepdim=True)
+            plan.append((slot, rows))
+        drawn = []  # per planned slot: its tokens (on the device, read once below) and the q they were drawn from
+        for slot, rows in plan:
+            every = len(rows) == len(slot_probs)
+            tokens = _sample(q if every else q[rows], self._rng)
+            drawn.append((tokens, q))
+            if slot == len(plan) - 1:
+                break
+            # the next slot draws without the tokens drawn so far (a new q: the rows handed out stay as drawn from)
+            if every:
+                q = q.scatter(1, tokens[:, None], 0.0)
+                q = q / q.sum(-1, keepdim=True)
+            else:
+                q = q.clone()
+                q[rows, tokens] = 0.0
+                q[rows] /= q[rows].sum(-1, keepdim=True)
+        read = torch.cat([tokens for tokens, _ in drawn]).tolist() if drawn else []
+        children: list[list] = [[] for _ in slot_probs]
+        offset = 0
+        for (slot, rows), (_, q) in zip(plan, drawn):
+            q_rows = q.unbind(0)  # every row's view in one call
+            for row, token in zip(rows, read[offset: offset + len(rows)]):
+                children[row].append((token, slot_probs[row][slot], q_rows[row]))
+            offset += len(rows)
         return children
 
     def _run_frontier(self, nodes: list[_Node], frontier: list[int]) -> torch.Tensor:
         """One draft forward over the frontier nodes: each sees the committed tokens, its ancestors' KV and itself."""
         past, committed = self.kv.length, len(self.cached)
-        block = torch.zeros(len(frontier), past - committed + len(frontier), dtype=torch.bool)
+        block = numpy.zeros((len(frontier), past - committed + len(frontier)), dtype=bool)  # host writes: numpy
         for row, node in enumerate(frontier):
             ancestor = nodes[node].parent
             while ancestor >= 0:
@@ -210,7 +247,7 @@ class ModelDrafter:
             nodes[node].slot = past + row
             block[row, past - committed + row] = True
         positions = [committed - 1 + nodes[node].depth for node in frontier]
-        return self.kv.run([nodes[node].token for node in frontier], positions, committed, block)
+        return self.kv.run([nodes[node].token for node in frontier], positions, committed, torch.from_numpy(block))
 
     def _forward(self, token_ids: list[int], positions: list[int], mask: torch.Tensor | None, cache,
                  last_only: bool = False) -> torch.Tensor:
@@ -222,3 +259,10 @@ class ModelDrafter:
                          attention_mask=None if mask is None else mask.to(device),
                          past_key_values=cache, use_cache=True, **({"logits_to_keep": 1} if keep_last else {}))
         return out.logits[0]
+
+
+def _sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of (R, V) `probs` (each row with mass > 0) -> (R,). An exponential race: argmax p / E,
+    E ~ Exp(1) i.i.d., is token i with probability p_i. It is torch.multinomial(probs, 1)'s own algorithm (the same
+    draws from `generator`, the same tokens), without its validity checks, which read the device twice."""
+    return (probs / torch.empty_like(probs).exponential_(1, generator=generator)).argmax(-1)
