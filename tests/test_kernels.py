@@ -278,3 +278,12 @@ def test_kv_compact_refuses_a_source_before_its_destination():
     kv = torch.zeros(1, 2, 1, 1, 16, 16)
     with pytest.raises(ValueError, match="dst_start"):
         kv_compact(kv, torch.tensor([3, 4]), 4, check=True)
+
+
+def test_split_count_keeps_the_grid_to_one_wave():
+    """H100 (132 SMs): 32 kv heads split 4 ways (128 programs), not 5 (160: a second wave that ran 1.1-1.4x slower)."""
+    from specdec.kernels.tree_attention import num_kv_splits
+
+    assert num_kv_splits(32, 2048) == 4 and num_kv_splits(4, 2048) == 8 and num_kv_splits(4, 100) == 1
+    assert all(p * num_kv_splits(p, 1 << 20) <= 132 for p in range(1, 132))
+    assert num_kv_splits(200, 8192) == 1
