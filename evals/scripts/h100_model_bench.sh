@@ -4,10 +4,13 @@
 # Each stage fits one device call (< 10 min); run them back to back on one warm machine:
 #   bash evals/scripts/h100_model_bench.sh build     # zoo target (~7 min) + early-exit heads (~1 min each)
 #   bash evals/scripts/h100_model_bench.sh distill   # draft model: target-generated data, <= 150 s of training, report
-#   bash evals/scripts/h100_model_bench.sh bench-model   # ar, hf-assisted, model chain, model tree
+#   bash evals/scripts/h100_model_bench.sh bench-model   # ar, model chain, model tree (graphs)
+#   bash evals/scripts/h100_model_bench.sh bench-peers   # ar, hf-assisted (same draft), model tree with an eager draft
 #   bash evals/scripts/h100_model_bench.sh bench-exit    # ar, early_exit at each layer, ngram, fused
+# (on a GPU `specdec bench` runs each speculative method twice, timed and phase-synchronised: one call with the
+# peers and the graph drafters ran past 10 min)
 set -euo pipefail
-stage=${1:?build, distill or bench}
+stage=${1:?build, distill, bench-model, bench-peers or bench-exit}
 out=${OUT:-out}
 export SPECDEC_CACHE=${SPECDEC_CACHE:-$PWD/out/cache} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warning || true
@@ -41,12 +44,13 @@ distill)
     --eval-prompts 16 2>&1 | grep -v "━" | tee "$out/distill.log"
   cp "$work/draft/specdec_distill.json" "$out/" 2>/dev/null || true
   ;;
-bench-model|bench-exit)
+bench-model|bench-peers|bench-exit)
   # two calls of < 10 min each (one call with all seven methods ran past 10 min on the eager HF backend)
   draft=$work/draft
   if [ "$stage" = bench-model ]; then
-    methods="ar,hf-assisted,model:path=$draft,mode=chain,graphs=True,model:path=$draft,mode=tree,graphs=True"
-    methods="$methods,model:path=$draft,mode=tree"
+    methods="ar,model:path=$draft,mode=chain,graphs=True,model:path=$draft,mode=tree,graphs=True"
+  elif [ "$stage" = bench-peers ]; then
+    methods="ar,hf-assisted,model:path=$draft,mode=tree"
   else
     methods="ar"
     for layer in ${layers//,/ }; do
