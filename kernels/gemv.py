@@ -15,8 +15,10 @@ rounded to the dtype before the op that follows it, so the fused step equals the
 the float32 sums inside a dot product.
 
 Each program owns BLOCK_N output rows (paired kernels: BLOCK_N rows and their partners, a half head dim or I rows
-further) and streams their weights once, BLOCK_K columns at a time, into a (BLOCK_N, BLOCK_K) float32 accumulator
-that is summed once at the end. Weights are (N, K), rows contiguous: `nn.Linear`'s layout.
+further) and reads their weights once: as one tile of whole rows where BLOCK_K covers the row (the sweep's winner
+nearly everywhere: 1-8 rows a program, weights requested before the norm is computed), else BLOCK_K columns at a
+time into a (BLOCK_N, BLOCK_K) float32 accumulator summed once at the end. Weights are (N, K), rows contiguous:
+`nn.Linear`'s layout.
 """
 
 from __future__ import annotations  # annotations stay strings: `tl.constexpr` parses without Triton installed
@@ -148,21 +150,21 @@ def _gemv_qkv_rope_kernel(X, NormW, W, Bias, Queries, Keys, Values, Cos, Sin, Po
 # 7B and zoo shapes (`python3 evals/scripts/gemv_bench.py --out DIR`, evals/results/h100_gemv_bench.json);
 # kind: "plain", "norm", "residual", "gated" (rows = I), "qkv". Whole-row tiles of 1-8 rows won nearly everywhere.
 TUNED: dict[tuple[str, int, int], tuple[int, int, int, int]] = {
-    ('gated', 2048, 768): (4, 1024, 4, 1),
-    ('gated', 5632, 2048): (2, 2048, 8, 1),
-    ('gated', 11008, 4096): (1, 4096, 4, 1),
-    ('norm', 8192, 768): (8, 1024, 4, 1),
-    ('norm', 32000, 2048): (2, 2048, 8, 1),
-    ('norm', 32000, 4096): (1, 4096, 4, 1),
-    ('qkv', 1280, 768): (2, 1024, 4, 1),
-    ('qkv', 2560, 2048): (1, 2048, 4, 1),
-    ('qkv', 12288, 4096): (2, 4096, 8, 1),
-    ('residual', 768, 768): (2, 1024, 8, 1),
-    ('residual', 768, 2048): (4, 2048, 8, 1),
-    ('residual', 2048, 2048): (8, 2048, 8, 1),
-    ('residual', 2048, 5632): (4, 8192, 8, 1),
-    ('residual', 4096, 4096): (8, 1024, 4, 3),
-    ('residual', 4096, 11008): (2, 16384, 4, 1),
+    ("gated", 2048, 768): (4, 1024, 4, 1),
+    ("gated", 5632, 2048): (2, 2048, 8, 1),
+    ("gated", 11008, 4096): (1, 4096, 4, 1),
+    ("norm", 8192, 768): (8, 1024, 4, 1),
+    ("norm", 32000, 2048): (2, 2048, 8, 1),
+    ("norm", 32000, 4096): (1, 4096, 4, 1),
+    ("qkv", 1280, 768): (2, 1024, 4, 1),
+    ("qkv", 2560, 2048): (1, 2048, 4, 1),
+    ("qkv", 12288, 4096): (2, 4096, 8, 1),
+    ("residual", 768, 768): (2, 1024, 8, 1),
+    ("residual", 768, 2048): (4, 2048, 8, 1),
+    ("residual", 2048, 2048): (8, 2048, 8, 1),
+    ("residual", 2048, 5632): (4, 8192, 8, 1),
+    ("residual", 4096, 4096): (8, 1024, 4, 3),
+    ("residual", 4096, 11008): (2, 16384, 4, 1),
 }
 
 
