@@ -145,6 +145,7 @@ class RecyclingDrafter:
         node_of: dict[tuple[int, ...], int] = {(): -1}
         taken: set[tuple[int, int]] = set()  # (parent node, token): no duplicate siblings
         rows: dict[int, list[int]] = {}
+        matrix = self.successors.numpy()  # a view: a row read is ~10x cheaper than through torch
         for path in template:
             if len(tokens) >= max_nodes:
                 break
@@ -153,7 +154,7 @@ class RecyclingDrafter:
                 continue
             parent_token = self._root if parent < 0 else tokens[parent]
             if parent_token not in rows:
-                rows[parent_token] = self.successors[parent_token].tolist() if parent_token < vocab else [-1] * self.k
+                rows[parent_token] = matrix[parent_token].tolist() if parent_token < vocab else [-1] * self.k
             token = rows[parent_token][path[-1]]
             if not 0 <= token < vocab or (parent, token) in taken:
                 continue
@@ -168,7 +169,8 @@ class RecyclingDrafter:
         token occurs more than once."""
         if self.successors is None:
             self._allocate(result.logits.shape[-1])
-        row_tokens = [self._root] + result.tree.tokens.tolist()
+        tree = result.tree
+        row_tokens = [self._root] + list(tree.host_tokens if tree.host_tokens is not None else tree.tokens.tolist())
         on_path = [0] + [1 + node for node in result.accepted_nodes]
         order = [row for row in range(1, len(row_tokens)) if row - 1 not in result.accepted_nodes] + on_path
         latest = {row_tokens[row]: row for row in order
