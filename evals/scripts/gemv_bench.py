@@ -1,10 +1,12 @@
-"""GPU measurement for the one-token step (issue 4): specdec's GEMV kernels vs cuBLAS at the 1.1B / 7B / zoo
-matrix shapes over a sweep of tile configs, then the native AR step with and without them (the whole step as
-`bench-step` times it, and the bucket-1 graph's GPU time alone), and a kernel-level profile of one AR step.
+"""GPU measurement for the one-token step (issue 4): each kind of fused GEMV (qkv + rotary, o and down + residual,
+gate/up + SiLU, lm head + norm) at the 1.1B / 7B / zoo shapes over a sweep of tile configs, against cuBLAS's bare
+product at M = 1; then the native AR step with the cuBLAS path and with the GEMVs at the sweep's best configs (the
+whole step as `bench-step` times it, and the bucket-1 graph's GPU time alone); `--profile` adds a kernel table.
 
-    python3 evals/scripts/gemv_bench.py --out DIR [--shapes 1b,7b,zoo] [--quick]
+    python3 evals/scripts/gemv_bench.py --out DIR [--shapes 1b,7b,zoo] [--quick] [--profile]
 
-Writes DIR/gemv_bench.json and prints as it goes (a closed pipe loses nothing already written).
+Writes DIR/gemv_bench.json and DIR/tuned.json (the best config per kind and shape: `kernels/gemv.py`'s TUNED
+table, or SPECDEC_GEMV_TUNED=DIR/tuned.json for another GPU), printing as it goes.
 """
 
 from __future__ import annotations
