@@ -102,6 +102,11 @@ def _kernel_ms(fn, reps: int, calls: int = 10) -> float:
         for _ in range(calls):
             fn()
     graph.replay()
+    return replay_ms(graph, reps) / calls
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, reps: int) -> float:
+    """GPU time of one replay of a captured graph in ms: the median of `reps`, between CUDA events."""
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -109,7 +114,7 @@ def _kernel_ms(fn, reps: int, calls: int = 10) -> float:
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
+        times.append(start.elapsed_time(end))
     return statistics.median(times)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from specdec.evals.step_bench import SHAPES, _kernel_ms, _median_ms, build_model, weight_floor_ms
+from specdec.evals.step_bench import SHAPES, _kernel_ms, _median_ms, build_model, replay_ms, weight_floor_ms
 from specdec.backends.native import NativeBackend
 from specdec.kernels import gemv as gemv_mod
 from specdec.kernels.gemv import gemv, gemv_gated, gemv_qkv_rope
@@ -118,15 +118,7 @@ def steps(shape: str, context: int, reps: int, profile: bool) -> dict:
         if DEVICE == "cpu":
             continue
         graph = backend._steps[1, 1].graph
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        out[f"{label}_graph1_ms"] = sorted(times)[len(times) // 2]
+        out[f"{label}_graph1_ms"] = replay_ms(graph, reps)
         say(f"{shape} ctx {context} {label}: step(1) {out[f'{label}_step1_ms']:.3f} ms, graph(1) GPU "
             f"{out[f'{label}_graph1_ms']:.3f} ms, step(64) {out[f'{label}_step64_ms']:.3f} ms, floor "
             f"{out['floor_ms']:.3f} ms")
