@@ -35,6 +35,7 @@ import functools
 import warnings
 from typing import Sequence
 
+import numpy
 import torch
 from transformers import PreTrainedModel
 
@@ -84,8 +85,8 @@ class _Step:
         host[2 * size], host[2 * size + 1] = prefix, offset
         mask = host[2 * size + 2:].reshape(size, width)
         mask[:count, :used] = block_mask.numpy()
-        for row in range(count, size):  # padding rows see one block slot, never NaN
-            mask[row, min(offset + row, width - 1)] = 1
+        padding = numpy.arange(count, size)
+        mask[padding, numpy.minimum(offset + padding, width - 1)] = 1  # padding rows see one block slot, never NaN
         self.inputs.copy_(self.host, non_blocking=True)
         if self.copied is not None:
             self.copied.record()
