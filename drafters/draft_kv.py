@@ -16,12 +16,12 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import torch
 from transformers import DynamicCache
 
+from specdec.backends.graph import causal_block
 from specdec.backends.hf import move_cache_rows
 from specdec.backends.static import move_buffer_rows
 
@@ -93,8 +93,10 @@ class GraphKV:
 
     def run(self, token_ids: list[int], positions: list[int], prefix: int, block: torch.Tensor | None,
             last_only: bool = False) -> torch.Tensor:
+        if block is None and last_only and prefix == self.state.length and len(token_ids):
+            return self.runner.prefill_chunks(self.state, token_ids)[-1:]  # a catch-up: the backend's prefill steps
         if block is None:
-            block = _causal_block(len(token_ids))
+            block = causal_block(len(token_ids))
         # a catch-up from an empty cache is a prefill: past the largest bucket it runs eagerly without a warning
         logits = self.runner.score_block(self.state, token_ids, positions, prefix, block, warn=prefix > 0)
         return logits[-1:] if last_only else logits
@@ -102,12 +104,6 @@ class GraphKV:
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.state.buffer[index, 0, ..., : self.length, :],
                 self.state.buffer[index, 1, ..., : self.length, :])
-
-
-@functools.lru_cache(maxsize=16)
-def _causal_block(count: int) -> torch.Tensor:
-    """(count, count) lower-triangular host bool, shared between calls: read-only (the backend copies it)."""
-    return torch.ones(count, count, dtype=torch.bool).tril()
 
 
 def _in_place(rows: list[int], start: int) -> bool:

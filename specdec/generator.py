@@ -26,6 +26,8 @@ from specdec.timing import PhaseTimer
 from specdec.tree import DraftTree, max_depth
 from specdec.verify import verify
 
+_EMPTY_TREE = DraftTree.empty()  # a plain autoregressive step (frozen, on the host: shared by every generation)
+
 
 @dataclass
 class GenerationStats:
@@ -206,17 +208,19 @@ class SpeculativeGenerator:
                       min_confidence=budget.min_confidence)
 
     def _propose(self, ctx: DraftContext, budget: Budget, stats: GenerationStats) -> DraftTree:
-        """The drafter's tree, checked; a drafter that raises or returns a bad tree costs one plain step."""
+        """The drafter's tree, checked; a drafter that raises or returns a bad tree costs one plain step. The tree
+        stays where the drafter built it: backends read a host tree's tokens in their own input copy, and only
+        sampled acceptance needs it on the device (`verify` moves it; two copies a step saved on a GPU)."""
         if budget.max_nodes == 0 or budget.max_depth == 0:
-            return DraftTree.empty(self.backend.device)
+            return _EMPTY_TREE
         tree = self._drafter_call("propose", stats, ctx)
         if tree is None:
-            return DraftTree.empty(self.backend.device)
+            return _EMPTY_TREE
         problem = self._tree_problem(tree, budget)
         if problem:
             self._drafter_failed(stats, ValueError(problem))
-            return DraftTree.empty(self.backend.device)
-        return tree.to(self.backend.device)
+            return _EMPTY_TREE
+        return tree
 
     def _tree_problem(self, tree, budget: Budget) -> str | None:
         """Why a drafter's tree cannot be verified, or None. A draft q that gives its own token probability 0 (or

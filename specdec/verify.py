@@ -20,7 +20,8 @@ from specdec.tree import DraftTree, path_to
 class VerifyResult:
     """What the target said about one draft tree.
 
-    tree:            the verified tree (on the target's device)
+    tree:            the verified tree, where the drafter built it (host or device; sampled acceptance moves it to
+                     the target's device)
     accepted_nodes:  node indices of the accepted path, root's child first (possibly empty)
     accepted_tokens: their token ids;  accepted_len = len(accepted_tokens)
     bonus_token:     the target's own token after the accepted path; committed = accepted_tokens + [bonus_token]
@@ -53,6 +54,7 @@ def verify(backend: Backend, state: Any, root_token: int, tree: DraftTree, param
             best, tokens = _read_with_tokens(logits.argmax(-1), tree)
             deepest_node, bonus_token = greedy_walk(tree.host_parents, tokens, best)
         else:
+            tree = tree.to(logits.device)  # sampled acceptance runs on the device
             acceptance = accept(tree, logits, params, generator)
             outcome = torch.stack([acceptance.deepest_node, acceptance.bonus_token])
             (deepest_node, bonus_token), tokens = _read_with_tokens(outcome, tree)

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from specdec import SamplingParams, SpeculativeGenerator
-from specdec.backends.graph import GraphBackend
+from specdec.backends.graph import GraphBackend, chunk_sizes
 from specdec.backends.hf import HFBackend
 from specdec.reference import reference_decode
 from specdec.stopping import StopRule
@@ -108,3 +108,22 @@ def test_a_model_that_refuses_the_tree_attention_keeps_its_own(monkeypatch):
         out = SpeculativeGenerator(model, drafter="ngram", backend=backend).generate(prompt, max_new_tokens=24)
     assert out.token_ids == truth and backend.attention is None
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_prefill_chunks_take_the_largest_fitting_square_then_one_bucket():
+    assert chunk_sizes(300, 128, (256, 512)) == [256, 44]
+    assert chunk_sizes(700, 128, (256, 512)) == [512, 128, 60]
+    assert chunk_sizes(128, 128, (256, 512)) == [128] and chunk_sizes(0, 128, (256,)) == []
+    assert chunk_sizes(300, 128, ()) == [128, 128, 44]
+
+
+def test_prefill_through_the_prefill_squares_holds_the_prompt_and_decodes_as_hf():
+    model = tiny_model("llama")
+    prompt = repetitive_prompt(VOCAB, seed=6, length=46)
+    truth = reference_decode(HFBackend(model), prompt, SamplingParams(), StopRule(12))
+    backend = GraphBackend(model, max_len=128, buckets=(1, 2, 4), prefill_sizes=(8, 16, 3))
+    assert backend.prefill_sizes == (8, 16)  # sizes not above the largest bucket are ignored
+    state = backend.prefill(prompt[:-1])  # 45 = 16 + 16 + 8 + 4 + 1: every square and bucket kind
+    _assert_buffer_holds(backend, state, prompt)
+    assert reference_decode(backend, prompt, SamplingParams(), StopRule(12)) == truth
+    assert backend.eager_steps == 0

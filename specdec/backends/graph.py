@@ -22,8 +22,10 @@ live keys (P from device memory, so the graph stays valid as the cache grows); a
 On CUDA the square buckets are captured at the first prefill, other shapes at first use (after two warm-up runs on a
 side stream; with specdec's tree attention switched on for the capture only), all sharing one memory pool, and
 replayed; elsewhere (CPU tests) the same code runs eagerly, so the padding and masking logic is tested everywhere.
-A prefill runs as causal square steps of the largest bucket (a 300-token prompt: 3 replays). A step that fits no
-bucket, or whose padding would run past the cache, runs eagerly (correct, slower). The graphs
+A prefill runs as causal square steps: while more than the largest step bucket is left, the largest prefill size
+(default 256, 512: squares captured for prefills only) that fits, then the rest in one step bucket (a 300-token
+prompt: 256 + 44 in the 64 bucket, 2 replays; each replay is a few hundred kernel launches whatever its size). A
+step that fits no bucket, or whose padding would run past the cache, runs eagerly (correct, slower). The graphs
 hold the buffer's addresses, so the backend owns **one** cache: a new `prefill` starts a new sequence on the same
 buffer (one sequence at a time, as the generator uses it).
 """
@@ -43,6 +45,7 @@ from specdec.backends.static import StaticBackend, StaticState
 from specdec.tree import DraftTree, depth_list, host_ancestor_mask
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+PREFILL_SIZES = (256, 512)  # squares beyond the step buckets, for prompts (and a draft model's catch-up) only
 
 
 class _Step:
@@ -121,10 +124,12 @@ class GraphBackend(StaticBackend):
     """`StaticBackend` with bucketed, graph-captured steps. buckets: the step sizes (queries, and block keys) to
     capture; attention: the attention implementation baked into the graphs ("auto": "specdec_tree" where the Triton
     kernel runs on CUDA, else the model's own; None: the model's own); compile: run each step's forward through
-    torch.compile before capturing it (kernel fusion; compiles once per bucket)."""
+    torch.compile before capturing it (kernel fusion; compiles once per bucket); prefill_sizes: larger causal
+    squares for prompts only (those not above the largest bucket are ignored)."""
 
     def __init__(self, model: PreTrainedModel, max_len: int | None = None,
-                 buckets: Sequence[int] = DEFAULT_BUCKETS, attention: str | None = "auto", compile: bool = False):
+                 buckets: Sequence[int] = DEFAULT_BUCKETS, attention: str | None = "auto", compile: bool = False,
+                 prefill_sizes: Sequence[int] = PREFILL_SIZES):
         super().__init__(model, max_len)
         # compile: each bucket's forward goes through torch.compile (inductor fuses the many small elementwise
         # kernels of HF's modules) before it is captured; one compilation per bucket shape
@@ -143,6 +148,7 @@ class GraphBackend(StaticBackend):
                 self.device) else None
         self.attention = attention
         self.buckets = tuple(sorted(set(buckets)))
+        self.prefill_sizes = tuple(sorted(size for size in set(prefill_sizes) if size > self.buckets[-1]))
         self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
         self._state: StaticState | None = None
         self._steps: dict[tuple[int, int], _Step] = {}
@@ -196,27 +202,35 @@ class GraphBackend(StaticBackend):
         return self._state
 
     def prefill(self, token_ids: Sequence[int]) -> StaticState:
-        """The prompt in chunks of the largest bucket, each a causal square step: a few graph replays instead of
-        one eager forward (whose Python and kernel launches cost ~10-30x more at batch 1)."""
+        """The prompt as a few causal square steps (`prefill_chunks`): graph replays instead of one eager forward
+        (whose Python and kernel launches cost ~10-30x more at batch 1)."""
         state = self.new_state()
-        chunk = self.buckets[-1]
-        for start in range(0, len(token_ids), chunk):
-            ids = token_ids[start: start + chunk]
-            causal = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()
-            self.score_block(state, ids, range(start, start + len(ids)), start, causal, warn=False)
+        self.prefill_chunks(state, token_ids)
         return state
 
+    def prefill_chunks(self, state: StaticState, token_ids: Sequence[int]) -> torch.Tensor | None:
+        """Append `token_ids` to `state` causally in as few square steps as the sizes allow (`chunk_sizes`);
+        returns the last step's logits (None for no tokens)."""
+        sizes, logits, start = self.buckets + self.prefill_sizes, None, 0
+        for count in chunk_sizes(len(token_ids), self.buckets[-1], self.prefill_sizes):
+            ids, at = token_ids[start: start + count], state.length
+            logits = self.score_block(state, ids, range(at, at + count), at, causal_block(count), warn=False, sizes=sizes)
+            start += count
+        return logits
+
     def capture_all(self, shapes: Sequence[tuple[int, int]] | None = None) -> None:
-        """Capture these (queries, block keys) buckets, default the square ones, that fit the cache."""
-        for size, width in shapes or [(size, size) for size in self.buckets]:
+        """Capture these (queries, block keys) buckets, default the square ones and the prefill sizes, that fit
+        the cache."""
+        for size, width in shapes or [(size, size) for size in self.buckets + self.prefill_sizes]:
             if max(size, width) <= self.max_len:
                 step = self._step(size, width)
                 if step.graph is None:
                     step.capture()
 
-    def bucket(self, count: int, start: int) -> int | None:
-        """The smallest bucket >= `count` whose slots from `start` stay inside the cache; None if none does."""
-        return next((size for size in self.buckets if size >= count and start + size <= self.max_len), None)
+    def bucket(self, count: int, start: int, sizes: Sequence[int] | None = None) -> int | None:
+        """The smallest bucket (of `sizes`, default the step buckets) >= `count` whose slots from `start` stay
+        inside the cache; None if none does."""
+        return next((size for size in sizes or self.buckets if size >= count and start + size <= self.max_len), None)
 
     def _step(self, size: int, width: int) -> _Step:
         if (size, width) not in self._steps:
@@ -232,11 +246,12 @@ class GraphBackend(StaticBackend):
 
     def score_block(self, state: StaticState, tokens: Sequence[int], positions: Sequence[int], prefix: int,
                     block_mask: torch.Tensor, device_tokens: torch.Tensor | None = None,
-                    warn: bool = True) -> torch.Tensor:
+                    warn: bool = True, sizes: Sequence[int] | None = None) -> torch.Tensor:
         """One forward of T = block_mask.shape[0] queries (`tokens`, then `device_tokens`) written at slots
         [L, L + T), L = state.length: each sees the slots < `prefix` and, of the block [prefix, L + T), those its
         row of `block_mask` ((T, L - prefix + T) host bool) allows. Returns (T, V) logits; state.length += T.
-        A step past the largest bucket runs eagerly, with a warning unless `warn` is False (a prefill)."""
+        A step past the largest bucket runs eagerly, with a warning unless `warn` is False (a prefill). sizes: the
+        query buckets to pick from (default the step buckets; a prefill adds its own squares)."""
         if state is not self._state:
             raise ValueError("this state is not the graph backend's current sequence (a later prefill replaced it)")
         count, used = block_mask.shape
@@ -246,7 +261,7 @@ class GraphBackend(StaticBackend):
         if offset < 0 or used != offset + count:
             raise ValueError(f"block_mask must be (T, length - prefix + T) = ({count}, {offset + count}), "
                              f"got {tuple(block_mask.shape)}")
-        size = self.bucket(count, start)
+        size = self.bucket(count, start, sizes)
         width = size if offset == 0 else self.bucket(used, prefix)
         if size is None or width is None:
             if warn and used > self.buckets[-1]:
@@ -275,6 +290,23 @@ class GraphBackend(StaticBackend):
         visible[:, :prefix] = True
         visible[:, prefix: prefix + used] = block_mask
         return self._run(state, ids, torch.tensor(list(positions), device=self.device), visible.to(self.device))
+
+
+def chunk_sizes(count: int, largest_bucket: int, prefill_sizes: Sequence[int]) -> list[int]:
+    """How a prefill of `count` tokens splits: the largest prefill size that fits while more than the largest
+    bucket is left (the largest bucket itself when none fits), then the rest. 300 with buckets up to 128 and
+    sizes (256, 512): [256, 44]; 700: [512, 128, 60]."""
+    chunks, left = [], count
+    while left > largest_bucket:
+        chunks.append(max((size for size in prefill_sizes if size <= left), default=largest_bucket))
+        left -= chunks[-1]
+    return chunks + ([left] if left else [])
+
+
+@functools.lru_cache(maxsize=16)
+def causal_block(count: int) -> torch.Tensor:
+    """(count, count) lower-triangular host bool, shared between calls: read-only (steps copy it)."""
+    return torch.ones(count, count, dtype=torch.bool).tril()
 
 
 @functools.lru_cache(maxsize=None)
