@@ -167,30 +167,31 @@ def _tree_attention_kernel(
 @_jit
 def _merge_kernel(PartOut, PartLse, Out, num_rows, num_heads, T, D, num_splits,
                   stride_ob, stride_oh, stride_ot, stride_od,
-                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """BLOCK_R rows r = (batch * Hq + head) * T + query of out = sum_s 2^lse_s * out_s / sum_s 2^lse_s."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < num_rows
-    query = rows % T
-    head = (rows // T) % num_heads
-    batch = rows // (T * num_heads)
+                  ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """ROWS rows r = (batch * Hq + head) * T + query of out = sum_s 2^lse_s * out_s / sum_s 2^lse_s. Each row reads
+    all its splits as one (BLOCK_S, BLOCK_D) tile: one memory latency whatever the split count (a loop over splits
+    waited for one load after another: 32 splits cost ~17 us at N = 1)."""
+    splits = tl.arange(0, BLOCK_S)
+    split_ok = splits < num_splits
     dims = tl.arange(0, BLOCK_D)
-    io_mask = row_ok[:, None] & (dims[None, :] < D)
-    first_part = (rows // T) * num_splits * T + query  # partial row of split 0; split s adds s * T
-    top = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    for split in range(num_splits):
-        top = tl.maximum(top, tl.load(PartLse + first_part + split * T, mask=row_ok, other=float("-inf")))
-    top = tl.where(top > float("-inf"), top, 0.0)  # rows that saw no key: every weight is 0
-    total = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    for split in range(num_splits):
-        part = first_part + split * T
-        weight = tl.exp2(tl.load(PartLse + part, mask=row_ok, other=float("-inf")) - top)
-        total += weight
-        acc += weight[:, None] * tl.load(PartOut + part[:, None] * D + dims[None, :], mask=io_mask, other=0.0)
-    out = acc / tl.where(total > 0.0, total, 1.0)[:, None]
-    tl.store(Out + batch[:, None] * stride_ob + head[:, None] * stride_oh + query[:, None] * stride_ot
-             + dims[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=io_mask)
+    dim_ok = dims < D
+    for index in range(ROWS):  # one row a program on a GPU; many in the interpreter
+        row = tl.program_id(0) * ROWS + index
+        if row < num_rows:
+            query = row % T
+            head = (row // T) % num_heads
+            batch = row // (T * num_heads)
+            part = (row // T) * num_splits * T + query + splits * T  # partial row of each split
+            lse = tl.load(PartLse + part, mask=split_ok, other=float("-inf"))
+            top = tl.max(lse, 0)
+            top = tl.where(top > float("-inf"), top, 0.0)  # a row that saw no key: every weight is 0
+            weight = tl.exp2(lse - top)
+            total = tl.sum(weight, 0)
+            parts = tl.load(PartOut + part[:, None] * D + dims[None, :], mask=split_ok[:, None] & dim_ok[None, :],
+                            other=0.0)
+            out = tl.sum(weight[:, None] * parts, 0) / tl.where(total > 0.0, total, 1.0)
+            tl.store(Out + batch * stride_ob + head * stride_oh + query * stride_ot + dims * stride_od,
+                     out.to(Out.dtype.element_ty), mask=dim_ok)
 
 
 # ----------------------------------------------------------------------------------------------------- launcher
@@ -280,10 +281,10 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask:
     )
     if num_splits > 1:
         rows = batch * num_heads * tree_size
-        block_r = 256 if interpret_mode() else 16
-        _merge_kernel[(triton.cdiv(rows, block_r),)](
+        per_program = 256 if interpret_mode() else 1
+        _merge_kernel[(triton.cdiv(rows, per_program),)](
             part_out, part_lse, out, rows, num_heads, tree_size, head_dim, num_splits, *out.stride(),
-            BLOCK_R=block_r, BLOCK_D=block_d)
+            ROWS=per_program, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d)
     return out
 
 

@@ -80,11 +80,13 @@ def test_tree_attention_matches_reference(batch, kv_heads, group, tree_size, pre
     assert_close_to_reference(tree_attention(q, k, v, mask), q, k, v, prefix_len, mask)
 
 
-def test_split_kv_matches_reference_and_is_deterministic():
-    q, k, v, mask = make_inputs(1, 1, 4, 63, 1025, 64, torch.float16, seed=1)
-    split = tree_attention(q, k, v, mask, scale=0.2, num_splits=3)
-    assert_close_to_reference(split, q, k, v, 1025, mask, scale=0.2)
-    assert torch.equal(split, tree_attention(q, k, v, mask, scale=0.2, num_splits=3))  # bitwise on a rerun
+# 37 splits of 128 keys (the interpreter's block): more than a power of two holds, more than 32
+@pytest.mark.parametrize("num_splits, tree_size, prefix_len", [(3, 63, 1025), (37, 1, 4700)])
+def test_split_kv_matches_reference_and_is_deterministic(num_splits, tree_size, prefix_len):
+    q, k, v, mask = make_inputs(1, 1, 4, tree_size, prefix_len, 64, torch.float16, seed=1)
+    split = tree_attention(q, k, v, mask, scale=0.2, num_splits=num_splits)
+    assert_close_to_reference(split, q, k, v, prefix_len, mask, scale=0.2)
+    assert torch.equal(split, tree_attention(q, k, v, mask, scale=0.2, num_splits=num_splits))  # bitwise rerun
     assert (split.double() - tree_attention(q, k, v, mask, scale=0.2, num_splits=1).double()).abs().max() < 2e-3
 
 
