@@ -25,7 +25,7 @@ def main() -> None:
                 rows = heads // kv_heads * n
                 default = num_kv_splits(kv_heads * triton.cdiv(rows, _block_sizes(rows, dim)[0]), prefix)
                 cells = []
-                for splits in sorted({1, 2, 4, 8, 16, 32, 64, default}):
+                for splits in sorted({1, 2, 4, 8, 12, 16, 24, 32, 48, 64, default}):
                     if splits * 32 > prefix:
                         continue
                     ms = _kernel_ms(lambda: tree_attention(q, k, v, mask, num_splits=splits), 30)

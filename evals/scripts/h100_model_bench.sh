@@ -4,7 +4,7 @@
 # Each stage fits one device call (< 10 min); run them back to back on one warm machine:
 #   bash evals/scripts/h100_model_bench.sh build     # zoo target (~7 min) + early-exit heads (~1 min each)
 #   bash evals/scripts/h100_model_bench.sh distill   # draft model: target-generated data, <= 150 s of training, report
-#   bash evals/scripts/h100_model_bench.sh bench-model   # ar, model chain, model tree (graphs)
+#   bash evals/scripts/h100_model_bench.sh bench-model   # ar, model chain, model tree (graphs); CONTROLLER, TAG
 #   bash evals/scripts/h100_model_bench.sh bench-peers   # ar, hf-assisted (same draft), model tree with an eager draft
 #   bash evals/scripts/h100_model_bench.sh bench-exit    # ar, early_exit at each layer, ngram, fused
 # (on a GPU `specdec bench` runs each speculative method twice, timed and phase-synchronised: one call with the
@@ -60,9 +60,10 @@ bench-model|bench-peers|bench-exit)
     methods="$methods,ngram,fused:drafters=copyspec+recycling"
   fi
   set +e
+  # CONTROLLER=static:max_depth=7,max_nodes=7: chain and tree both verify 8 queries (one graph bucket: equal cost)
   specdec bench --target "zoo:$preset" --backend "${BACKEND:-graph}" --data "code:${QUESTIONS:-12}" --warmup 2 \
-    --methods "$methods" --assistant "$draft" --max-new-tokens 128 --out "$out/$stage" 2>&1 | grep -v "━" \
-    | tee "$out/$stage.log"
+    --methods "$methods" --assistant "$draft" --max-new-tokens 128 --controller "${CONTROLLER:-heuristic}" \
+    --out "$out/$stage${TAG:-}" 2>&1 | grep -v "━" | tee "$out/$stage${TAG:-}.log"
   ;;
 *)
   echo "unknown stage $stage" >&2; exit 2 ;;
