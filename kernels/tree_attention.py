@@ -201,14 +201,15 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def num_kv_splits(programs: int, prefix_len: int, sm_count: int = 132) -> int:
+def num_kv_splits(programs: int, prefix_len: int, sm_count: int = 132, min_keys: int = MIN_KEYS_PER_SPLIT) -> int:
     """Split the prefix when the (batch, kv head, row tile) programs cannot fill the SMs, keeping the grid to one
     wave and each split >= MIN_KEYS_PER_SPLIT keys. E.g. batch 1, 8 kv heads, 1 row tile, P = 4096 ->
     min(132 // 8, 16) = 16 splits. One wave, not ceil: 32 kv heads (7B) split 5 ways make 160 programs on 132 SMs,
-    and 4 splits ran 1.1-1.4x faster at 2k-8k keys on the H100 (evals/results/h100_attention_split.txt)."""
+    and 4 splits ran 1.1-1.4x faster at 2k-8k keys on the H100 (evals/results/h100_attention_split.txt).
+    min_keys: the fewest prefix keys a split may get (`tree_attention` halves it for programs of <= 16 rows)."""
     if programs >= sm_count:
         return 1
-    return max(1, min(sm_count // programs, prefix_len // MIN_KEYS_PER_SPLIT, 64))
+    return max(1, min(sm_count // programs, prefix_len // min_keys, 64))
 
 
 def _block_sizes(rows: int, head_dim: int) -> tuple[int, int, int, int]:
@@ -259,7 +260,10 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask:
     row_tiles = triton.cdiv(group * tree_size, block_m)
     if num_splits is None:
         sm_count = _sm_count(q.device.index or 0) if q.is_cuda else 132
-        num_splits = num_kv_splits(batch * num_kv_heads * row_tiles, host_prefix, sm_count)
+        # a program of few rows (one query, GQA heads packed) does little work per key: splits of 128 keys ran
+        # 1.2x faster than 256 at N = 1 on the H100 (1.1B, 2k: 6.9 vs 8.2 us), where 64 rows wanted 256
+        min_keys = MIN_KEYS_PER_SPLIT // 2 if group * tree_size <= 16 else MIN_KEYS_PER_SPLIT
+        num_splits = num_kv_splits(batch * num_kv_heads * row_tiles, host_prefix, sm_count, min_keys)
     chunk = triton.cdiv(triton.cdiv(max(host_prefix, 1), max(num_splits, 1)), block_n) * block_n
     num_splits = triton.cdiv(max(host_prefix, 1), chunk)  # the kernel's chunking: no split without prefix keys
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
