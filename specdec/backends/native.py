@@ -7,6 +7,8 @@ and ramp, so a 1.1B step took 3.16 ms against a 0.73 ms weight-read floor. This 
     add+RMSNorm -> GEMV qkv -> rotary + KV write -> tree attention -> GEMV o -> add+RMSNorm -> GEMV gate_up
     -> silu*up -> GEMV down
 
+(steps past ROWS_MAX_QUERIES queries; steps of 1..ROWS_MAX_QUERIES fold the norms, rotary + KV write, SwiGLU gate
+and residual adds into the products instead: five launches a layer, `specdec.kernels.gemv` / `gemm_rows`),
 with q/k/v and gate/up fused into one weight each (the HF modules' weights become views into the fused ones, so no
 memory is doubled and the HF model keeps working), rotary tables precomputed for every position of the cache by the
 model's own rotary module (its rope scaling included), and the four Triton kernels of `specdec.kernels`. Weights
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,7 @@ from transformers import PreTrainedModel
 
 from specdec.backends.graph import DEFAULT_BUCKETS, GraphBackend, _Step
 from specdec.backends.static import StaticState
+from specdec.kernels.gemm_rows import MAX_ROWS, rows_gated, rows_linear, rows_qkv_rope
 from specdec.kernels.gemv import gemv, gemv_gated, gemv_qkv_rope
 from specdec.kernels.rmsnorm import add_rmsnorm
 from specdec.kernels.rope_cache import rope_cache
@@ -37,6 +40,11 @@ from specdec.kernels.silu_mul import silu_mul
 from specdec.kernels.tree_attention import kernel_available, tree_attention
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+# The most queries a step runs through the row GEMMs (gemm_rows: up to MAX_ROWS). Measured on the H100 (CUDA-graph
+# GPU time of the verify step, context 2048, evals/scripts/gemm_rows_bench.py): 2..16 queries gain 3-16% over the
+# unfused layer at the zoo, 1.1B and 7B shapes; 32 and 64 lose at 1.1B and 7B (every program re-reads and
+# re-normalises all rows of x: 0.60x at 7B, T = 64).
+ROWS_MAX_QUERIES = 16
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # tables that do not change with the sequence length
 
 
@@ -49,6 +57,18 @@ class _Layer:
     post_norm: torch.Tensor     # (H,)
     gate_up: torch.Tensor       # (2 I, H): [gate; up] rows
     down: torch.Tensor          # (H, I)
+
+
+@dataclass(frozen=True)
+class _FusedKernels:
+    """The three launchers of a five-launch layer (norms, rotary, cache write, gate and residual adds fused in)."""
+    linear: Callable       # (x, weight, norm, eps, bias, residual) -> x^ @ weight^T
+    gated: Callable        # (x, gate_up, norm, eps) -> silu(gate) * up
+    qkv_rope: Callable     # (x, qkv, positions, slots, cos, sin, keys, values, Hq, norm, eps, bias, queries)
+
+
+ONE_TOKEN = _FusedKernels(gemv, gemv_gated, gemv_qkv_rope)          # `specdec.kernels.gemv`: one query
+ROWS = _FusedKernels(rows_linear, rows_gated, rows_qkv_rope)        # `specdec.kernels.gemm_rows`: 2..64 queries
 
 
 def unsupported_reason(model: PreTrainedModel) -> str | None:
@@ -87,7 +107,7 @@ def _fuse(modules: Sequence[torch.nn.Linear], attribute: str = "weight") -> torc
 class NativeLlama:
     """The forward of a loaded Llama/Mistral/Qwen2-style `model` on a `StaticBackend` buffer of `max_len` slots."""
 
-    def __init__(self, model: PreTrainedModel, max_len: int, one_token_gemv: bool = True):
+    def __init__(self, model: PreTrainedModel, max_len: int, one_token_gemv: bool = True, rows_gemm: bool = True):
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the native forward cannot run {type(model).__name__}: {reason}")
@@ -113,7 +133,9 @@ class NativeLlama:
         with torch.no_grad():
             cos, sin = inner.rotary_emb(probe, positions)  # (1, S, D), in the model's dtype, scaling applied
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
-        self.one_token_gemv = one_token_gemv  # one-query steps take `_forward_one` (5 launches a layer)
+        # five launches a layer (`_forward_fused`): one-query steps with the GEMVs, 2..rows_max_queries queries with
+        # the row GEMMs (at most gemm_rows.MAX_ROWS)
+        self.one_token_gemv, self.rows_gemm, self.rows_max_queries = one_token_gemv, rows_gemm, ROWS_MAX_QUERIES
 
     def forward(self, buffer: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 prefix: int | torch.Tensor, block_mask: torch.Tensor) -> torch.Tensor:
@@ -122,7 +144,9 @@ class NativeLlama:
         allows. Returns (T, V) logits. No host reads: capturable as a CUDA graph."""
         count, width = block_mask.shape
         if count == 1 and self.one_token_gemv:
-            return self._forward_one(buffer, tokens, positions, slots, prefix, block_mask)
+            return self._forward_fused(ONE_TOKEN, buffer, tokens, positions, slots, prefix, block_mask)
+        if 1 < count <= min(self.rows_max_queries, MAX_ROWS) and self.rows_gemm:
+            return self._forward_fused(ROWS, buffer, tokens, positions, slots, prefix, block_mask)
         hidden = F.embedding(tokens, self.embed)  # (T, H): the residual stream
         attended = torch.empty(count, self.num_q_heads, self.head_dim, dtype=hidden.dtype, device=hidden.device)
         delta = None  # what the last block adds to the stream (fused into the next norm)
@@ -140,24 +164,27 @@ class NativeLlama:
         normed = add_rmsnorm(hidden, self.norm, self.eps, delta)
         return F.linear(normed, self.head)
 
-    def _forward_one(self, buffer: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
-                     slots: torch.Tensor, prefix: int | torch.Tensor, block_mask: torch.Tensor) -> torch.Tensor:
-        """`forward` for one query: the norms, rotary, cache write, SwiGLU gate and residual adds ride in the
-        GEMVs (`specdec.kernels.gemv`): qkv, attention, o, gate_up, down."""
-        hidden = F.embedding(tokens, self.embed)  # (1, H): the residual stream, updated in place
+    def _forward_fused(self, kernels: _FusedKernels, buffer: torch.Tensor, tokens: torch.Tensor,
+                       positions: torch.Tensor, slots: torch.Tensor, prefix: int | torch.Tensor,
+                       block_mask: torch.Tensor) -> torch.Tensor:
+        """`forward` in five launches a layer, the norms, rotary, cache write, SwiGLU gate and residual adds riding
+        in the products (`kernels`: ONE_TOKEN's GEMVs or ROWS's row GEMMs): qkv, attention, o, gate_up, down."""
+        count, width = block_mask.shape
+        hidden = F.embedding(tokens, self.embed)  # (T, H), contiguous: the residual stream, updated in place
         heads, dim = self.num_q_heads, self.head_dim
-        queries = torch.empty(1, heads * dim, dtype=hidden.dtype, device=hidden.device)
-        attended = torch.empty(1, heads, dim, dtype=hidden.dtype, device=hidden.device)
+        queries = torch.empty(count, heads * dim, dtype=hidden.dtype, device=hidden.device)
+        attended = torch.empty(count, heads, dim, dtype=hidden.dtype, device=hidden.device)
         for index, layer in enumerate(self.layers):
             keys, values = buffer[index, 0, 0], buffer[index, 1, 0]  # (Hkv, S_max, D)
-            gemv_qkv_rope(hidden, layer.qkv, positions, slots, self.cos, self.sin, keys, values, heads,
-                          layer.input_norm, self.eps, layer.qkv_bias, queries)
-            tree_attention(queries.view(1, heads, dim).transpose(0, 1)[None], keys[None], values[None], block_mask,
-                           self.scale, prefix_len=prefix, block_len=block_mask.shape[1],
+            kernels.qkv_rope(hidden, layer.qkv, positions, slots, self.cos, self.sin, keys, values, heads,
+                             layer.input_norm, self.eps, layer.qkv_bias, queries)
+            tree_attention(queries.view(count, heads, dim).transpose(0, 1)[None], keys[None], values[None],
+                           block_mask, self.scale, prefix_len=prefix, block_len=width,
                            out=attended.transpose(0, 1)[None])
-            gemv(attended.view(1, -1), layer.out, residual=hidden)
-            gemv(gemv_gated(hidden, layer.gate_up, layer.post_norm, self.eps), layer.down, residual=hidden)
-        return gemv(hidden, self.head, self.norm, self.eps)
+            kernels.linear(attended.view(count, -1), layer.out, residual=hidden)
+            kernels.linear(kernels.gated(hidden, layer.gate_up, layer.post_norm, self.eps), layer.down,
+                           residual=hidden)
+        return kernels.linear(hidden, self.head, self.norm, self.eps)
 
 
 class NativeBackend(GraphBackend):
