@@ -119,7 +119,7 @@ def test_native_forward_equals_hf_modules(arch):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_one_token_steps_through_the_fused_gemvs_equal_hf_modules(arch):
-    """Token by token, each step takes `_forward_one` (norms, rotary, cache write, gate, residual in the GEMVs)."""
+    """Token by token, each step takes `_forward_fused` with the GEMVs (norms, rotary, cache write, gate, residual in the GEMVs)."""
     model = float_model(arch)
     prompt = repetitive_prompt(VOCAB, seed=3, length=20)
     expected = model(torch.tensor([prompt])).logits[0]
