@@ -79,19 +79,30 @@ class StreamChunk:
 
 
 class _TextStream:
-    """Incremental detokenisation that never emits half a UTF-8 character. Without a tokenizer every delta is ""."""
+    """Incremental detokenisation that never emits half a UTF-8 character. Without a tokenizer every delta is "".
+
+    Each push decodes a window from `anchor` (a few tokens before what was already emitted, so a character split
+    across tokens and a decoder's handling of the window's first token are the same in both decodes whose
+    difference is the delta), not the whole generation: O(new tokens) a step instead of O(length)."""
+
+    CONTEXT = 8  # tokens of left context kept in the window (a UTF-8 character spans at most 4 byte tokens)
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.emitted = tokenizer, ""
+        self.tokenizer, self.anchor, self.window_text = tokenizer, 0, ""  # window_text: decode(generated[anchor:done])
 
     def push(self, generated: list[int], end: int | None = None, final: bool = False) -> str:
         """The text that `generated[:end]` adds to what was emitted."""
         if self.tokenizer is None:
             return ""
-        text = self.tokenizer.decode(generated[:end], skip_special_tokens=True)
+        end = len(generated) if end is None else end
+        text = self.tokenizer.decode(generated[self.anchor:end], skip_special_tokens=True)
         if not final and text.endswith("\ufffd"):
             return ""
-        delta, self.emitted = text[len(self.emitted):], text
+        delta = text[len(self.window_text):]
+        anchor = max(self.anchor, end - self.CONTEXT)
+        if anchor != self.anchor:  # slide the window: the emitted text as the next push's window starts it
+            text = self.tokenizer.decode(generated[anchor:end], skip_special_tokens=True)
+        self.anchor, self.window_text = anchor, text
         return delta
 
 

@@ -5,6 +5,7 @@ input, failing drafters, statistics."""
 from __future__ import annotations
 
 import functools
+import random
 import warnings
 
 import pytest
@@ -505,6 +506,49 @@ def test_stream_chunks_concatenate_to_generate(options):
     assert [t for chunk in chunks for t in chunk.token_ids] == out.token_ids == returned.token_ids
     assert "".join(chunk.text for chunk in chunks) == out.text == returned.text
     assert returned.stats.new_tokens == out.stats.new_tokens
+
+
+def _byte_level_tokenizer():
+    """GPT-2-style byte-level tokenizer over the 256 bytes (no merges): random ids make split and invalid UTF-8."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models
+
+    # GPT-2's byte -> printable character map: printable bytes stand for themselves, the rest from U+0100 on
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [byte for byte in range(256) if byte not in printable]
+    chars = {**{byte: chr(byte) for byte in printable}, **{byte: chr(256 + i) for i, byte in enumerate(others)}}
+    vocab = {char: byte for byte, char in chars.items()}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.decoder = decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
+def _metaspace_tokenizer():
+    """SentencePiece-style pieces ("\u2581" = a space before the word; the decoder drops the text's first space)."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models
+
+    pieces = ["\u2581" + a for a in "abcdefgh"] + list("abcdefgh") + ["\u2581"]
+    tokenizer = Tokenizer(models.WordLevel({piece: i for i, piece in enumerate(pieces)}, unk_token="a"))
+    tokenizer.decoder = decoders.Metaspace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
+@pytest.mark.parametrize("make_tokenizer", [_byte_level_tokenizer, _metaspace_tokenizer, tiny_tokenizer])
+def test_text_stream_deltas_add_up_to_the_whole_decode(make_tokenizer):
+    """The windowed stream (it decodes only the last tokens) emits exactly the text of decoding everything."""
+    from specdec.generator import _TextStream
+
+    tokenizer = make_tokenizer()
+    rng = random.Random(7)
+    for trial in range(20):
+        ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randrange(1, 120))]
+        stream, emitted, end = _TextStream(tokenizer), [], 0
+        while end < len(ids):
+            end = min(len(ids), end + rng.randrange(1, 6))
+            emitted.append(stream.push(ids[:end] + [0] * trial, end))  # tokens past `end` are not read
+        emitted.append(stream.push(ids, final=True))
+        assert "".join(emitted) == tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def test_stream_without_tokenizer():
