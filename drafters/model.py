@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy
 import torch
+from specdec.backends.hf import context_window
 from specdec.controllers.base import Budget
 from specdec.drafters.base import DraftContext, TargetView, register_drafter
 from specdec.drafters.draft_kv import DynamicKV, GraphKV
@@ -100,10 +101,13 @@ class ModelDrafter:
             self._device = self.model.device
             self._rng = torch.Generator(self._device)
             self._rng.seed() if ctx.params.seed is None else self._rng.manual_seed(ctx.params.seed ^ _SEED_SALT)
+        token_ids = ctx.token_ids if isinstance(ctx.token_ids, list) else list(map(int, ctx.token_ids))
+        budget = self._within_window(ctx.budget, len(token_ids))
+        if budget is None:  # the draft model's context is full: plain steps from here on, no error
+            return DraftTree.empty()
         try:
-            token_ids = ctx.token_ids if isinstance(ctx.token_ids, list) else list(map(int, ctx.token_ids))
             root_logits = self._catch_up(token_ids)
-            nodes, kept = self._grow(root_logits, ctx.budget, ctx.params)
+            nodes, kept = self._grow(root_logits, budget, ctx.params)
         except Exception:
             self.cached = []  # a forward that failed part-way leaves layers uneven: the next propose starts anew
             if self.kv is not None:
@@ -135,6 +139,17 @@ class ModelDrafter:
                     self.cached += [tokens[node] for node in path]
         if self.kv is not None:
             self.kv.keep(len(self.cached))
+
+    def _within_window(self, budget: Budget, committed: int) -> Budget | None:
+        """`budget` cut to what the draft model's context window still holds after `committed` tokens (the node at
+        depth d sits at position committed - 1 + d; a tree step writes up to `width` nodes a depth into the cache),
+        or None when not one node fits. A draft model may have a shorter window than the target's."""
+        window = context_window(self.model.config)
+        if window is None:
+            return budget
+        room = window - committed
+        depth = min(budget.max_depth, room, 1 + room // self.width) if room > 0 else 0
+        return Budget(budget.max_nodes, depth, budget.min_confidence) if depth > 0 else None
 
     def _load(self, target: TargetView) -> None:
         from transformers import AutoModelForCausalLM

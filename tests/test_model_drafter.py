@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from collections import Counter
 from types import SimpleNamespace
 
@@ -403,3 +404,21 @@ def test_spec_string_loads_the_draft_on_first_use_in_the_target_dtype(tmp_path):
         ModelDrafter(target(), mode="beam")
     with pytest.raises(ValueError, match="needs a draft model"):
         ModelDrafter()
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_draft_model_with_a_shorter_window_stops_drafting_quietly_at_its_end(graphs):
+    """The draft's window (256) ends mid-generation; the target's (512) goes on: plain steps from there, no
+    warning, no drafter error, the greedy output unchanged."""
+    target = fresh_tiny_model("llama", seed=1)
+    draft = copy.deepcopy(target)  # a perfect draft, but with a window of 256
+    target.config.max_position_embeddings = 512
+    drafter = ModelDrafter(model=draft, mode="tree", graphs=graphs)
+    prompt = repetitive_prompt(target.config.vocab_size, seed=5, length=230)
+    truth = reference_decode(HFBackend(target), prompt, SamplingParams(), StopRule(60))
+    generator = SpeculativeGenerator(target, drafter=drafter, controller="static:max_depth=6,max_nodes=12")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = generator.generate(prompt, max_new_tokens=60)
+    assert out.token_ids == truth and out.stats.drafter_errors == 0
+    assert out.stats.tau > 1.0  # it drafted while the window had room
