@@ -144,7 +144,8 @@ class ModelDrafter:
         """`budget` cut to what the draft model's context window still holds after `committed` tokens (the node at
         depth d sits at position committed - 1 + d; a tree step writes up to `width` nodes a depth into the cache),
         or None when not one node fits. A draft model may have a shorter window than the target's."""
-        window = context_window(self.model.config)
+        config = getattr(self.model, "config", None)  # any causal LM module works; one without a config: no limit
+        window = None if config is None else context_window(config)
         if window is None:
             return budget
         room = window - committed
