@@ -214,7 +214,8 @@ class GraphBackend(StaticBackend):
         sizes, logits, start = self.buckets + self.prefill_sizes, None, 0
         for count in chunk_sizes(len(token_ids), self.buckets[-1], self.prefill_sizes):
             ids, at = token_ids[start: start + count], state.length
-            logits = self.score_block(state, ids, range(at, at + count), at, causal_block(count), warn=False, sizes=sizes)
+            logits = self.score_block(state, ids, range(at, at + count), at, causal_block(count), warn=False,
+                                      sizes=sizes)
             start += count
         return logits
 
