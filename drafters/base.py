@@ -34,12 +34,16 @@ class TargetView:
 
 @dataclass(frozen=True)
 class DraftContext:
-    """token_ids: the committed sequence (prompt + generated); its last token is the root of the tree to propose."""
+    """token_ids: the committed sequence (prompt + generated); its last token is the root of the tree to propose.
+    prefix_kv: where the backend offers it, `prefix_kv(layers)` -> the target's cached keys and values of its first
+    `layers` layers for token_ids[:-1], [(keys, values)] each (1, Hkv, len - 1, D), read-only (drafters that run the
+    target's own first layers read them instead of keeping a cache of their own)."""
 
     token_ids: Sequence[int]
     budget: Budget
     params: SamplingParams
     target: TargetView
+    prefix_kv: Callable[[int], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
 
 @runtime_checkable

@@ -1,14 +1,15 @@
 """`early_exit`: self-speculative drafting from the target's own first L layers + a trained exit head (Kangaroo,
 LayerSkip). draft_logits = lm_head(norm(head(h_L))): the target's final norm and LM head are shared, not copied.
 
-**Cache.** The draft pass runs only `target.model.layers[:L]`, called directly (embeddings, rotary embeddings and
-mask exactly as `LlamaModel.forward` builds them) over the drafter's own `DynamicCache` of those L layers. Its
-bookkeeping is `ModelDrafter`'s (subclassed): the cache holds the committed tokens it has consumed, each step feeds
-what the context added, grows the draft one depth per forward with tree attention, and `observe` keeps the accepted
-path's KV and crops the rest. The ideal is to share the target's own KV for layers < L, as Kangaroo does: no
-second cache, and no draft pass over accepted tokens the drafter never ran (the target's verify pass has already
-written their KV for those layers). That needs the backend to expose per-layer cache handles of its state to
-drafters, and is the next step; until then the cost is a second KV cache of L/num_layers of the target's size.
+**Cache.** Where the target's backend offers its cached layers (`DraftContext.prefix_kv`: the `hf`, `static` backends)
+the draft reads the target's own keys and values of layers < L for every committed token, as Kangaroo does: no cache
+of its own, and no draft pass over committed tokens (the target's verify pass has already computed their layers
+< L). Each step it runs only the root and its frontier nodes through those layers, appending to a copy-on-append
+view of the target's KV (HF's `DynamicCache` copies on append; the target's tensors are never written), and drops
+the view after `observe`. With `share_kv=False`, or with `graphs=True` (the L layers captured as CUDA graphs over a
+static cache, `draft_kv.GraphKV`), it keeps a cache of its own with `ModelDrafter`'s bookkeeping (subclassed): the
+committed tokens it has consumed, each step feeds what the context added, grows the draft one depth per forward with
+tree attention, and `observe` keeps the accepted path's KV and crops the rest (L/num_layers of the target's cache).
 
 **Stopping (Kangaroo's double early exit).** A node is expanded only while its own slot probability (the draft's
 top probability at its parent for a chain) is >= `threshold`; a node below it stays in the draft as a leaf. So
@@ -32,7 +33,7 @@ import torch
 from transformers.masking_utils import create_causal_mask
 
 from specdec.drafters.base import DraftContext, TargetView, register_drafter
-from specdec.drafters.draft_kv import GraphKV
+from specdec.drafters.draft_kv import DynamicKV, GraphKV
 from specdec.drafters.model import ModelDrafter
 from specdec.train.early_exit import ExitHead, draft_logits
 from specdec.tree import DraftTree
@@ -46,7 +47,7 @@ class EarlyExitDrafter(ModelDrafter):
     at least this. mode: "chain" or "tree"; topk: children per expanded node in tree mode."""
 
     def __init__(self, head: ExitHead | str | os.PathLike, threshold: float = 0.6, mode: str = "chain",
-                 topk: int = 4, graphs: bool = False):
+                 topk: int = 4, graphs: bool = False, share_kv: bool = True):
         if mode not in ("tree", "chain"):
             raise ValueError(f"mode must be 'tree' or 'chain', got {mode!r}")
         if topk < 1:
@@ -59,13 +60,31 @@ class EarlyExitDrafter(ModelDrafter):
         self.width = 1 if mode == "chain" else topk
         self.model, self.path = None, None  # the target, bound at the first propose
         self.graphs, self.kv = bool(graphs), None  # graphs: the L layers' KV in a static cache (`draft_kv`)
+        self.share_kv, self._shared = bool(share_kv), False  # _shared: this step's cache is the target's view
         self.reset()
 
     def propose(self, ctx: DraftContext) -> DraftTree:
         if ctx.target.model is not self.model:
             self._load(ctx.target)
+        self._shared = self.share_kv and not self.graphs and ctx.prefix_kv is not None
+        if self._shared:
+            self._adopt_target_kv(ctx)
         tree = super().propose(ctx)
         return dataclasses.replace(tree, source=("early_exit",) * len(tree))
+
+    def observe(self, result) -> None:
+        if self._shared:  # the target's cache now holds the accepted tokens: nothing of ours to keep
+            self._proposal, self.kv, self.cached, self._shared = None, None, [], False
+            return
+        super().observe(result)
+
+    def _adopt_target_kv(self, ctx: DraftContext) -> None:
+        """This step's draft cache: the target's KV of layers < L for token_ids[:-1] (so the catch-up runs only the
+        root), appended to copy-on-append."""
+        kv = DynamicKV(self._forward, next(self.model.parameters()).dtype)
+        for index, (keys, values) in enumerate(ctx.prefix_kv(self.layer)):
+            kv.cache.update(keys, values, index)
+        self.kv, self.cached = kv, list(ctx.token_ids[:-1])
 
     def _load(self, target: TargetView) -> None:
         """Bind the target: check it is supported and matches the head; move the head to its device and dtype."""

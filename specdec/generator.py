@@ -9,6 +9,7 @@ Each step: budget -> draft -> verify (one target forward, lossless acceptance, K
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from collections import Counter
@@ -179,13 +180,16 @@ class SpeculativeGenerator:
         with timer("prefill"):
             state = self.backend.prefill(prompt_ids[:-1])
         self._drafter_call("reset", stats)
+        offer = getattr(self.backend, "prefix_kv", None)  # the target's cached layers, for drafters that share them
+        prefix_kv = None if offer is None else functools.partial(offer, state)
         committed, generated, history = list(prompt_ids), [], []
         end = rule.cut(generated, 0)
         while end is None:
             budget = self._clamp(self.controller.budget(history), len(committed), rule.limit - len(generated))
             spent_before = dict(timer.seconds)
             with timer("draft"):
-                tree = self._propose(DraftContext(committed, budget, params, self.target_view), budget, stats)
+                tree = self._propose(DraftContext(committed, budget, params, self.target_view, prefix_kv), budget,
+                                     stats)
             result = verify(self.backend, state, committed[-1], tree, params, generator, timer)
             start, new_tokens = len(generated), result.committed_tokens
             generated += new_tokens

@@ -130,7 +130,8 @@ def test_graphs_give_the_same_drafts_and_an_exact_cache(stories_model, stories_h
 
 
 def test_cache_equals_target_kv_of_first_layers(stories_model, stories_head):
-    drafter = EarlyExitDrafter(stories_head, threshold=0.3, mode="tree", topk=2)
+    """share_kv=False: the drafter's own cache of L layers equals the target's KV of those layers."""
+    drafter = EarlyExitDrafter(stories_head, threshold=0.3, mode="tree", topk=2, share_kv=False)
     generator = SpeculativeGenerator(stories_model, drafter=drafter, controller="static:max_depth=4,max_nodes=6")
     steps = 0
     for _ in generator.stream([1, 29], max_new_tokens=60):
@@ -150,6 +151,40 @@ def test_cache_equals_target_kv_of_first_layers(stories_model, stories_head):
     with torch.no_grad():
         expected = draft_logits(stories_model, stories_head, out.hidden_states[LAYER])[0, -1]
     torch.testing.assert_close(fresh._catch_up(list(drafter.cached)), expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["hf", "static"])
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+def test_reading_the_target_kv_gives_the_same_drafts_without_a_cache_of_its_own(stories_model, stories_head,
+                                                                                  backend, mode):
+    """share_kv (default): the draft pass reads the target's own KV of layers < L and runs only the root and its
+    frontier nodes: the same drafts (float64) as keeping a cache of its own, never a pass over the prompt, and no
+    draft KV held between steps."""
+    prompts, controller = [[1, 29], [1, 450, 471, 120, 310]], "static:max_depth=4,max_nodes=6"
+    fed = {}
+
+    def counting(drafter, name):
+        run_layers = drafter.run_layers
+
+        def counted(input_ids, *args, **kwargs):
+            fed[name] = fed.get(name, 0) + input_ids.shape[1]
+            return run_layers(input_ids, *args, **kwargs)
+        drafter.run_layers = counted
+        return drafter
+
+    outputs = {}
+    for share in (False, True):
+        drafter = counting(EarlyExitDrafter(stories_head, threshold=0.3, mode=mode, topk=2, share_kv=share), share)
+        generator = SpeculativeGenerator(stories_model, drafter=drafter, controller=controller, backend=backend)
+        outputs[share] = []
+        for prompt in prompts:
+            out = generator.generate(prompt, max_new_tokens=50)
+            assert out.token_ids == greedy(stories_model, prompt, 50) and out.stats.drafter_errors == 0
+            outputs[share].append((out.stats.target_forwards, dict(out.stats.accepted_hist)))
+        if share:
+            assert drafter.kv is None and drafter.cached == []  # nothing of its own between steps
+    assert outputs[True] == outputs[False] and outputs[True][0][0] < 50  # the same drafts, and they were accepted
+    assert fed[True] < fed[False]  # the prompts and the accepted tokens never went through the draft's layers
 
 
 # ----------------------------------------------------------------------------------------------- threshold

@@ -96,6 +96,12 @@ class HFBackend:
         mask = tree_attention_mask(tree, state.length, self.dtype, self.device)
         return self._forward(state, token_ids, positions, mask)
 
+    def prefix_kv(self, state: HFState, layers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The cached (committed) keys and values of the first `layers` layers, each (1, Hkv, length, D): read-only
+        views for drafters that run the target's own first layers (`early_exit`)."""
+        return [(layer.keys[..., : state.length, :], layer.values[..., : state.length, :])
+                for layer in state.cache.layers[:layers]]
+
     @torch.inference_mode()
     def commit(self, state: HFState, accepted_nodes: Sequence[int], tree_size: int) -> None:
         """Move the accepted nodes' KV rows right behind the root, then drop the rejected rest."""

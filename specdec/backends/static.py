@@ -131,6 +131,11 @@ class StaticBackend(HFBackend):
         visible[1:, start + 1: start + count] = ancestor_mask(tree).to(self.device)
         return self._run(state, token_ids, positions, visible)
 
+    def prefix_kv(self, state: StaticState, layers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`HFBackend.prefix_kv`: views into the static buffer."""
+        return [(state.buffer[index, 0, ..., : state.length, :], state.buffer[index, 1, ..., : state.length, :])
+                for index in range(min(layers, state.buffer.shape[0]))]
+
     def _move_rows(self, state: StaticState, rows: list[int], start: int) -> None:
         """The accepted rows of every layer in one copy (`HFBackend.commit`)."""
         move_buffer_rows(state.buffer, rows, start)
