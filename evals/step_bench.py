@@ -178,6 +178,15 @@ def kernel_costs(shape: str, contexts: list[int], sizes: list[int], reps: int, d
     return rows
 
 
+def layer_products(shape: str) -> dict[str, tuple[int, int]]:
+    """The native forward's fused products at a SHAPES shape: kind -> (output rows, as the GEMV and row-GEMM config
+    tables count them (gated: I), input size)."""
+    hidden, _, heads, kv_heads, ffn, vocab = SHAPES[shape]
+    head_dim = hidden // heads
+    return {"qkv": ((heads + 2 * kv_heads) * head_dim, hidden), "residual_o": (hidden, hidden),
+            "gated": (ffn, hidden), "residual_down": (hidden, ffn), "norm_head": (vocab, hidden)}
+
+
 def weight_floor_ms(model) -> float:
     """Weight bytes / the H100's measured 3.0 TB/s copy rate: the batch-1 step's memory floor."""
     return sum(p.numel() * p.element_size() for p in model.parameters()) / 3.0e12 * 1e3

@@ -22,13 +22,12 @@ layout. x is re-read by every program (from L2): M / BLOCK_N of the weight bytes
 
 from __future__ import annotations  # annotations stay strings: `tl.constexpr` parses without Triton installed
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
-from specdec.kernels.gemv import _check_weight
+from specdec.kernels.gemv import _check_weight, read_config_table
 from specdec.kernels.tree_attention import _jit, interpret_mode, tl, triton
 
 MAX_ROWS = 64  # more rows are a GEMM: cuBLAS's tiles win there
@@ -187,15 +186,7 @@ TUNED: dict[tuple[str, int, int, int], tuple[int, int, int, int]] = {}
 
 def load_tuned(path: str | Path) -> None:
     """Add a sweep's table ([{"kind", "block_m", "rows", "size", "config"}, ...]) to `TUNED`."""
-    try:
-        entries = json.loads(Path(path).read_text())
-        table = {(str(e["kind"]), int(e["block_m"]), int(e["rows"]), int(e["size"])):
-                 tuple(int(v) for v in e["config"]) for e in entries}
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"cannot read a rows-GEMM config table from {path}: {error}") from error
-    if any(len(config) != 4 or min(config) < 1 for config in table.values()):
-        raise ValueError(f"{path}: each config must be 4 positive ints (BLOCK_N, BLOCK_K, num_warps, num_stages)")
-    TUNED.update(table)
+    TUNED.update(read_config_table(path, ("kind", "block_m", "rows", "size"), "rows-GEMM"))
 
 
 if os.environ.get("SPECDEC_ROWS_TUNED"):

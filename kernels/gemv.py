@@ -168,18 +168,24 @@ TUNED: dict[tuple[str, int, int], tuple[int, int, int, int]] = {
 }
 
 
+def read_config_table(path: str | Path, key: tuple[str, ...], what: str) -> dict[tuple, tuple[int, int, int, int]]:
+    """A sweep's table, JSON [{"kind", <the other `key` fields, ints>, "config": [BLOCK_N, BLOCK_K, num_warps,
+    num_stages]}, ...] -> {key values: config}; a file that is not such a table is a clear ValueError."""
+    try:
+        entries = json.loads(Path(path).read_text())
+        table = {tuple(str(e[f]) if f == "kind" else int(e[f]) for f in key): tuple(int(v) for v in e["config"])
+                 for e in entries}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"cannot read a {what} config table from {path}: {error}") from error
+    if any(len(config) != 4 or min(config) < 1 for config in table.values()):
+        raise ValueError(f"{path}: each config must be 4 positive ints (BLOCK_N, BLOCK_K, num_warps, num_stages)")
+    return table
+
+
 def load_tuned(path: str | Path) -> None:
     """Add a sweep's table (gemv_bench.py's tuned.json: [{"kind", "rows", "size", "config"}, ...]) to `TUNED`.
     The environment variable SPECDEC_GEMV_TUNED names one to load at import."""
-    try:
-        entries = json.loads(Path(path).read_text())
-        table = {(str(e["kind"]), int(e["rows"]), int(e["size"])): tuple(int(v) for v in e["config"])
-                 for e in entries}
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"cannot read a GEMV config table from {path}: {error}") from error
-    if any(len(config) != 4 or min(config) < 1 for config in table.values()):
-        raise ValueError(f"{path}: each config must be 4 positive ints (BLOCK_N, BLOCK_K, num_warps, num_stages)")
-    TUNED.update(table)
+    TUNED.update(read_config_table(path, ("kind", "rows", "size"), "GEMV"))
 
 
 if os.environ.get("SPECDEC_GEMV_TUNED"):

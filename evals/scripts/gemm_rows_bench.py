@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from specdec.backends.native import NativeBackend
-from specdec.evals.step_bench import SHAPES, _kernel_ms, _median_ms, build_model, replay_ms, weight_floor_ms
+from specdec.evals.step_bench import (SHAPES, _kernel_ms, _median_ms, build_model, layer_products, replay_ms,
+                                      weight_floor_ms)
 from specdec.kernels import gemm_rows
 from specdec.kernels.gemm_rows import MAX_ROWS, block_rows, rows_config, rows_gated, rows_linear, rows_qkv_rope
 from specdec.kernels.rmsnorm import add_rmsnorm
@@ -42,14 +43,6 @@ def say(*parts) -> None:
     print(*parts, flush=True)
 
 
-def kinds(shape: str) -> dict[str, tuple[int, int]]:
-    """The forward's row products: matrix -> (rows as `rows_config` counts them, size)."""
-    hidden, _, heads, kv_heads, ffn, vocab = SHAPES[shape]
-    head_dim = hidden // heads
-    return {"qkv": ((heads + 2 * kv_heads) * head_dim, hidden), "residual_o": (hidden, hidden),
-            "gated": (ffn, hidden), "residual_down": (hidden, ffn), "norm_head": (vocab, hidden)}
-
-
 def candidates(quick: bool) -> list[tuple[int, int, int, int]]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages): 16-128 features a program, 128-512 columns a step (those whose
     stages overflow the shared memory at many rows are refused by the compiler and skipped)."""
@@ -64,7 +57,7 @@ def calls(shape: str, matrix: str, count: int):
     forward launches for the same work (the residual add of o and down rides in the next add_rmsnorm there)."""
     hidden, _, heads, kv_heads, _, _ = SHAPES[shape]
     head_dim = hidden // heads
-    rows, size = kinds(shape)[matrix]
+    rows, size = layer_products(shape)[matrix]
     kind = matrix.split("_")[0]
     like = dict(device=DEVICE, dtype=DTYPE)
     weight = (torch.randn(2 * rows if kind == "gated" else rows, size, device=DEVICE) * 0.02).to(DTYPE)
@@ -92,7 +85,7 @@ def sweep(shape: str, counts: list[int], reps: int, quick: bool) -> list[dict]:
     each candidate. The best config per (kind, BLOCK_M, rows, size), over the M sharing that BLOCK_M, goes into
     `gemm_rows.TUNED` for the step measurements."""
     out = []
-    for matrix, (rows, size) in kinds(shape).items():
+    for matrix, (rows, size) in layer_products(shape).items():
         kind = matrix.split("_")[0]
         weight_bytes = (2 if kind == "gated" else 1) * rows * size * 2
         totals: dict[int, dict[tuple, list[float]]] = {}  # BLOCK_M -> config -> ms at each of its M

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from specdec.evals.step_bench import SHAPES, _kernel_ms, _median_ms, build_model, replay_ms, weight_floor_ms
+from specdec.evals.step_bench import (SHAPES, _kernel_ms, _median_ms, build_model, layer_products, replay_ms,
+                                      weight_floor_ms)
 from specdec.backends.native import NativeBackend
 from specdec.kernels import gemv as gemv_mod
 from specdec.kernels.gemv import gemv, gemv_gated, gemv_qkv_rope
@@ -32,14 +33,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke run unde
 
 def say(*parts) -> None:
     print(*parts, flush=True)
-
-
-def kinds(shape: str) -> dict[str, tuple[int, int]]:
-    """The forward's one-token GEMVs: kind -> (rows as `gemv_config` counts them, size)."""
-    hidden, _, heads, kv_heads, ffn, vocab = SHAPES[shape]
-    head_dim = hidden // heads
-    return {"qkv": ((heads + 2 * kv_heads) * head_dim, hidden), "residual_o": (hidden, hidden),
-            "gated": (ffn, hidden), "residual_down": (hidden, ffn), "norm_head": (vocab, hidden)}
 
 
 def candidates(size: int, quick: bool) -> list[tuple[int, int, int, int]]:
@@ -58,7 +51,7 @@ def sweep(shape: str, reps: int, quick: bool) -> list[dict]:
     hidden, _, heads, kv_heads, _, _ = SHAPES[shape]
     head_dim = hidden // heads
     rows_out = []
-    for name, (rows, size) in kinds(shape).items():
+    for name, (rows, size) in layer_products(shape).items():
         kind = name.split("_")[0]
         n = 2 * rows if kind == "gated" else rows
         weight = (torch.randn(n, size, device=DEVICE) * 0.02).to(torch.bfloat16)
