@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from specdec.kernels.gemv import _check_weight, read_config_table
+from specdec.kernels.gemv import _check_qkv, _check_weight, _gated_width, read_config_table
 from specdec.kernels.tree_attention import _jit, interpret_mode, tl, triton
 
 MAX_ROWS = 64  # more rows are a GEMM: cuBLAS's tiles win there
@@ -284,9 +284,7 @@ def rows_gated(x: torch.Tensor, gate_up: torch.Tensor, norm: torch.Tensor | None
                config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """gate_up (2I, K) = [gate; up] rows -> silu(x^ @ gate^T) * (x^ @ up^T), (M, I); x^ = RMSNorm(x) if `norm`."""
     count, size = _rows(x, gate_up, norm)
-    if gate_up.shape[0] % 2:
-        raise ValueError(f"gate_up must have an even number of rows ([gate; up]), got {gate_up.shape[0]}")
-    width = gate_up.shape[0] // 2
+    width = _gated_width(gate_up)
     out = torch.empty(count, width, dtype=gate_up.dtype, device=x.device)
     block_m, block_n, block_k, warps, stages, fp32_dot = _launch_params("gated", x, gate_up, width, 2, config)
     _rows_gated_kernel[(triton.cdiv(width, block_n),)](
@@ -308,16 +306,10 @@ def rows_qkv_rope(x: torch.Tensor, qkv: torch.Tensor, positions: torch.Tensor, s
     count, size = _rows(x, qkv, norm)
     num_kv_heads, _, head_dim = keys.shape
     width = num_q_heads * head_dim
-    if (qkv.shape[0] != (num_q_heads + 2 * num_kv_heads) * head_dim or head_dim % 2 or keys.stride(2) != 1
-            or values.stride(2) != 1 or cos.shape != sin.shape or cos.shape[1] != head_dim):
-        raise ValueError(f"expected qkv ((Hq + 2 Hkv) D, K) = ({(num_q_heads + 2 * num_kv_heads) * head_dim}, "
-                         f"{size}), keys/values (Hkv, S, D) and cos/sin (S_pos, D) with an even D; got "
-                         f"{tuple(qkv.shape)}, {tuple(keys.shape)}, {tuple(cos.shape)}")
+    _check_qkv(qkv, size, keys, values, cos, sin, num_q_heads, bias)
     if positions.shape != (count,) or slots.shape != (count,):
         raise ValueError(f"positions and slots must be ({count},), one per row; got {tuple(positions.shape)}, "
                          f"{tuple(slots.shape)}")
-    if bias is not None and bias.shape != (qkv.shape[0],):
-        raise ValueError(f"bias must be ({qkv.shape[0]},), got {tuple(bias.shape)}")
     if queries is None:
         queries = torch.empty(count, width, dtype=qkv.dtype, device=x.device)
     if queries.numel() != count * width or not queries.is_contiguous():

@@ -222,6 +222,26 @@ def _check_weight(weight: torch.Tensor, size: int, norm: torch.Tensor | None) ->
         raise ValueError(f"norm weight must be ({size},), got {tuple(norm.shape)}")
 
 
+def _gated_width(gate_up: torch.Tensor) -> int:
+    """I of a [gate; up] (2I, K) weight."""
+    if gate_up.shape[0] % 2:
+        raise ValueError(f"gate_up must have an even number of rows ([gate; up]), got {gate_up.shape[0]}")
+    return gate_up.shape[0] // 2
+
+
+def _check_qkv(qkv: torch.Tensor, size: int, keys: torch.Tensor, values: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, num_q_heads: int, bias: torch.Tensor | None) -> None:
+    """qkv ((Hq + 2 Hkv) D, K), keys/values (Hkv, S, D) with unit stride along D, cos/sin (S_pos, D), D even."""
+    num_kv_heads, _, head_dim = keys.shape
+    if (qkv.shape[0] != (num_q_heads + 2 * num_kv_heads) * head_dim or head_dim % 2 or keys.stride(2) != 1
+            or values.stride(2) != 1 or cos.shape != sin.shape or cos.shape[1] != head_dim):
+        raise ValueError(f"expected qkv ((Hq + 2 Hkv) D, K) = ({(num_q_heads + 2 * num_kv_heads) * head_dim}, "
+                         f"{size}), keys/values (Hkv, S, D) and cos/sin (S_pos, D) with an even D; got "
+                         f"{tuple(qkv.shape)}, {tuple(keys.shape)}, {tuple(cos.shape)}")
+    if bias is not None and bias.shape != (qkv.shape[0],):
+        raise ValueError(f"bias must be ({qkv.shape[0]},), got {tuple(bias.shape)}")
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 1e-6,
          bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
          config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
@@ -253,9 +273,7 @@ def gemv_gated(x: torch.Tensor, gate_up: torch.Tensor, norm: torch.Tensor | None
     x = _vector(x, "x")
     size = x.shape[0]
     _check_weight(gate_up, size, norm)
-    if gate_up.shape[0] % 2:
-        raise ValueError(f"gate_up must have an even number of rows ([gate; up]), got {gate_up.shape[0]}")
-    width = gate_up.shape[0] // 2
+    width = _gated_width(gate_up)
     out = torch.empty(1, width, dtype=gate_up.dtype, device=x.device)
     block_n, block_k, warps, stages = config or gemv_config("gated", width, size)
     _gemv_gated_kernel[(triton.cdiv(width, block_n),)](
@@ -278,13 +296,7 @@ def gemv_qkv_rope(x: torch.Tensor, qkv: torch.Tensor, positions: torch.Tensor, s
     size = x.shape[0]
     num_kv_heads, _, head_dim = keys.shape
     _check_weight(qkv, size, norm)
-    if (qkv.shape[0] != (num_q_heads + 2 * num_kv_heads) * head_dim or head_dim % 2 or keys.stride(2) != 1
-            or values.stride(2) != 1 or cos.shape != sin.shape or cos.shape[1] != head_dim):
-        raise ValueError(f"expected qkv ((Hq + 2 Hkv) D, K) = ({(num_q_heads + 2 * num_kv_heads) * head_dim}, "
-                         f"{size}), keys/values (Hkv, S, D) and cos/sin (S_pos, D) with an even D; got "
-                         f"{tuple(qkv.shape)}, {tuple(keys.shape)}, {tuple(cos.shape)}")
-    if bias is not None and bias.shape != (qkv.shape[0],):
-        raise ValueError(f"bias must be ({qkv.shape[0]},), got {tuple(bias.shape)}")
+    _check_qkv(qkv, size, keys, values, cos, sin, num_q_heads, bias)
     if queries is None:
         queries = torch.empty(1, num_q_heads * head_dim, dtype=qkv.dtype, device=x.device)
     if queries.numel() != num_q_heads * head_dim or not queries.is_contiguous():
