@@ -242,7 +242,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype) if device == "cuda" else torch.float32
-    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+    ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
     timings, floors, kernels = [], {}, {}
     for shape in args.shapes.split(","):
         if shape not in SHAPES:
@@ -259,7 +259,8 @@ def run(args) -> int:
             if device == "cuda":
                 torch.cuda.empty_cache()
         del model
-        kernels[shape] = kernel_costs(shape, ints(args.kernel_contexts), [1, 16, 64], args.reps, device, dtype)
+        if ints(args.kernel_contexts):  # "" skips the kernel-alone rows
+            kernels[shape] = kernel_costs(shape, ints(args.kernel_contexts), [1, 16, 64], args.reps, device, dtype)
     console.print(_table(timings, floors))
     goals = goal_ratios(timings, floors)
     for row in goals:
