@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy
 import torch
+from specdec.backends.graph import causal_block
 from specdec.backends.hf import context_window
 from specdec.controllers.base import Budget
 from specdec.drafters.base import DraftContext, TargetView, register_drafter
@@ -64,6 +65,7 @@ class ModelDrafter:
     same code runs eagerly off CUDA) instead of HF's eager forward over a DynamicCache."""
 
     threshold = 0.0  # expand a node only while its own slot probability reaches this (early_exit raises it)
+    device_chain = True  # greedy chains on GraphKV: `_greedy_chain` (no host read per depth); False: `_grow`'s loop
 
     def __init__(self, model=None, path: str | None = None, mode: str = "tree", topk: int = 4, graphs: bool = False):
         if mode not in ("tree", "chain"):
@@ -184,11 +186,15 @@ class ModelDrafter:
 
         A node is expanded while it ranks among the best, its cumulative probability is >= budget.min_confidence
         and its own slot probability is >= `self.threshold` (0 here; early_exit's Kangaroo stop sets it)."""
+        floor = budget.min_confidence or 0.0
+        length = min(budget.max_depth, budget.max_nodes)  # a chain's nodes, when no confidence stop can cut it
+        if (self.width == 1 and params.greedy and not floor and self.threshold <= 0.0 and length > 0
+                and self.device_chain and isinstance(self.kv, GraphKV)):
+            return self._greedy_chain(root_logits, length)
         nodes: list[_Node] = []
         own: list[float] = []  # slot probability of each candidate (its score over its parent's)
         rank_keys: list[tuple[float, int, int]] = []  # (-score, depth, index): best first; ties shallower, older
         frontier, logits, ranked = [-1], root_logits[None], []
-        floor = budget.min_confidence or 0.0
         for depth in range(1, budget.max_depth + 1):
             for parent, children in zip(frontier, self._children(logits, params)):
                 base = 1.0 if parent < 0 else nodes[parent].score
@@ -204,6 +210,30 @@ class ModelDrafter:
                 break
             logits = self._run_frontier(nodes, frontier)
         return nodes, ranked[: budget.max_nodes]
+
+    def _greedy_chain(self, root_logits: torch.Tensor, length: int) -> tuple[list[_Node], list[int]]:
+        """`_grow` for a greedy chain of `length` nodes that no confidence stop cuts, without a host read per depth:
+        each depth's top token stays on the device as the next draft forward's input (the graph replays queue back
+        to back while the host prepares the next), and all tokens and slot probabilities are read once at the end.
+        The same nodes, scores and cache rows as `_grow` (whose every depth waited for a device read: ~0.25 ms a
+        depth for a 2-layer draft on the H100, of which the draft model's own step is a fraction)."""
+        committed, logits, picks = len(self.cached), root_logits[None], []
+        for depth in range(1, length + 1):
+            top = logits.double().softmax(-1).topk(1)  # as `_children`: the same pick on ties
+            picks.append(top)
+            if depth == length:
+                break  # the last node never runs, as in `_grow`
+            # node `depth` sees every cached row (the committed tokens and its ancestors) and itself
+            logits = self.kv.run([], [committed - 1 + depth], self.kv.length, causal_block(1),
+                                 device_tokens=top.indices[0])
+        probs, tokens = (torch.cat([getattr(top, field)[0] for top in picks]) for field in ("values", "indices"))
+        read = torch.cat([probs, tokens.double()]).tolist()  # one device read; ids < 2^53 are exact as float64
+        nodes, score = [], 1.0
+        for depth, (prob, token) in enumerate(zip(read[:length], read[length:]), start=1):
+            score *= prob
+            slot = committed + depth - 1 if depth < length else -1
+            nodes.append(_Node(int(token), depth - 2, depth, score, None, slot))
+        return nodes, list(range(length))
 
     def _children(self, logits: torch.Tensor, params: SamplingParams) -> list[list[tuple[int, float, torch.Tensor]]]:
         """(F, V) logits -> per row, up to `width` (token, slot probability, q it was drawn from), best slot first.

@@ -186,6 +186,31 @@ class Feeds:
             raise RuntimeError("draft model failure (test)")
 
 
+class RecordingDrafter(ModelDrafter):
+    """Records every proposed tree as (tokens, parents)."""
+
+    def propose(self, ctx):
+        tree = super().propose(ctx)
+        self.trees.append((tree.host_tokens, tree.host_parents))
+        return tree
+
+
+@pytest.mark.parametrize("controller", ["static:max_depth=6", "static:max_depth=9,max_nodes=4",
+                                        "heuristic:start_depth=4,max_depth=8"])
+def test_device_chain_drafts_what_the_per_depth_loop_drafts(controller):
+    """A greedy chain on GraphKV feeds each depth's top token on the device (`_greedy_chain`): the same trees,
+    step for step, as `_grow`'s loop that reads every depth back to the host, and the reference output."""
+    trees = {}
+    for device_chain in (True, False):
+        drafter = RecordingDrafter(draft_model("noisy"), mode="chain", graphs=True)
+        drafter.device_chain, drafter.trees = device_chain, []
+        run(drafter, controller)
+        trees[device_chain] = drafter.trees
+    assert trees[True] == trees[False] and len(trees[True]) > 10
+    if controller.startswith("static"):  # the chain is min(max_depth, max_nodes) long (the window allowing)
+        assert max(len(tokens) for tokens, _ in trees[True]) == (4 if "max_nodes=4" in controller else 6)
+
+
 @pytest.mark.parametrize("graphs", [False, True], ids=["dynamic-cache", "graphs"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 @pytest.mark.parametrize("mode", ["chain", "tree"])

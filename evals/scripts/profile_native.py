@@ -9,10 +9,8 @@ functions of one cProfile'd run of each.
 import cProfile
 import io
 import pstats
-import sys
-import time
-
 import torch
+from host_timing import say, timed  # evals/scripts/host_timing.py
 
 from specdec import SpeculativeGenerator
 from specdec.backends.native import NativeBackend
@@ -27,27 +25,6 @@ model.generation_config.eos_token_id = None
 motif = torch.randint(0, 8192, (40,)).tolist()
 prompt = (motif * 10)[:300]  # a random model repeats nothing by itself; ngram still finds the prompt's motif
 backend = NativeBackend(model, max_len=1024)
-lines: list[str] = []
-
-
-def say(text: str) -> None:
-    """Print, and rewrite the output file with everything so far (a reader that stops early loses nothing)."""
-    lines.append(text)
-    print(text, flush=True)
-    if len(sys.argv) > 1:
-        open(sys.argv[1], "w").write("\n".join(lines) + "\n")
-
-
-def timed(fn, repeats: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def ar() -> None:
