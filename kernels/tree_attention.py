@@ -212,13 +212,14 @@ def num_kv_splits(programs: int, prefix_len: int, sm_count: int = 132, min_keys:
     return max(1, min(sm_count // programs, prefix_len // min_keys, 64))
 
 
-def _block_sizes(rows: int, head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). tl.dot needs every side >= 16; the interpreter prefers big tiles."""
+def _block_sizes(rows: int, head_dim: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages). tl.dot needs every side >= 16; the interpreter prefers
+    big tiles. (evals/scripts/attention_config_bench.py sweeps the GPU ones.)"""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if interpret_mode():
-        return min(max(16, triton.next_power_of_2(rows)), 256), 128, block_d, 4
+        return min(max(16, triton.next_power_of_2(rows)), 256), 128, block_d, 4, 1
     block_m = min(max(16, triton.next_power_of_2(rows)), 64)
-    return block_m, 64, block_d, 4
+    return block_m, 64, block_d, 4, 3
 
 
 def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask: torch.Tensor,
@@ -256,7 +257,7 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask:
     if host_prefix < 0 or host_prefix + block > kv_len:
         raise ValueError(f"prefix_len {host_prefix} + W {block} does not fit in the {kv_len} keys of k and v")
     group = num_heads // num_kv_heads
-    block_m, block_n, block_d, num_warps = _block_sizes(group * tree_size, head_dim)
+    block_m, block_n, block_d, num_warps, num_stages = _block_sizes(group * tree_size, head_dim)
     row_tiles = triton.cdiv(group * tree_size, block_m)
     if num_splits is None:
         sm_count = _sm_count(q.device.index or 0) if q.is_cuda else 132
@@ -281,7 +282,7 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask:
         num_kv_heads, tree_size, block, head_dim, num_splits,
         GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PREFIX_IN_TENSOR=prefix_in_tensor,
         MASK_FULL_WIDTH=block_len is None and tree_mask.shape[1] != tree_size, SPLIT=num_splits > 1,
-        FP32_MATH=fp32_math, num_warps=num_warps,
+        FP32_MATH=fp32_math, num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         rows = batch * num_heads * tree_size
