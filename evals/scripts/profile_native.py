@@ -9,6 +9,7 @@ functions of one cProfile'd run of each.
 import cProfile
 import io
 import pstats
+
 import torch
 from host_timing import say, timed  # evals/scripts/host_timing.py
 
