@@ -6,8 +6,9 @@
     kv.run(ids, positions, prefix, block, last_only) -> (T, V) logits
                                    feed T tokens after the cached rows; each sees the rows < `prefix` and, of the
                                    block [prefix, length + T), those its row of `block` ((T, length - prefix + T)
-                                   host bool) allows; block None = causal over the new tokens (prefix = length);
-                                   GraphKV also takes `device_tokens`, ids already on the device after `ids`
+                                   host bool) allows; block None = causal over the new tokens (prefix = length)
+    kv.greedy_chain(token, position, count) (GraphKV) -> (count, 2) [top probability, id] of `count` steps, each
+                                   step's top token the next one's input, on the device
     kv.layer(i) -> (keys, values)  layer i's cached rows, (1, Hkv, length, D) each
 
 `DynamicKV`: a transformers `DynamicCache`, run through the drafter's own forward (HF's eager modules).
@@ -93,15 +94,19 @@ class GraphKV:
             move_buffer_rows(self.state.buffer, rows, start)
 
     def run(self, token_ids: list[int], positions: list[int], prefix: int, block: torch.Tensor | None,
-            last_only: bool = False, device_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        if block is None and last_only and prefix == self.state.length and len(token_ids) and device_tokens is None:
+            last_only: bool = False) -> torch.Tensor:
+        if block is None and last_only and prefix == self.state.length and len(token_ids):
             return self.runner.prefill_chunks(self.state, token_ids)[-1:]  # a catch-up: the backend's prefill steps
         if block is None:
             block = causal_block(len(token_ids))
         # a catch-up from an empty cache is a prefill: past the largest bucket it runs eagerly without a warning
-        logits = self.runner.score_block(self.state, token_ids, positions, prefix, block, device_tokens,
-                                         warn=prefix > 0)
+        logits = self.runner.score_block(self.state, token_ids, positions, prefix, block, warn=prefix > 0)
         return logits[-1:] if last_only else logits
+
+    def greedy_chain(self, token: torch.Tensor, position: int, count: int) -> torch.Tensor:
+        """`count` greedy steps from `token` ((1,) on the device, at `position`) without a host read:
+        `GraphBackend.greedy_chain`. Returns (count, 2) float64 [top probability, id] rows."""
+        return self.runner.greedy_chain(self.state, token, position, count)
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.state.buffer[index, 0, ..., : self.length, :],

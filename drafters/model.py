@@ -35,7 +35,6 @@ from dataclasses import dataclass
 
 import numpy
 import torch
-from specdec.backends.graph import causal_block
 from specdec.backends.hf import context_window
 from specdec.controllers.base import Budget
 from specdec.drafters.base import DraftContext, TargetView, register_drafter
@@ -65,7 +64,7 @@ class ModelDrafter:
     same code runs eagerly off CUDA) instead of HF's eager forward over a DynamicCache."""
 
     threshold = 0.0  # expand a node only while its own slot probability reaches this (early_exit raises it)
-    device_chain = True  # greedy chains on GraphKV: `_greedy_chain` (no host read per depth); False: `_grow`'s loop
+    device_chain = True  # greedy chains on GraphKV: `_greedy_chain` (one graph, one read); False: `_grow`'s loop
 
     def __init__(self, model=None, path: str | None = None, mode: str = "tree", topk: int = 4, graphs: bool = False):
         if mode not in ("tree", "chain"):
@@ -212,24 +211,18 @@ class ModelDrafter:
         return nodes, ranked[: budget.max_nodes]
 
     def _greedy_chain(self, root_logits: torch.Tensor, length: int) -> tuple[list[_Node], list[int]]:
-        """`_grow` for a greedy chain of `length` nodes that no confidence stop cuts, without a host read per depth:
-        each depth's top token stays on the device as the next draft forward's input (the graph replays queue back
-        to back while the host prepares the next), and all tokens and slot probabilities are read once at the end.
-        The same nodes, scores and cache rows as `_grow` (whose every depth waited for a device read: ~0.25 ms a
-        depth for a 2-layer draft on the H100, of which the draft model's own step is a fraction)."""
-        committed, logits, picks = len(self.cached), root_logits[None], []
-        for depth in range(1, length + 1):
-            top = logits.double().softmax(-1).topk(1)  # as `_children`: the same pick on ties
-            picks.append(top)
-            if depth == length:
-                break  # the last node never runs, as in `_grow`
-            # node `depth` sees every cached row (the committed tokens and its ancestors) and itself
-            logits = self.kv.run([], [committed - 1 + depth], self.kv.length, causal_block(1),
-                                 device_tokens=top.indices[0])
-        probs, tokens = (torch.cat([getattr(top, field)[0] for top in picks]) for field in ("values", "indices"))
-        read = torch.cat([probs, tokens.double()]).tolist()  # one device read; ids < 2^53 are exact as float64
+        """`_grow` for a greedy chain of `length` nodes that no confidence stop cuts, with one device read: the first
+        node is the root's top token, the rest come from `GraphKV.greedy_chain` (each draft step's top token the
+        next one's input on the device; one CUDA graph replay for the chain). The same nodes and scores as `_grow`
+        (whose every depth waited for a device read and a host-built step: ~0.25 ms a depth for a 2-layer draft on
+        the H100); every node but the last runs, so the cache holds their rows as `_grow` leaves them."""
+        committed = len(self.cached)
+        top = root_logits[None].double().softmax(-1).topk(1)  # as `_children`: the same pick on ties
+        picks = torch.cat([top.values[0], top.indices[0].double()])[None]
+        if length > 1:  # node d runs at position committed - 1 + d, slot committed + d - 1, seeing all before it
+            picks = torch.cat([picks, self.kv.greedy_chain(top.indices[0], committed, length - 1)])
         nodes, score = [], 1.0
-        for depth, (prob, token) in enumerate(zip(read[:length], read[length:]), start=1):
+        for depth, (prob, token) in enumerate(picks.tolist(), start=1):  # ids < 2^53 are exact as float64
             score *= prob
             slot = committed + depth - 1 if depth < length else -1
             nodes.append(_Node(int(token), depth - 2, depth, score, None, slot))

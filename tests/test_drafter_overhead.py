@@ -56,13 +56,19 @@ def test_device_reads_per_draft_step(mode, params, drafter_reads):
     budget = Budget(max_nodes=16, max_depth=5)
     drafter.propose(DraftContext(prompt, budget, params, view))  # builds the draft cache
     forwards = []
-    run = drafter.kv.run
+    run, chain = drafter.kv.run, drafter.kv.greedy_chain
+
+    def counted_chain(token, position, count):
+        forwards.extend([1] * count)
+        return chain(token, position, count)
+
     drafter.kv.run = lambda *args, **kwargs: forwards.append(1) or run(*args, **kwargs)
+    drafter.kv.greedy_chain = counted_chain
     for step in range(4):
         drafter_reads.clear()
         forwards.clear()
         tree = drafter.propose(DraftContext(prompt, budget, params, view))
-        # a greedy chain keeps its tokens on the device until its last depth (`_greedy_chain`): one read a draft
+        # a greedy chain runs as one graph (`GraphKV.greedy_chain`) and is read once
         expected = 1 if mode == "chain" and params.greedy else len(forwards) * (1 if params.greedy else 2)
         assert len(drafter_reads) == expected, (drafter_reads, len(forwards))
         assert len(forwards) >= (4 if mode == "chain" else 2)

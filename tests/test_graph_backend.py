@@ -6,6 +6,7 @@ import random
 import shutil
 
 import pytest
+import torch
 
 from specdec import SamplingParams, SpeculativeGenerator
 from specdec.backends.graph import GraphBackend, chunk_sizes
@@ -127,3 +128,24 @@ def test_prefill_through_the_prefill_squares_holds_the_prompt_and_decodes_as_hf(
     _assert_buffer_holds(backend, state, prompt)
     assert reference_decode(backend, prompt, SamplingParams(), StopRule(12)) == truth
     assert backend.eager_steps == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_greedy_chain_is_the_greedy_continuation_and_leaves_its_rows_cached(arch):
+    """`greedy_chain`: each one-query step's top token feeds the next on the device (one graph on CUDA): the ids are
+    the greedy continuation, the probabilities each step's softmax maximum, and the cache then holds the rows a
+    decode of the same tokens leaves (the next step decodes as HF does)."""
+    model = tiny_model(arch)
+    prompt = repetitive_prompt(VOCAB, seed=4)
+    truth = reference_decode(HFBackend(model), prompt, SamplingParams(), StopRule(9))
+    backend = GraphBackend(model, max_len=128)
+    state = backend.prefill(prompt[:-1])
+    picks = backend.greedy_chain(state, torch.tensor([prompt[-1]]), len(prompt) - 1, 8)
+    assert picks[:, 1].long().tolist() == truth[:8] and state.length == len(prompt) + 7
+    reference = HFBackend(model)
+    hf_state = reference.prefill(prompt[:-1])
+    probs = [reference.decode(hf_state, token).double().softmax(-1).max().item() for token in [prompt[-1]] + truth[:7]]
+    assert picks[:, 0].tolist() == pytest.approx(probs, abs=1e-6)
+    assert backend.decode(state, truth[7]).argmax().item() == truth[8]
+    with pytest.raises(ValueError, match="cache slots"):
+        backend.greedy_chain(state, torch.tensor([truth[8]]), state.length, 128)

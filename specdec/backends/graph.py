@@ -152,6 +152,7 @@ class GraphBackend(StaticBackend):
         self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
         self._state: StaticState | None = None
         self._steps: dict[tuple[int, int], _Step] = {}
+        self._chains: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # greedy_chain graphs, by count
         self.eager_steps = 0  # steps that fit no bucket and ran eagerly
 
     @contextlib.contextmanager
@@ -275,6 +276,58 @@ class GraphBackend(StaticBackend):
         logits = step.run()
         state.length = start + count
         return logits[:count].clone()  # the static output is overwritten by the next replay
+
+    def greedy_chain(self, state: StaticState, token: torch.Tensor, position: int, count: int) -> torch.Tensor:
+        """`count` one-query steps from `token` ((1,) device id at `position`, written at slot L = state.length),
+        each seeing every cached slot and itself, each step's top token the next step's input -- on the device, one
+        graph replay for the whole chain on CUDA (captured once per `count`). Returns (count, 2) float64 rows
+        [top probability, its id] of each step's softmax (float64, as a drafter's slot probabilities);
+        state.length += count. The steps' static inputs are the one-query bucket's (refilled by its next use)."""
+        if state is not self._state:
+            raise ValueError("this state is not the graph backend's current sequence (a later prefill replaced it)")
+        if 1 not in self.buckets or state.length + count > self.max_len:
+            raise ValueError(f"a chain of {count} one-query steps from slot {state.length} needs the one-query "
+                             f"bucket and {state.length + count} <= {self.max_len} cache slots")
+        step = self._step(1, 1)
+        step.fill([], [position], state.length, 0, causal_block(1), token)
+        if self.device.type != "cuda":
+            with torch.inference_mode(), self.attention_for_capture():
+                out = self._chain_steps(step, count)
+        else:
+            if count not in self._chains:
+                self._chains[count] = self._capture_chain(step, count)
+            graph, out = self._chains[count]
+            graph.replay()
+        state.length += count
+        return out.clone()  # the static output is overwritten by the next replay
+
+    def _chain_steps(self, step: _Step, count: int) -> torch.Tensor:
+        """The chain on the one-query step's static tensors (capturable: no host reads)."""
+        picks = []
+        for index in range(count):
+            top = step.forward()[:1].double().softmax(-1).topk(1)
+            picks.append(torch.cat([top.values[0], top.indices[0].double()]))
+            if index < count - 1:
+                step.tokens.copy_(top.indices[0])
+                step.positions.add_(1)
+                step.prefix.add_(1)  # the step just written is now part of what the next one sees
+        return torch.stack(picks)
+
+    @torch.inference_mode()
+    def _capture_chain(self, step: _Step, count: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        inputs = step.inputs.clone()  # the warm-up advances them; the capture starts from the filled values again
+        with self.attention_for_capture():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._chain_steps(step, count)  # lazy inits; writes only slots the capture rewrites
+                step.inputs.copy_(inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self._chain_steps(step, count)
+        step.inputs.copy_(inputs)  # capturing ran nothing: the replay starts from the filled inputs
+        return graph, out
 
     def _block_ids(self, tokens: Sequence[int], device_tokens: torch.Tensor | None) -> torch.Tensor:
         """A step's token ids on the device: `tokens`, then `device_tokens`."""
