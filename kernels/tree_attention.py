@@ -38,6 +38,7 @@ except ImportError:  # no Triton wheel (macOS, Windows): the registered attentio
 
 LOG2E = 1.4426950408889634
 MIN_KEYS_PER_SPLIT = 256  # a split-KV chunk below this costs more in the merge than it saves
+LONG_SPLIT_KEYS = 2048  # splits this long, of programs that share their keys, gain from a second wave
 
 
 def _jit(fn):
@@ -201,15 +202,23 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def num_kv_splits(programs: int, prefix_len: int, sm_count: int = 132, min_keys: int = MIN_KEYS_PER_SPLIT) -> int:
+def num_kv_splits(programs: int, prefix_len: int, sm_count: int = 132, min_keys: int = MIN_KEYS_PER_SPLIT,
+                  row_tiles: int = 1) -> int:
     """Split the prefix when the (batch, kv head, row tile) programs cannot fill the SMs, keeping the grid to one
     wave and each split >= MIN_KEYS_PER_SPLIT keys. E.g. batch 1, 8 kv heads, 1 row tile, P = 4096 ->
     min(132 // 8, 16) = 16 splits. One wave, not ceil: 32 kv heads (7B) split 5 ways make 160 programs on 132 SMs,
     and 4 splits ran 1.1-1.4x faster at 2k-8k keys on the H100 (evals/results/h100_attention_split.txt).
-    min_keys: the fewest prefix keys a split may get (`tree_attention` halves it for programs of <= 16 rows)."""
+    min_keys: the fewest prefix keys a split may get (`tree_attention` halves it for programs of <= 16 rows).
+    row_tiles: programs per (batch, kv head). Where several row tiles read the same keys (the later ones from L2),
+    splits of >= LONG_SPLIT_KEYS keys are halved into a second wave: 1.1B shape, 64 queries (8 row tiles), 4 -> 8
+    splits ran 1.08 / 1.13 / 1.30x faster at 8k / 16k / 32k keys, where one row tile (7B) gained nothing
+    (evals/results/h100_attention_config.txt)."""
     if programs >= sm_count:
         return 1
-    return max(1, min(sm_count // programs, prefix_len // min_keys, 64))
+    splits = max(1, min(sm_count // programs, prefix_len // min_keys, 64))
+    if row_tiles > 1 and prefix_len >= splits * LONG_SPLIT_KEYS:
+        splits = min(2 * splits, 64)
+    return splits
 
 
 def _block_sizes(rows: int, head_dim: int) -> tuple[int, int, int, int, int]:
@@ -264,7 +273,7 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask:
         # a program of few rows (one query, GQA heads packed) does little work per key: splits of 128 keys ran
         # 1.2x faster than 256 at N = 1 on the H100 (1.1B, 2k: 6.9 vs 8.2 us), where 64 rows wanted 256
         min_keys = MIN_KEYS_PER_SPLIT // 2 if group * tree_size <= 16 else MIN_KEYS_PER_SPLIT
-        num_splits = num_kv_splits(batch * num_kv_heads * row_tiles, host_prefix, sm_count, min_keys)
+        num_splits = num_kv_splits(batch * num_kv_heads * row_tiles, host_prefix, sm_count, min_keys, row_tiles)
     chunk = triton.cdiv(triton.cdiv(max(host_prefix, 1), max(num_splits, 1)), block_n) * block_n
     num_splits = triton.cdiv(max(host_prefix, 1), chunk)  # the kernel's chunking: no split without prefix keys
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out

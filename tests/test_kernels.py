@@ -282,10 +282,14 @@ def test_kv_compact_refuses_a_source_before_its_destination():
         kv_compact(kv, torch.tensor([3, 4]), 4, check=True)
 
 
-def test_split_count_keeps_the_grid_to_one_wave():
-    """H100 (132 SMs): 32 kv heads split 4 ways (128 programs), not 5 (160: a second wave that ran 1.1-1.4x slower)."""
+def test_split_count_keeps_the_grid_to_one_wave_but_for_shared_long_splits():
+    """H100 (132 SMs): 32 kv heads split 4 ways (128 programs), not 5 (160: a second wave that ran 1.1-1.4x slower);
+    only programs that share their keys (several row tiles) take a second wave, of splits >= LONG_SPLIT_KEYS."""
     from specdec.kernels.tree_attention import num_kv_splits
 
     assert num_kv_splits(32, 2048) == 4 and num_kv_splits(4, 2048) == 8 and num_kv_splits(4, 100) == 1
     assert all(p * num_kv_splits(p, 1 << 20) <= 132 for p in range(1, 132))
     assert num_kv_splits(200, 8192) == 1
+    # 1.1B, 64 queries: 4 kv heads x 8 row tiles; a second wave once the splits reach LONG_SPLIT_KEYS keys
+    assert [num_kv_splits(32, p, row_tiles=8) for p in (2048, 4096, 8192, 32768)] == [4, 4, 8, 8]
+    assert num_kv_splits(32, 32768, row_tiles=1) == 4  # 7B: one row tile, one wave
