@@ -305,7 +305,7 @@ class GraphBackend(StaticBackend):
         """The chain on the one-query step's static tensors (capturable: no host reads)."""
         picks = []
         for index in range(count):
-            top = step.forward()[:1].double().softmax(-1).topk(1)
+            top = step.forward().double().softmax(-1).topk(1)  # (1, V) logits
             picks.append(torch.cat([top.values[0], top.indices[0].double()]))
             if index < count - 1:
                 step.tokens.copy_(top.indices[0])
@@ -324,9 +324,8 @@ class GraphBackend(StaticBackend):
                 step.inputs.copy_(inputs)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool):  # records only: the replay starts from the filled inputs
                 out = self._chain_steps(step, count)
-        step.inputs.copy_(inputs)  # capturing ran nothing: the replay starts from the filled inputs
         return graph, out
 
     def _block_ids(self, tokens: Sequence[int], device_tokens: torch.Tensor | None) -> torch.Tensor:
