@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from specdec.kernels.gemv import _check_qkv, _check_weight, _gated_width, read_config_table
+from specdec.kernels.gemv import (_check_qkv, _check_weight, _gated_width, _head_tiles, _queries_buffer,
+                                  read_config_table)
 from specdec.kernels.tree_attention import _jit, interpret_mode, tl, triton
 
 MAX_ROWS = 64  # more rows are a GEMM: cuBLAS's tiles win there
@@ -310,14 +311,9 @@ def rows_qkv_rope(x: torch.Tensor, qkv: torch.Tensor, positions: torch.Tensor, s
     if positions.shape != (count,) or slots.shape != (count,):
         raise ValueError(f"positions and slots must be ({count},), one per row; got {tuple(positions.shape)}, "
                          f"{tuple(slots.shape)}")
-    if queries is None:
-        queries = torch.empty(count, width, dtype=qkv.dtype, device=x.device)
-    if queries.numel() != count * width or not queries.is_contiguous():
-        raise ValueError(f"queries must be a contiguous buffer of M * Hq * D = {count * width} values")
-    half = head_dim // 2
+    queries = _queries_buffer(queries, count, width, qkv)
     block_m, block_n, block_k, warps, stages, fp32_dot = _launch_params("qkv", x, qkv, qkv.shape[0], 2, config)
-    block_n = min(block_n, max(16, triton.next_power_of_2(half)))
-    per_head = triton.cdiv(half, block_n)
+    half, block_n, per_head = _head_tiles(head_dim, block_n)
     _rows_qkv_rope_kernel[((num_q_heads + 2 * num_kv_heads) * per_head,)](
         x, x if norm is None else norm, qkv, qkv if bias is None else bias, queries, keys, values, cos, sin,
         positions, slots, count, size, x.stride(0), qkv.stride(0), width, eps, cos.stride(0), keys.stride(0),

@@ -242,6 +242,23 @@ def _check_qkv(qkv: torch.Tensor, size: int, keys: torch.Tensor, values: torch.T
         raise ValueError(f"bias must be ({qkv.shape[0]},), got {tuple(bias.shape)}")
 
 
+def _queries_buffer(queries: torch.Tensor | None, rows: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """`queries`, checked to be a contiguous buffer of rows x width values, or a new (rows, width) one."""
+    if queries is None:
+        return torch.empty(rows, width, dtype=like.dtype, device=like.device)
+    if queries.numel() != rows * width or not queries.is_contiguous():
+        raise ValueError(f"queries must be a contiguous buffer of {rows} x {width} (rows x Hq D) values")
+    return queries
+
+
+def _head_tiles(head_dim: int, block_n: int) -> tuple[int, int, int]:
+    """(HALF, BLOCK_N, PER_HEAD) of a qkv + rotary launch: each program takes BLOCK_N of a head's first-half dims
+    (and their partners HALF further), PER_HEAD programs a head."""
+    half = head_dim // 2
+    block_n = min(block_n, max(16, triton.next_power_of_2(half)))
+    return half, block_n, triton.cdiv(half, block_n)
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 1e-6,
          bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
          config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
@@ -297,14 +314,9 @@ def gemv_qkv_rope(x: torch.Tensor, qkv: torch.Tensor, positions: torch.Tensor, s
     num_kv_heads, _, head_dim = keys.shape
     _check_weight(qkv, size, norm)
     _check_qkv(qkv, size, keys, values, cos, sin, num_q_heads, bias)
-    if queries is None:
-        queries = torch.empty(1, num_q_heads * head_dim, dtype=qkv.dtype, device=x.device)
-    if queries.numel() != num_q_heads * head_dim or not queries.is_contiguous():
-        raise ValueError(f"queries must be a contiguous buffer of {num_q_heads * head_dim} values")
-    half = head_dim // 2
+    queries = _queries_buffer(queries, 1, num_q_heads * head_dim, qkv)
     block_n, block_k, warps, stages = config or gemv_config("qkv", qkv.shape[0], size)
-    block_n = min(block_n, max(16, triton.next_power_of_2(half)))
-    per_head = triton.cdiv(half, block_n)
+    half, block_n, per_head = _head_tiles(head_dim, block_n)
     _gemv_qkv_rope_kernel[((num_q_heads + 2 * num_kv_heads) * per_head,)](
         x, x if norm is None else norm, qkv, qkv if bias is None else bias, queries, keys, values, cos, sin,
         positions, slots, size, qkv.stride(0), eps, cos.stride(0), keys.stride(0), keys.stride(1),
