@@ -5,8 +5,7 @@ bf16 on the GPU: t_AR (one token) and t_verify(n) (a chain of n-1 drafted tokens
 several context lengths, for each path = attention implementation (HF eager, HF sdpa, specdec's Triton
 `specdec_tree`) @ backend (`hf`: DynamicCache in eager Python; `graph`: static cache, each step a CUDA graph;
 `graph+compile`: the same with each step's forward compiled by torch.compile before capture; `native`: the
-graph backend with specdec's own Llama forward, `specdec_tree@native`; `native+prefetch=MiB`: the same reading
-that much of each layer's weights into L2 beside its attention, `NativeLlama.set_prefetch`); the
+graph backend with specdec's own Llama forward, `specdec_tree@native`); the
 ratios of the fast path's goals (t_AR / bandwidth floor, t_verify(64) / t_AR); and the attention kernel alone:
 `tree_attention` vs PyTorch SDPA with the float tree mask (which loses the flash kernel) vs SDPA causal at n = 1,
 with the achieved bandwidth of the KV read -- GPU time from CUDA events around a CUDA graph of 10 calls, so the
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,8 +131,6 @@ def step_costs(model, shape: str, path: str, contexts: list[int], sizes: list[in
                                    compile=option == "compile")
         elif backend_name == "native":
             backend = NativeBackend(model, max_len=context + max(sizes) + 8, buckets=sizes)
-            if option.startswith("prefetch="):  # "native+prefetch=MiB": that much per layer read into L2 ahead
-                backend.native.set_prefetch(int(float(option.partition("=")[2]) * 2 ** 20))
         else:
             backend = HFBackend(model)
         state = backend.prefill(torch.randint(0, vocab, (context,)).tolist())
@@ -255,10 +251,9 @@ def run(args) -> int:
         floors[shape] = weight_floor_ms(model)
         for path in args.paths.split(","):
             attn, _, backend = path.partition("@")
-            if backend not in ("hf", "graph", "graph+compile", "native") and not re.fullmatch(
-                    r"native\+prefetch=[0-9.]+", backend):
+            if backend not in ("hf", "graph", "graph+compile", "native"):
                 raise ValueError(f"path {path!r}: expected <attention>@hf, <attention>@graph, "
-                                 f"<attention>@graph+compile, specdec_tree@native or specdec_tree@native+prefetch=MiB")
+                                 f"<attention>@graph+compile or specdec_tree@native")
             set_attention(model, attn)
             timings += step_costs(model, shape, path, ints(args.contexts), ints(args.sizes), args.reps)
             if device == "cuda":

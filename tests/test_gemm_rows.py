@@ -204,26 +204,3 @@ def test_a_tuned_table_loads_and_a_corrupt_one_is_refused(tmp_path, monkeypatch)
         table.write_text(text)
         with pytest.raises(ValueError, match="table|config"):
             gemm_rows.load_tuned(table)
-
-
-def test_short_rows_run_up_to_32_queries_through_the_row_gemms(monkeypatch):
-    """Models of hidden <= 1024 (the zoo target) take 32-query steps through the row GEMMs by default (measured: they
-    gain there), wider ones only 16; a 20-query step of a tiny model launches the row kernels and equals HF."""
-    assert native.rows_max_queries(768) == 32 and native.rows_max_queries(1024) == 32
-    assert native.rows_max_queries(2048) == 16 and native.rows_max_queries(4096) == 16
-    model = float_model("llama")
-    prompt = repetitive_prompt(VOCAB, seed=20, length=29)
-    expected = model(torch.tensor([prompt])).logits[0, 9:]
-    launches = []
-    counted = lambda kernel: lambda *args, **kwargs: launches.append(kernel) or kernel(*args, **kwargs)  # noqa: E731
-    monkeypatch.setattr(native, "ROWS", native._FusedKernels(*(counted(k) for k in (rows_linear, rows_gated,
-                                                                                     rows_qkv_rope))))
-    backend = NativeBackend(model, max_len=48)
-    assert backend.native.rows_max_queries == 32
-    state = backend.new_state()
-    causal = lambda n: torch.ones(n, n, dtype=torch.bool).tril()  # noqa: E731
-    backend._eager_block(state, prompt[:9], range(9), 0, causal(9), None)
-    launches.clear()
-    logits = backend._eager_block(state, prompt[9:], range(9, 29), 9, causal(20), None)
-    assert len(launches) == 4 * len(model.model.layers) + 1
-    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)

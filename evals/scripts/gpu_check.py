@@ -9,7 +9,7 @@
    (1 to ~130 queries, every bucket; each step's accepted length checked) -- float32 random-init Llama, 6 prompts;
    and the model drafter and early_exit with their KV on graphs (`graphs=True`) equal to AR too;
 4. the native forward (`NativeBackend`): its kernels in bf16 at real widths (2x the torch error), and the same AR and
-   tree-verification equalities as 3, also with weights read into L2 on a side stream (`set_prefetch`).
+   tree-verification equalities as 3.
 
     python3 evals/scripts/gpu_check.py [OUT_FILE]      # prints PASS/FAIL lines; exit 1 on any failure
 """
@@ -229,14 +229,12 @@ def fast_path_checks() -> None:
     model = LlamaForCausalLM(config).to(DEVICE).float().eval()
     model.generation_config.eos_token_id = None
     graph = GraphBackend(model)
-    prefetching = NativeBackend(model)  # its own fused copy of the weights, read into L2 beside each attention
-    prefetching.native.set_prefetch(3 * 2 ** 20)  # the o projection (1 MiB) and 2 MiB of gate/up rows a layer
     native = NativeBackend(model)  # the same weights (HF's modules now view its fused ones), its own cache
     for seed in range(2 if QUICK else 6):
         rng = random.Random(seed)
         prompt = [rng.randrange(VOCAB) for _ in range(100 + 150 * seed)]
         truth = reference_decode(HFBackend(model), prompt, GREEDY, StopRule(260))
-        for name, backend in (("graphs", graph), ("native", native), ("native+prefetch", prefetching)):
+        for name, backend in (("graphs", graph), ("native", native)):
             backend_check(backend, name, prompt, truth, random.Random(seed), seed)
     # the model drafter with its own KV on graphs (self-drafting: the target drafts for itself, so deep trees)
     from specdec import SpeculativeGenerator

@@ -7,8 +7,8 @@ and ramp, so a 1.1B step took 3.16 ms against a 0.73 ms weight-read floor. This 
     add+RMSNorm -> GEMV qkv -> rotary + KV write -> tree attention -> GEMV o -> add+RMSNorm -> GEMV gate_up
     -> silu*up -> GEMV down
 
-(steps past `rows_max_queries` queries, 16 or 32; steps of 1..that many fold the norms, rotary + KV write, SwiGLU
-gate and residual adds into the products instead: five launches a layer, `specdec.kernels.gemv` / `gemm_rows`),
+(steps past ROWS_MAX_QUERIES queries; steps of 1..ROWS_MAX_QUERIES fold the norms, rotary + KV write, SwiGLU gate
+and residual adds into the products instead: five launches a layer, `specdec.kernels.gemv` / `gemm_rows`),
 with q/k/v and gate/up fused into one weight each (the HF modules' weights become views into the fused ones, so no
 memory is doubled and the HF model keeps working), rotary tables precomputed for every position of the cache by the
 model's own rotary module (its rope scaling included), and the four Triton kernels of `specdec.kernels`. Weights
@@ -34,8 +34,6 @@ from specdec.backends.graph import DEFAULT_BUCKETS, GraphBackend, _Step
 from specdec.backends.static import StaticState
 from specdec.kernels.gemm_rows import MAX_ROWS, rows_gated, rows_linear, rows_qkv_rope
 from specdec.kernels.gemv import gemv, gemv_gated, gemv_qkv_rope
-from specdec.kernels.l2_prefetch import PROGRAMS as PREFETCH_PROGRAMS
-from specdec.kernels.l2_prefetch import l2_prefetch
 from specdec.kernels.rmsnorm import add_rmsnorm
 from specdec.kernels.rope_cache import rope_cache
 from specdec.kernels.silu_mul import silu_mul
@@ -43,19 +41,11 @@ from specdec.kernels.tree_attention import kernel_available, tree_attention
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 # The most queries a step runs through the row GEMMs (gemm_rows: up to MAX_ROWS). Measured on the H100 (CUDA-graph
-# GPU time of the verify step, context 2048, evals/scripts/gemm_rows_bench.py, evals/results/h100_gemm_rows_bench.json):
-# 2..16 queries gain 3-16% over the unfused layer at the zoo, 1.1B and 7B shapes; 32 and 64 lose at 1.1B and 7B
-# (every program re-reads and re-normalises all rows of x: 0.60x at 7B, T = 64). Where rows are short (hidden <=
-# ROWS_SHORT_HIDDEN) that re-read is cheap and 32 queries still gain (zoo, hidden 768: 0.577 vs 0.602 ms; 64 lose,
-# 0.672 vs 0.633).
+# GPU time of the verify step, context 2048, evals/scripts/gemm_rows_bench.py): 2..16 queries gain 3-16% over the
+# unfused layer at the zoo, 1.1B and 7B shapes; 32 and 64 lose at 1.1B and 7B (every program re-reads and
+# re-normalises all rows of x: 0.60x at 7B, T = 64). At the zoo shape 32 rows gained in GPU time (0.577 vs 0.602 ms)
+# but lost in the step's wall time (`specdec bench-step --shapes zoo`: 0.76 ms at 32 vs 0.62 at 16), so 16 for all.
 ROWS_MAX_QUERIES = 16
-ROWS_MAX_QUERIES_SHORT, ROWS_SHORT_HIDDEN = 32, 1024
-PREFETCH_BYTES = 0  # per layer, read into L2 beside the attention (`NativeLlama.set_prefetch`)
-
-
-def rows_max_queries(hidden_size: int) -> int:
-    """The most queries a step of a model of `hidden_size` runs through the row GEMMs (measured, above)."""
-    return ROWS_MAX_QUERIES_SHORT if hidden_size <= ROWS_SHORT_HIDDEN else ROWS_MAX_QUERIES
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # tables that do not change with the sequence length
 
 
@@ -146,19 +136,7 @@ class NativeLlama:
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
         # five launches a layer (`_forward_fused`): one-query steps with the GEMVs, 2..rows_max_queries queries with
         # the row GEMMs (at most gemm_rows.MAX_ROWS)
-        self.one_token_gemv, self.rows_gemm = one_token_gemv, rows_gemm
-        self.rows_max_queries = rows_max_queries(config.hidden_size)
-        self._side, self._sink, self._prefetch = None, None, [[] for _ in self.layers]
-        self.set_prefetch(PREFETCH_BYTES)
-
-    def set_prefetch(self, budget: int) -> None:
-        """Per layer of a fused step, read up to `budget` bytes of the o projection, then of gate/up row pairs (as
-        the gated GEMV reads them), into L2 on a side stream beside the attention (`l2_prefetch`); 0: none. CUDA only;
-        steps captured before a change keep what they captured."""
-        self._prefetch = [_prefetch_regions(layer, budget) for layer in self.layers]
-        if any(self._prefetch) and self.head.is_cuda and self._side is None:
-            self._side = torch.cuda.Stream(self.head.device)
-            self._sink = torch.zeros(3, PREFETCH_PROGRAMS, dtype=torch.int32, device=self.head.device)
+        self.one_token_gemv, self.rows_gemm, self.rows_max_queries = one_token_gemv, rows_gemm, ROWS_MAX_QUERIES
 
     def forward(self, buffer: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 prefix: int | torch.Tensor, block_mask: torch.Tensor) -> torch.Tensor:
@@ -201,40 +179,13 @@ class NativeLlama:
             keys, values = buffer[index, 0, 0], buffer[index, 1, 0]  # (Hkv, S_max, D)
             kernels.qkv_rope(hidden, layer.qkv, positions, slots, self.cos, self.sin, keys, values, heads,
                              layer.input_norm, self.eps, layer.qkv_bias, queries)
-            prefetching = self._fork_prefetch(self._prefetch[index])
             tree_attention(queries.view(count, heads, dim).transpose(0, 1)[None], keys[None], values[None],
                            block_mask, self.scale, prefix_len=prefix, block_len=width,
                            out=attended.transpose(0, 1)[None])
             kernels.linear(attended.view(count, -1), layer.out, residual=hidden)
-            if prefetching:  # join: the gated product starts once its first rows are in L2
-                torch.cuda.current_stream().wait_stream(self._side)
             kernels.linear(kernels.gated(hidden, layer.gate_up, layer.post_norm, self.eps), layer.down,
                            residual=hidden)
         return kernels.linear(hidden, self.head, self.norm, self.eps)
-
-
-    def _fork_prefetch(self, regions: list[torch.Tensor]) -> bool:
-        """Launch the prefetch of `regions` on the side stream after what the current stream has queued (a branch
-        of the graph when capturing). Whether it did (the caller joins before the gated product)."""
-        if not regions or self._side is None or not self.head.is_cuda:
-            return False
-        self._side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self._side):
-            l2_prefetch(regions, self._sink[: len(regions)])
-        return True
-
-
-def _prefetch_regions(layer: _Layer, budget: int) -> list[torch.Tensor]:
-    """Up to `budget` bytes of `layer`'s weights in the order the step reads them after the attention: the o
-    projection's first rows, then gate rows [0, r) and up rows [I, I + r) (the gated GEMV reads j with I + j)."""
-    out_row = layer.out.shape[1] * layer.out.element_size()
-    out_rows = min(layer.out.shape[0], max(budget, 0) // out_row)
-    regions = [layer.out[:out_rows]] if out_rows else []
-    width, pair = layer.gate_up.shape[0] // 2, 2 * layer.gate_up.shape[1] * layer.gate_up.element_size()
-    pairs = min(width, (max(budget, 0) - out_rows * out_row) // pair)
-    if pairs > 0:
-        regions += [layer.gate_up[:pairs], layer.gate_up[width: width + pairs]]
-    return regions
 
 
 class NativeBackend(GraphBackend):
