@@ -5,8 +5,9 @@ bf16 on the GPU: t_AR (one token) and t_verify(n) (a chain of n-1 drafted tokens
 several context lengths, for each path = attention implementation (HF eager, HF sdpa, specdec's Triton
 `specdec_tree`) @ backend (`hf`: DynamicCache in eager Python; `graph`: static cache, each step a CUDA graph;
 `graph+compile`: the same with each step's forward compiled by torch.compile before capture; `native`: the
-graph backend with specdec's own Llama forward, `specdec_tree@native`); the
-ratios of the fast path's goals (t_AR / bandwidth floor, t_verify(64) / t_AR); and the attention kernel alone:
+graph backend with specdec's own Llama forward, `specdec_tree@native`; on the graph and native backends also
+`<path> ar-chain8`: greedy AR per token as `reference_decode` runs it there, 8 one-token steps per host round trip
+in one graph); the ratios of the fast path's goals (t_AR / bandwidth floor, t_verify(64) / t_AR); and the attention kernel alone:
 `tree_attention` vs PyTorch SDPA with the float tree mask (which loses the flash kernel) vs SDPA causal at n = 1,
 with the achieved bandwidth of the KV read -- GPU time from CUDA events around a CUDA graph of 10 calls, so the
 launchers' host overhead (~0.15 ms for a Triton launch from Python) is not what is measured.
@@ -29,6 +30,7 @@ from rich.table import Table
 from specdec.backends.graph import GraphBackend
 from specdec.backends.hf import HFBackend, tree_attention_mask
 from specdec.backends.native import NativeBackend
+from specdec.reference import AR_CHAIN
 from specdec.tree import DraftTree
 
 console = Console(stderr=True)
@@ -145,6 +147,13 @@ def step_costs(model, shape: str, path: str, contexts: list[int], sizes: list[in
                     state.cache.crop(-1)
 
             out.append(StepTiming(shape, path, context, n, _median_ms(step, reps)))
+        if hasattr(backend, "greedy_decode") and 1 in backend.buckets:
+            def chain():  # greedy AR as `reference_decode` runs it here: AR_CHAIN tokens per host round trip
+                backend.greedy_decode(state, 7, AR_CHAIN)
+                state.length -= AR_CHAIN
+
+            out.append(StepTiming(shape, f"{path} ar-chain{AR_CHAIN}", context, 1,
+                                  _median_ms(chain, reps) / AR_CHAIN))
     return out
 
 

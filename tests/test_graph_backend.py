@@ -16,7 +16,7 @@ from specdec.stopping import StopRule
 from specdec.verify import verify
 from test_backend import _random_tree_around
 from test_static_backend import _assert_buffer_holds
-from tiny_models import VOCAB, repetitive_prompt, tiny_model
+from tiny_models import VOCAB, fresh_tiny_model, repetitive_prompt, tiny_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "gpt2"])
@@ -149,3 +149,36 @@ def test_greedy_chain_is_the_greedy_continuation_and_leaves_its_rows_cached(arch
     assert backend.decode(state, truth[7]).argmax().item() == truth[8]
     with pytest.raises(ValueError, match="cache slots"):
         backend.greedy_chain(state, torch.tensor([truth[8]]), state.length, 128)
+
+
+@pytest.mark.parametrize("backend_kind", ["graph", "native"])
+def test_greedy_ar_decodes_chains_on_the_device_and_stops_as_one_token_at_a_time(backend_kind, monkeypatch):
+    """`reference_decode` on a backend with `greedy_decode`: chains of up to AR_CHAIN tokens per host round trip,
+    the same tokens as one decode at a time and as HF, cut at an EOS inside a chain, at max_new_tokens that is no
+    multiple of the chain, and at the end of the cache (the last slots one decode at a time)."""
+    from specdec.backends.native import NativeBackend
+
+    model = fresh_tiny_model("llama").float()  # the native forward runs float32 / half types
+    prompt = repetitive_prompt(VOCAB, seed=6, length=12)
+    truth = reference_decode(HFBackend(model), prompt, SamplingParams(), StopRule(30))
+    make = (lambda: GraphBackend(model, max_len=64)) if backend_kind == "graph" else (
+        lambda: NativeBackend(model, max_len=64))
+    backend = make()
+    chains = []
+    original = type(backend).greedy_decode
+    monkeypatch.setattr(type(backend), "greedy_decode",
+                        lambda self, *args: chains.append(args[-1]) or original(self, *args))
+    assert reference_decode(backend, prompt, SamplingParams(), StopRule(21)) == truth[:21]
+    assert chains == [8, 8, 5]
+    assert reference_decode(backend, prompt, SamplingParams(), StopRule(21), chain=1) == truth[:21]
+    assert chains == [8, 8, 5]  # chain=1: one decode at a time
+    eos = truth[11]
+    first = truth.index(eos)  # the first time the EOS id comes (a chain goes on past it; the output stops)
+    chains.clear()
+    stop = StopRule(30, eos_token_ids=frozenset({eos}))
+    assert reference_decode(backend, prompt, SamplingParams(), stop) == truth[: first + 1] and stop.reason == "eos"
+    assert sum(chains) >= first + 1 and len(chains) == first // 8 + 1
+    room = 64 - len(prompt)  # the cache: the generation ends with the context, the last slots one decode at a time
+    long = reference_decode(HFBackend(model), prompt, SamplingParams(), StopRule(room))
+    stop = StopRule(100, room=room)
+    assert reference_decode(make(), prompt, SamplingParams(), stop) == long and stop.reason == "context"

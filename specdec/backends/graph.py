@@ -152,7 +152,7 @@ class GraphBackend(StaticBackend):
         self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
         self._state: StaticState | None = None
         self._steps: dict[tuple[int, int], _Step] = {}
-        self._chains: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # greedy_chain graphs, by count
+        self._chains: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # by (count, argmax)
         self.eager_steps = 0  # steps that fit no bucket and ran eagerly
 
     @contextlib.contextmanager
@@ -283,49 +283,68 @@ class GraphBackend(StaticBackend):
         graph replay for the whole chain on CUDA (captured once per `count`). Returns (count, 2) float64 rows
         [top probability, its id] of each step's softmax (float64, as a drafter's slot probabilities);
         state.length += count. The steps' static inputs are the one-query bucket's (refilled by its next use)."""
+        return self._chain(state, token, position, count, argmax=False)
+
+    def greedy_decode(self, state: StaticState, token: int, count: int) -> list[int]:
+        """`count` plain greedy steps from `token` (fed at position state.length, as `decode`): each step's argmax
+        (the first maximum of the raw logits, as the reference decoder picks) is the next step's input, on the
+        device -- one graph replay and one host read for all `count`, instead of a round trip per token. The same
+        logits as `count` calls of `decode` (the same one-query step). Returns the new tokens; state.length +=
+        count (the last token is not yet cached, as after `decode`)."""
+        return self._chain(state, int(token), state.length, count, argmax=True).tolist()
+
+    def _chain(self, state: StaticState, token: int | torch.Tensor, position: int, count: int, argmax: bool):
+        """`greedy_chain` / `greedy_decode`: `token` a host id, or a (1,) device id (it rides in no host copy)."""
         if state is not self._state:
             raise ValueError("this state is not the graph backend's current sequence (a later prefill replaced it)")
         if 1 not in self.buckets or state.length + count > self.max_len:
             raise ValueError(f"a chain of {count} one-query steps from slot {state.length} needs the one-query "
                              f"bucket and {state.length + count} <= {self.max_len} cache slots")
         step = self._step(1, 1)
-        step.fill([], [position], state.length, 0, causal_block(1), token)
+        on_host = isinstance(token, int)
+        step.fill([token] if on_host else [], [position], state.length, 0, causal_block(1), None if on_host else token)
         if self.device.type != "cuda":
             with torch.inference_mode(), self.attention_for_capture():
-                out = self._chain_steps(step, count)
+                out = self._chain_steps(step, count, argmax)
         else:
-            if count not in self._chains:
-                self._chains[count] = self._capture_chain(step, count)
-            graph, out = self._chains[count]
+            if (count, argmax) not in self._chains:
+                self._chains[count, argmax] = self._capture_chain(step, count, argmax)
+            graph, out = self._chains[count, argmax]
             graph.replay()
         state.length += count
         return out.clone()  # the static output is overwritten by the next replay
 
-    def _chain_steps(self, step: _Step, count: int) -> torch.Tensor:
-        """The chain on the one-query step's static tensors (capturable: no host reads)."""
+    def _chain_steps(self, step: _Step, count: int, argmax: bool) -> torch.Tensor:
+        """The chain on the one-query step's static tensors (capturable: no host reads): (count,) ids with
+        `argmax`, else (count, 2) float64 [top probability, id] rows (a drafter's topk(1) of the softmax)."""
         picks = []
         for index in range(count):
-            top = step.forward().double().softmax(-1).topk(1)  # (1, V) logits
-            picks.append(torch.cat([top.values[0], top.indices[0].double()]))
+            logits = step.forward()  # (1, V)
+            if argmax:
+                pick = next_id = logits.argmax(-1)
+            else:
+                top = logits.double().softmax(-1).topk(1)
+                pick, next_id = torch.cat([top.values[0], top.indices[0].double()]), top.indices[0]
+            picks.append(pick)
             if index < count - 1:
-                step.tokens.copy_(top.indices[0])
+                step.tokens.copy_(next_id)
                 step.positions.add_(1)
                 step.prefix.add_(1)  # the step just written is now part of what the next one sees
-        return torch.stack(picks)
+        return torch.cat(picks) if argmax else torch.stack(picks)
 
     @torch.inference_mode()
-    def _capture_chain(self, step: _Step, count: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture_chain(self, step: _Step, count: int, argmax: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         inputs = step.inputs.clone()  # the warm-up advances them; the capture starts from the filled values again
         with self.attention_for_capture():
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self._chain_steps(step, count)  # lazy inits; writes only slots the capture rewrites
+                self._chain_steps(step, count, argmax)  # lazy inits; writes only slots the capture rewrites
                 step.inputs.copy_(inputs)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):  # records only: the replay starts from the filled inputs
-                out = self._chain_steps(step, count)
+                out = self._chain_steps(step, count, argmax)
         return graph, out
 
     def _block_ids(self, tokens: Sequence[int], device_tokens: torch.Tensor | None) -> torch.Tensor:
