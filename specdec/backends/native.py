@@ -32,6 +32,7 @@ from transformers import PreTrainedModel
 
 from specdec.backends.graph import DEFAULT_BUCKETS, GraphBackend, _Step
 from specdec.backends.static import StaticState
+from specdec.kernels.embedding import embedding
 from specdec.kernels.gemm_rows import MAX_ROWS, rows_gated, rows_linear, rows_qkv_rope
 from specdec.kernels.gemv import gemv, gemv_gated, gemv_qkv_rope
 from specdec.kernels.rmsnorm import add_rmsnorm
@@ -171,7 +172,7 @@ class NativeLlama:
         """`forward` in five launches a layer, the norms, rotary, cache write, SwiGLU gate and residual adds riding
         in the products (`kernels`: ONE_TOKEN's GEMVs or ROWS's row GEMMs): qkv, attention, o, gate_up, down."""
         count, width = block_mask.shape
-        hidden = F.embedding(tokens, self.embed)  # (T, H), contiguous: the residual stream, updated in place
+        hidden = embedding(tokens, self.embed)  # (T, H), contiguous: the residual stream, updated in place
         heads, dim = self.num_q_heads, self.head_dim
         queries = torch.empty(count, heads * dim, dtype=hidden.dtype, device=hidden.device)
         attended = torch.empty(count, heads, dim, dtype=hidden.dtype, device=hidden.device)
