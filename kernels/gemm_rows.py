@@ -16,11 +16,8 @@ unfused ops up to the order of the float32 sums inside a dot product.
 Each program owns BLOCK_N output features (paired kernels: those and their partners, a half head dim or I rows
 further) for all M rows, padded to BLOCK_M = a power of two >= 16 (tl.dot's least). It walks K in BLOCK_K steps:
 a (BLOCK_M, BLOCK_K) input tile (normalised in registers; the per-row 1/rms comes from a first pass over x) times
-the (BLOCK_K, BLOCK_N) weight tile into a float32 accumulator. Where BLOCK_K covers the row (K <= BLOCK_K: small
-models), one tile does it all: the weights are requested first and each row's 1/rms comes from that same x tile,
-with no pass over x ahead of the weight stream (as `gemv`'s whole-row tiles). Weights are (N, K), rows contiguous:
-`nn.Linear`'s layout. x is re-read by every program (from L2): M / BLOCK_N of the weight bytes, so wider tiles for
-more rows.
+the (BLOCK_K, BLOCK_N) weight tile into a float32 accumulator. Weights are (N, K), rows contiguous: `nn.Linear`'s
+layout. x is re-read by every program (from L2): M / BLOCK_N of the weight bytes, so wider tiles for more rows.
 """
 
 from __future__ import annotations  # annotations stay strings: `tl.constexpr` parses without Triton installed
@@ -59,16 +56,10 @@ def _input_tile(X, NormW, m, m_ok, cols, col_ok, stride_x, inv_rms, NORM: tl.con
     """The (BLOCK_M, BLOCK_K) input at `cols`: x, or RMSNorm(x) rounded as gemv's `_input`, in X's dtype (float32
     with FP32_DOT)."""
     x = tl.load(X + m[:, None] * stride_x + cols[None, :], mask=m_ok[:, None] & col_ok[None, :], other=0.0)
-    return _normalised(x, NormW, cols, col_ok, inv_rms, NORM, FP32_DOT)
-
-
-@_jit
-def _normalised(x, NormW, cols, col_ok, inv_rms, NORM: tl.constexpr, FP32_DOT: tl.constexpr):
-    """`_input_tile` of an x tile already loaded (in X's dtype)."""
     if NORM:
         weight = tl.load(NormW + cols, mask=col_ok, other=0.0).to(tl.float32)
-        normed = (x.to(tl.float32) * inv_rms[:, None]).to(x.dtype).to(tl.float32)
-        x = (normed * weight[None, :]).to(x.dtype)
+        normed = (x.to(tl.float32) * inv_rms[:, None]).to(X.dtype.element_ty).to(tl.float32)
+        x = (normed * weight[None, :]).to(X.dtype.element_ty)
     if FP32_DOT:
         x = x.to(tl.float32)
     return x
@@ -94,37 +85,20 @@ def _dot(x, w, acc, FP32_DOT: tl.constexpr):
 @_jit
 def _products(X, NormW, W, Bias, m, m_ok, features, feature_ok, partner, size, stride_x, stride_w, eps,
               NORM: tl.constexpr, BIAS: tl.constexpr, PAIRED: tl.constexpr, FP32_DOT: tl.constexpr,
-              WHOLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """x^ @ W[features]^T [+ bias] for the (BLOCK_M, BLOCK_N) tile, rounded to W's dtype, in float32; x^ = RMSNorm(x)
-    with NORM. With PAIRED also the same for the features `partner` rows further (else zeros), on the same x tiles.
-    WHOLE (BLOCK_K >= size): one tile of every column, its weights requested before x, the norm from that same x
-    tile (no first pass over x, no second read of it); else BLOCK_K columns a step after a pass for the norm."""
+    with NORM. With PAIRED also the same for the features `partner` rows further (else zeros), on the same x tiles."""
+    inv_rms = _row_inverse_rms(X, m, m_ok, stride_x, size, eps, NORM, BLOCK_M, BLOCK_K)
     first = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     second = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    if WHOLE:
-        cols = tl.arange(0, BLOCK_K)
+    for start in range(0, size, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
         col_ok = cols < size
-        w_first = _weight_tile(W, features, feature_ok, cols, col_ok, stride_w, FP32_DOT)
-        w_second = w_first
+        x = _input_tile(X, NormW, m, m_ok, cols, col_ok, stride_x, inv_rms, NORM, FP32_DOT)
+        first = _dot(x, _weight_tile(W, features, feature_ok, cols, col_ok, stride_w, FP32_DOT), first, FP32_DOT)
         if PAIRED:
-            w_second = _weight_tile(W, features + partner, feature_ok, cols, col_ok, stride_w, FP32_DOT)
-        x = tl.load(X + m[:, None] * stride_x + cols[None, :], mask=m_ok[:, None] & col_ok[None, :], other=0.0)
-        wide = x.to(tl.float32)
-        x = _normalised(x, NormW, cols, col_ok, tl.rsqrt(tl.sum(wide * wide, 1) / size + eps), NORM, FP32_DOT)
-        first = _dot(x, w_first, first, FP32_DOT)
-        if PAIRED:
-            second = _dot(x, w_second, second, FP32_DOT)
-    else:
-        inv_rms = _row_inverse_rms(X, m, m_ok, stride_x, size, eps, NORM, BLOCK_M, BLOCK_K)
-        for start in range(0, size, BLOCK_K):
-            cols = start + tl.arange(0, BLOCK_K)
-            col_ok = cols < size
-            x = _input_tile(X, NormW, m, m_ok, cols, col_ok, stride_x, inv_rms, NORM, FP32_DOT)
-            first = _dot(x, _weight_tile(W, features, feature_ok, cols, col_ok, stride_w, FP32_DOT), first,
-                         FP32_DOT)
-            if PAIRED:
-                w = _weight_tile(W, features + partner, feature_ok, cols, col_ok, stride_w, FP32_DOT)
-                second = _dot(x, w, second, FP32_DOT)
+            w = _weight_tile(W, features + partner, feature_ok, cols, col_ok, stride_w, FP32_DOT)
+            second = _dot(x, w, second, FP32_DOT)
     if BIAS:
         first += tl.load(Bias + features, mask=feature_ok, other=0.0).to(tl.float32)[None, :]
         if PAIRED:
@@ -135,13 +109,13 @@ def _products(X, NormW, W, Bias, m, m_ok, features, feature_ok, partner, size, s
 @_jit
 def _rows_linear_kernel(X, NormW, W, Bias, Out, count, size, features_total, stride_x, stride_w, stride_o, eps,
                         NORM: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, FP32_DOT: tl.constexpr,
-                        WHOLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     m = tl.arange(0, BLOCK_M)
     m_ok = m < count
     features = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     feature_ok = features < features_total
     out, _ = _products(X, NormW, W, Bias, m, m_ok, features, feature_ok, 0, size, stride_x, stride_w, eps, NORM,
-                       BIAS, False, FP32_DOT, WHOLE, BLOCK_M, BLOCK_N, BLOCK_K)
+                       BIAS, False, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)
     target = Out + m[:, None] * stride_o + features[None, :]
     ok = m_ok[:, None] & feature_ok[None, :]
     if RESIDUAL:  # Out is the residual stream: out = stream + delta, one rounding (as add_rmsnorm's add)
@@ -151,14 +125,13 @@ def _rows_linear_kernel(X, NormW, W, Bias, Out, count, size, features_total, str
 
 @_jit
 def _rows_gated_kernel(X, NormW, W, Out, count, size, width, stride_x, stride_w, stride_o, eps, NORM: tl.constexpr,
-                       FP32_DOT: tl.constexpr, WHOLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+                       FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     m = tl.arange(0, BLOCK_M)
     m_ok = m < count
     features = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # gate rows; their up rows are `width` further
     feature_ok = features < width
     gate, up = _products(X, NormW, W, W, m, m_ok, features, feature_ok, width, size, stride_x, stride_w, eps, NORM,
-                         False, True, FP32_DOT, WHOLE, BLOCK_M, BLOCK_N, BLOCK_K)
+                         False, True, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)
     activated = (gate / (1.0 + tl.exp(-gate))).to(Out.dtype.element_ty).to(tl.float32)
     tl.store(Out + m[:, None] * stride_o + features[None, :], (activated * up).to(Out.dtype.element_ty),
              mask=m_ok[:, None] & feature_ok[None, :])
@@ -168,8 +141,8 @@ def _rows_gated_kernel(X, NormW, W, Out, count, size, width, stride_x, stride_w,
 def _rows_qkv_rope_kernel(X, NormW, W, Bias, Queries, Keys, Values, Cos, Sin, Positions, Slots, count, size,
                           stride_x, stride_w, stride_q, eps, stride_rope, stride_kh, stride_ks, stride_vh, stride_vs,
                           num_q_heads, num_kv_heads, HALF: tl.constexpr, PER_HEAD: tl.constexpr, NORM: tl.constexpr,
-                          BIAS: tl.constexpr, FP32_DOT: tl.constexpr, WHOLE: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BIAS: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
     head = tl.program_id(0) // PER_HEAD  # [0, Hq) q heads, then Hkv k heads, then Hkv v heads
     dims = (tl.program_id(0) % PER_HEAD) * BLOCK_N + tl.arange(0, BLOCK_N)  # within the first half of the head
     ok = dims < HALF
@@ -177,7 +150,7 @@ def _rows_qkv_rope_kernel(X, NormW, W, Bias, Queries, Keys, Values, Cos, Sin, Po
     m = tl.arange(0, BLOCK_M)
     m_ok = m < count
     x1, x2 = _products(X, NormW, W, Bias, m, m_ok, features, ok, HALF, size, stride_x, stride_w, eps, NORM, BIAS,
-                       True, FP32_DOT, WHOLE, BLOCK_M, BLOCK_N, BLOCK_K)
+                       True, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)
     tile_ok = m_ok[:, None] & ok[None, :]
     slots = tl.load(Slots + m, mask=m_ok, other=0)
     if head < num_q_heads + num_kv_heads:  # rotate, as rope_cache: [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]
@@ -303,8 +276,8 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor | None
     _rows_linear_kernel[(triton.cdiv(features, block_n),)](
         x, x if norm is None else norm, weight, weight if bias is None else bias, out, count, size, features,
         x.stride(0), weight.stride(0), features, eps, NORM=norm is not None, BIAS=bias is not None,
-        RESIDUAL=residual is not None, FP32_DOT=fp32_dot, WHOLE=block_k >= size, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        RESIDUAL=residual is not None, FP32_DOT=fp32_dot, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps, num_stages=stages)
     return out
 
 
@@ -317,8 +290,8 @@ def rows_gated(x: torch.Tensor, gate_up: torch.Tensor, norm: torch.Tensor | None
     block_m, block_n, block_k, warps, stages, fp32_dot = _launch_params("gated", x, gate_up, width, 2, config)
     _rows_gated_kernel[(triton.cdiv(width, block_n),)](
         x, x if norm is None else norm, gate_up, out, count, size, width, x.stride(0), gate_up.stride(0), width,
-        eps, NORM=norm is not None, FP32_DOT=fp32_dot, WHOLE=block_k >= size, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        eps, NORM=norm is not None, FP32_DOT=fp32_dot, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps, num_stages=stages)
     return out
 
 
@@ -345,6 +318,6 @@ def rows_qkv_rope(x: torch.Tensor, qkv: torch.Tensor, positions: torch.Tensor, s
         x, x if norm is None else norm, qkv, qkv if bias is None else bias, queries, keys, values, cos, sin,
         positions, slots, count, size, x.stride(0), qkv.stride(0), width, eps, cos.stride(0), keys.stride(0),
         keys.stride(1), values.stride(0), values.stride(1), num_q_heads, num_kv_heads, HALF=half,
-        PER_HEAD=per_head, NORM=norm is not None, BIAS=bias is not None, FP32_DOT=fp32_dot, WHOLE=block_k >= size,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        PER_HEAD=per_head, NORM=norm is not None, BIAS=bias is not None, FP32_DOT=fp32_dot, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return queries

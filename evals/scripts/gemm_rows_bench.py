@@ -43,16 +43,13 @@ def say(*parts) -> None:
     print(*parts, flush=True)
 
 
-def candidates(quick: bool, size: int) -> list[tuple[int, int, int, int]]:
+def candidates(quick: bool) -> list[tuple[int, int, int, int]]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages): 16-128 features a program, 128-512 columns a step (those whose
-    stages overflow the shared memory at many rows are refused by the compiler and skipped); for rows of at most
-    2048 columns also whole-row tiles (BLOCK_K >= size: one tile, no pass over x ahead of the weights)."""
-    whole = 1 << (size - 1).bit_length()  # the next power of two
-    wholes = [(n, whole, w, 1) for n in (16, 32, 64) for w in (4, 8) if n * whole <= 32768] if size <= 2048 else []
+    stages overflow the shared memory at many rows are refused by the compiler and skipped)."""
     if quick:
-        return [(16, 512, 4, 3), (16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 8, 3), (128, 128, 8, 3)] + wholes[:2]
+        return [(16, 512, 4, 3), (16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 8, 3), (128, 128, 8, 3)]
     return [(n, k, w, s) for n in (16, 32, 64, 128) for k in (128, 256, 512) for w in (4, 8) for s in (3, 5)
-            if n * k <= 16384] + wholes
+            if n * k <= 16384]
 
 
 def calls(shape: str, matrix: str, count: int):
@@ -99,7 +96,7 @@ def sweep(shape: str, counts: list[int], reps: int, quick: bool) -> list[dict]:
                    "default_config": list(rows_config(kind, count, rows, size)),
                    "default_ms": _kernel_ms(lambda: fused(None), reps)}
             timed = {}
-            for config in candidates(quick, size):
+            for config in candidates(quick):
                 try:
                     timed[config] = _kernel_ms(lambda: fused(config), reps)
                 except Exception as error:  # noqa: BLE001 - a config the compiler refuses (registers, shared memory)
