@@ -38,6 +38,7 @@ except ImportError:  # no Triton wheel (macOS, Windows): the registered attentio
 
 LOG2E = 1.4426950408889634
 MIN_KEYS_PER_SPLIT = 256  # a split-KV chunk below this costs more in the merge than it saves
+SMALL_STEP_QUERIES, SMALL_STEP_MIN_KEYS = 16, 64  # steps of <= 16 queries: splits down to 64 keys (`tree_attention`)
 LONG_SPLIT_KEYS = 2048  # splits this long, of programs that share their keys, gain from a second wave
 
 
@@ -208,7 +209,7 @@ def num_kv_splits(programs: int, prefix_len: int, sm_count: int = 132, min_keys:
     wave and each split >= MIN_KEYS_PER_SPLIT keys. E.g. batch 1, 8 kv heads, 1 row tile, P = 4096 ->
     min(132 // 8, 16) = 16 splits. One wave, not ceil: 32 kv heads (7B) split 5 ways make 160 programs on 132 SMs,
     and 4 splits ran 1.1-1.4x faster at 2k-8k keys on the H100 (evals/results/h100_attention_split.txt).
-    min_keys: the fewest prefix keys a split may get (`tree_attention` halves it for programs of <= 16 rows).
+    min_keys: the fewest prefix keys a split may get (`tree_attention`: 64 for steps of <= 16 queries).
     row_tiles: programs per (batch, kv head). Where several row tiles read the same keys (the later ones from L2),
     splits of >= LONG_SPLIT_KEYS keys are halved into a second wave: 1.1B shape, 64 queries (8 row tiles), 4 -> 8
     splits ran 1.08 / 1.13 / 1.30x faster at 8k / 16k / 32k keys, where one row tile (7B) gained nothing
@@ -221,13 +222,18 @@ def num_kv_splits(programs: int, prefix_len: int, sm_count: int = 132, min_keys:
     return splits
 
 
-def _block_sizes(rows: int, head_dim: int) -> tuple[int, int, int, int, int]:
+def _block_sizes(rows: int, head_dim: int, small_step: bool = False) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages). tl.dot needs every side >= 16; the interpreter prefers
-    big tiles. (evals/scripts/attention_config_bench.py sweeps the GPU ones.)"""
+    big tiles. (evals/scripts/attention_config_bench.py sweeps the GPU ones.) small_step (<= 16 queries, split into
+    64-key chunks) with head dim <= 64: 32-key tiles, 2 stages, the sweep's best at N = 8 and 16 over 2k keys on
+    the zoo and 1.1B shapes (zoo 9.8 -> 7.8 and 8.7 -> 6.8 us, 1.1B 9.6 -> 7.6 and 8.5, with the splits;
+    evals/results/h100_attention_config_small.txt)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if interpret_mode():
         return min(max(16, triton.next_power_of_2(rows)), 256), 128, block_d, 4, 1
     block_m = min(max(16, triton.next_power_of_2(rows)), 64)
+    if small_step and head_dim <= 64:
+        return block_m, 32, block_d, 4, 2
     return block_m, 64, block_d, 4, 3
 
 
@@ -266,13 +272,16 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask:
     if host_prefix < 0 or host_prefix + block > kv_len:
         raise ValueError(f"prefix_len {host_prefix} + W {block} does not fit in the {kv_len} keys of k and v")
     group = num_heads // num_kv_heads
-    block_m, block_n, block_d, num_warps, num_stages = _block_sizes(group * tree_size, head_dim)
+    small_step = tree_size <= SMALL_STEP_QUERIES
+    block_m, block_n, block_d, num_warps, num_stages = _block_sizes(group * tree_size, head_dim, small_step)
     row_tiles = triton.cdiv(group * tree_size, block_m)
     if num_splits is None:
         sm_count = _sm_count(q.device.index or 0) if q.is_cuda else 132
-        # a program of few rows (one query, GQA heads packed) does little work per key: splits of 128 keys ran
-        # 1.2x faster than 256 at N = 1 on the H100 (1.1B, 2k: 6.9 vs 8.2 us), where 64 rows wanted 256
-        min_keys = MIN_KEYS_PER_SPLIT // 2 if group * tree_size <= 16 else MIN_KEYS_PER_SPLIT
+        # a step of few queries does little work per key: short splits that fill the SMs win (H100, 2k keys, kernel
+        # + merge: at N = 1, 8, 16 the sweep's best had 16-32 splits of 64-128 keys, where this rule gave 8-16 of
+        # 128-256; evals/results/h100_attention_config_small.txt). At N = 64 more splits lose (7B at 512 keys:
+        # 2 splits 13.3 us, 4 16.6; evals/results/h100_attention_split.txt).
+        min_keys = SMALL_STEP_MIN_KEYS if small_step else MIN_KEYS_PER_SPLIT
         num_splits = num_kv_splits(batch * num_kv_heads * row_tiles, host_prefix, sm_count, min_keys, row_tiles)
     chunk = triton.cdiv(triton.cdiv(max(host_prefix, 1), max(num_splits, 1)), block_n) * block_n
     num_splits = triton.cdiv(max(host_prefix, 1), chunk)  # the kernel's chunking: no split without prefix keys

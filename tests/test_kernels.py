@@ -63,7 +63,7 @@ def assert_close_to_reference(out, q, k, v, prefix_len, mask, scale=None):
 CASES = [
     (1, 2, 1, 1, 0, 64, torch.float32),
     (2, 1, 8, 1, 97, 128, torch.float16),
-    (1, 2, 4, 1, 1025, 64, torch.bfloat16),   # auto split-KV: 2 programs, 1025 keys -> 4 splits
+    (1, 2, 4, 1, 1025, 64, torch.bfloat16),   # auto split-KV: 2 programs, 1025 keys -> 16 splits of 64 keys
     (1, 2, 4, 3, 0, 128, torch.bfloat16),
     (1, 1, 8, 3, 1, 80, torch.float32),
     (2, 2, 1, 3, 97, 64, torch.float16),
@@ -293,3 +293,26 @@ def test_split_count_keeps_the_grid_to_one_wave_but_for_shared_long_splits():
     # 1.1B, 64 queries: 4 kv heads x 8 row tiles; a second wave once the splits reach LONG_SPLIT_KEYS keys
     assert [num_kv_splits(32, p, row_tiles=8) for p in (2048, 4096, 8192, 32768)] == [4, 4, 8, 8]
     assert num_kv_splits(32, 32768, row_tiles=1) == 4  # 7B: one row tile, one wave
+
+
+def test_small_steps_split_into_short_chunks_and_their_gpu_tiles_stay_exact(monkeypatch):
+    """Steps of <= 16 queries split the prefix down to 64-key chunks (32 of them over 2k keys for 4 kv heads), and
+    the GPU's small-step tiles (32-key blocks, 2 stages; given to the interpreter here) equal the reference."""
+    from specdec.kernels import tree_attention as attention
+
+    original, splits = attention._block_sizes, []
+
+    def gpu_sizes(rows, head_dim, small_step=False):
+        with monkeypatch.context() as patch:
+            patch.setattr(attention, "interpret_mode", lambda: False)
+            return original(rows, head_dim, small_step)
+
+    counted = attention.num_kv_splits
+    monkeypatch.setattr(attention, "_block_sizes", gpu_sizes)
+    monkeypatch.setattr(attention, "num_kv_splits", lambda *a, **k: splits.append(counted(*a, **k)) or splits[-1])
+    assert gpu_sizes(24, 64, True)[1:] == (32, 64, 4, 2) and gpu_sizes(24, 128, True)[1:] == (64, 128, 4, 3)
+    assert gpu_sizes(24, 64, False)[1:] == (64, 64, 4, 3)
+    for tree_size in (1, 8, 16, 17):
+        q, k, v, mask = make_inputs(1, 4, 3, tree_size, 2048, 64, torch.float32, seed=tree_size)
+        assert_close_to_reference(tree_attention(q, k, v, mask), q, k, v, 2048, mask)
+    assert splits == [32, 32, 32, 8]  # 17 queries: 256-key splits, as before

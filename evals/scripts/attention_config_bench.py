@@ -5,11 +5,14 @@ with each (BLOCK_N, num_warps, num_stages) and split count, against the default 
 `num_kv_splits`), and prints the KV read rate.
 
     python3 evals/scripts/attention_config_bench.py [OUT_FILE]
+    python3 evals/scripts/attention_config_bench.py OUT_FILE --small   # verify-sized steps: zoo / 1.1B heads,
+                                                                      # N = 1, 8, 16 over 2k keys
 """
 
 from __future__ import annotations
 
 import itertools
+import sys
 
 import torch
 from host_timing import say  # evals/scripts/host_timing.py
@@ -28,18 +31,21 @@ def rate(q, k, v, mask, splits: int | None) -> tuple[float, float]:
 
 def main() -> None:
     say(torch.cuda.get_device_name())
-    for name, heads, kv_heads, dim in (("7b", 32, 32, 128), ("1b", 32, 4, 64)):
-        for prefix in (8192, 16384, 32768):
-            n = 64
+    small = "--small" in sys.argv
+    shapes = (("zoo", 12, 4, 64), ("1b", 32, 4, 64)) if small else (("7b", 32, 32, 128), ("1b", 32, 4, 64))
+    cases = [(n, 2048) for n in (1, 8, 16)] if small else [(64, prefix) for prefix in (8192, 16384, 32768)]
+    split_options = (None, 4, 8, 16, 32) if small else (None, 8)
+    for name, heads, kv_heads, dim in shapes:
+        for n, prefix in cases:
             q = torch.randn(1, heads, n, dim, device="cuda", dtype=torch.bfloat16)
             k = torch.randn(1, kv_heads, prefix + n, dim, device="cuda", dtype=torch.bfloat16)
             v = torch.randn_like(k)
             mask = torch.ones(n, n, dtype=torch.bool, device="cuda").tril()
             us, tbs = rate(q, k, v, mask, None)
             results = [(us, "default", tbs)]
-            for block_n, warps, stages, splits in itertools.product((32, 64, 128), (4, 8), (2, 3, 4), (None, 8)):
-                def sizes(rows, head_dim, block_n=block_n, warps=warps, stages=stages):
-                    block_m, _, block_d, _, _ = DEFAULT_SIZES(rows, head_dim)
+            for block_n, warps, stages, splits in itertools.product((32, 64, 128), (4, 8), (2, 3, 4), split_options):
+                def sizes(rows, head_dim, small_step=False, block_n=block_n, warps=warps, stages=stages):
+                    block_m, _, block_d, _, _ = DEFAULT_SIZES(rows, head_dim, small_step)
                     return block_m, block_n, block_d, warps, stages
                 attention._block_sizes = sizes
                 try:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from specdec.evals.step_bench import _kernel_ms
-from specdec.kernels.tree_attention import _block_sizes, num_kv_splits, tree_attention, triton
+from specdec.kernels.tree_attention import (MIN_KEYS_PER_SPLIT, SMALL_STEP_MIN_KEYS, SMALL_STEP_QUERIES,
+                                            _block_sizes, num_kv_splits, tree_attention, triton)
 
 
 def main() -> None:
@@ -23,7 +24,9 @@ def main() -> None:
                 v = torch.randn_like(k)
                 mask = torch.ones(n, n, dtype=torch.bool, device="cuda").tril()
                 rows = heads // kv_heads * n
-                default = num_kv_splits(kv_heads * triton.cdiv(rows, _block_sizes(rows, dim)[0]), prefix)
+                small = n <= SMALL_STEP_QUERIES  # tree_attention's own rule
+                default = num_kv_splits(kv_heads * triton.cdiv(rows, _block_sizes(rows, dim, small)[0]), prefix,
+                                        min_keys=SMALL_STEP_MIN_KEYS if small else MIN_KEYS_PER_SPLIT)
                 cells = []
                 for splits in sorted({1, 2, 4, 8, 12, 16, 24, 32, 48, 64, default}):
                     if splits * 32 > prefix:
