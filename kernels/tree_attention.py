@@ -224,7 +224,7 @@ def num_kv_splits(programs: int, prefix_len: int, sm_count: int = 132, min_keys:
 
 def _block_sizes(rows: int, head_dim: int, small_step: bool = False) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages). tl.dot needs every side >= 16; the interpreter prefers
-    big tiles. (evals/scripts/attention_config_bench.py sweeps the GPU ones.) small_step (<= 16 queries, split into
+    big tiles. (evals/scripts/attention_config_bench.py sweeps the GPU ones.) small_step (2..16 queries, split into
     64-key chunks) with head dim <= 64: 32-key tiles, 2 stages, the sweep's best at N = 8 and 16 over 2k keys on
     the zoo and 1.1B shapes (zoo 9.8 -> 7.8 and 8.7 -> 6.8 us, 1.1B 9.6 -> 7.6 and 8.5, with the splits;
     evals/results/h100_attention_config_small.txt)."""
@@ -273,7 +273,9 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask:
         raise ValueError(f"prefix_len {host_prefix} + W {block} does not fit in the {kv_len} keys of k and v")
     group = num_heads // num_kv_heads
     small_step = tree_size <= SMALL_STEP_QUERIES
-    block_m, block_n, block_d, num_warps, num_stages = _block_sizes(group * tree_size, head_dim, small_step)
+    # one-query steps keep the default tiles: the sweep did not rank the small ones above them there
+    block_m, block_n, block_d, num_warps, num_stages = _block_sizes(group * tree_size, head_dim,
+                                                                    small_step and tree_size > 1)
     row_tiles = triton.cdiv(group * tree_size, block_m)
     if num_splits is None:
         sm_count = _sm_count(q.device.index or 0) if q.is_cuda else 132
