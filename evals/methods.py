@@ -18,7 +18,7 @@ from specdec.drafters import registered_drafters
 from specdec.drafters.base import parse_spec
 from specdec.evals.peers import hf_generate
 from specdec.generator import SpeculativeGenerator
-from specdec.reference import reference_decode
+from specdec.reference import AR_CHAIN, reference_decode
 from specdec.sampling import SamplingParams
 from specdec.stopping import StopRule
 
@@ -97,16 +97,23 @@ def _eos_ids(model) -> frozenset[int]:
 
 @register_method("ar")
 class ArMethod:
-    """specdec's reference decoder on the HF backend: one forward per token. The baseline of every speedup."""
+    """specdec's reference decoder on the run's backend: one forward per token (greedy on the graph / native
+    backends: AR_CHAIN tokens per host round trip, `reference_decode`). The baseline of every speedup.
+    `ar:chain=1`: one host round trip per token there too (the baseline of reports before chained decoding)."""
 
     def __init__(self, spec: str, context: BenchContext):
         self.name, self.context = spec, context
+        options = parse_spec(spec)[1]
+        self.chain = options.pop("chain", AR_CHAIN)
+        if options or isinstance(self.chain, bool) or not isinstance(self.chain, int) or self.chain < 1:
+            raise ValueError(f"{spec!r}: `ar` takes one option, chain=N (tokens per host round trip, N >= 1)")
         self.backend = context.make_backend()
 
     def run(self, prompt_ids: list[int], max_new_tokens: int) -> TurnRun:
         rule = StopRule(max_new_tokens, _eos_ids(self.context.model),
                         room=self.backend.max_positions and self.backend.max_positions - len(prompt_ids))
-        tokens, seconds = _timed(lambda: reference_decode(self.backend, prompt_ids, self.context.params, rule))
+        tokens, seconds = _timed(lambda: reference_decode(self.backend, prompt_ids, self.context.params, rule,
+                                                          self.chain))
         return TurnRun(tokens, seconds, forwards=len(tokens), accepted_hist={0: len(tokens)},
                        phase_seconds={"verify": seconds})
 

@@ -201,3 +201,20 @@ def test_spec_methods_are_timed_without_phase_syncs_and_split_from_a_synced_reru
     assert result.forwards == generate.forwards[0]
     scale = generate.forwards[0] / generate.forwards[1]
     assert result.phase_seconds == pytest.approx({k: v * scale for k, v in generate.seconds[1].items()})
+
+
+def test_ar_takes_its_chain_length_and_refuses_other_options():
+    """`ar` decodes AR_CHAIN greedy tokens per host round trip on the graph backend; `ar:chain=1` one, with the same
+    tokens; anything else is a clear error."""
+    from specdec import SamplingParams
+    from specdec.evals.methods import BenchContext, make_method
+    from specdec.reference import AR_CHAIN
+
+    context = BenchContext(fresh_tiny_model("llama").float(), None, SamplingParams(), backend="graph")
+    chained, single = make_method("ar", context), make_method("ar:chain=1", context)
+    assert (chained.chain, single.chain) == (AR_CHAIN, 1)
+    prompt = list(range(3, 15))
+    assert chained.run(prompt, 20).token_ids == single.run(prompt, 20).token_ids
+    for bad in ("ar:chain=0", "ar:chain=two", "ar:depth=3"):
+        with pytest.raises(ValueError, match="chain=N"):
+            make_method(bad, context)
