@@ -7,9 +7,10 @@ of its own, and no draft pass over committed tokens (the target's verify pass ha
 < L). Each step it runs only the root and its frontier nodes through those layers, appending to a copy-on-append
 view of the target's KV (HF's `DynamicCache` copies on append; the target's tensors are never written), and drops
 the view after `observe`. With `share_kv=False`, or with `graphs=True` (the L layers captured as CUDA graphs over a
-static cache, `draft_kv.GraphKV`), it keeps a cache of its own with `ModelDrafter`'s bookkeeping (subclassed): the
-committed tokens it has consumed, each step feeds what the context added, grows the draft one depth per forward with
-tree attention, and `observe` keeps the accepted path's KV and crops the rest (L/num_layers of the target's cache).
+static cache, `draft_kv.GraphKV`; on CUDA through `NativeLlama`'s forward of those layers, `native`), it keeps a
+cache of its own with `ModelDrafter`'s bookkeeping (subclassed): the committed tokens it has consumed, each step
+feeds what the context added, grows the draft one depth per forward with tree attention, and `observe` keeps the
+accepted path's KV and crops the rest (L/num_layers of the target's cache).
 
 **Stopping (Kangaroo's double early exit).** A node is expanded only while its own slot probability (the draft's
 top probability at its parent for a chain) is >= `threshold`; a node below it stays in the draft as a leaf. So
@@ -47,7 +48,7 @@ class EarlyExitDrafter(ModelDrafter):
     at least this. mode: "chain" or "tree"; topk: children per expanded node in tree mode."""
 
     def __init__(self, head: ExitHead | str | os.PathLike, threshold: float = 0.6, mode: str = "chain",
-                 topk: int = 4, graphs: bool = False, share_kv: bool = True):
+                 topk: int = 4, graphs: bool = False, share_kv: bool = True, native: bool | None = None):
         if mode not in ("tree", "chain"):
             raise ValueError(f"mode must be 'tree' or 'chain', got {mode!r}")
         if topk < 1:
@@ -60,6 +61,7 @@ class EarlyExitDrafter(ModelDrafter):
         self.width = 1 if mode == "chain" else topk
         self.model, self.path = None, None  # the target, bound at the first propose
         self.graphs, self.kv = bool(graphs), None  # graphs: the L layers' KV in a static cache (`draft_kv`)
+        self.native = native  # graphs: the L layers through `NativeLlama` (None: where it can run, on CUDA)
         self.share_kv, self._shared = bool(share_kv), False  # _shared: this step's cache is the target's view
         self.reset()
 
@@ -121,24 +123,32 @@ class EarlyExitDrafter(ModelDrafter):
         return draft_logits(self.model, self.head, hidden)
 
     def _new_kv(self):
-        if self.graphs:  # an L-layer static cache; the model's own attention over the 4D mask
-            return GraphKV(_EarlyLayers(self), None, self.width, native=False)  # the head is not a Llama layer
+        if self.graphs:  # an L-layer static cache; native: specdec's forward of those layers, then the exit head
+            return GraphKV(_EarlyLayers(self), None, self.width, native=self.native)
         return super()._new_kv()
 
 
 class _EarlyLayers(torch.nn.Module):
     """The target's first L layers + the exit head, shaped like a causal LM for `GraphBackend` (whose static cache
-    then holds those L layers only): forward(input_ids, position_ids, attention_mask, past_key_values) -> .logits."""
+    then holds those L layers only): forward(input_ids, position_ids, attention_mask, past_key_values) -> .logits;
+    and for `NativeBackend`: `model` (the body cut to L layers) and `exit_head`."""
 
     def __init__(self, drafter: EarlyExitDrafter):
         super().__init__()
-        self.target, self.run_layers = drafter.model, drafter.run_layers
+        self.target, self.run_layers, self.exit_head = drafter.model, drafter.run_layers, drafter.head
         self.config = copy.copy(drafter.model.config)
         self.config.num_hidden_layers = drafter.layer
 
     @property
     def device(self) -> torch.device:
         return self.target.device
+
+    @property
+    def model(self) -> types.SimpleNamespace:
+        """The decoder body `NativeLlama` reads: the target's, cut to its first L layers."""
+        inner = self.target.model
+        return types.SimpleNamespace(layers=inner.layers[: self.config.num_hidden_layers], norm=inner.norm,
+                                     embed_tokens=inner.embed_tokens, rotary_emb=inner.rotary_emb)
 
     def get_output_embeddings(self):
         return self.target.get_output_embeddings()

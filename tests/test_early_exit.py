@@ -289,3 +289,26 @@ def test_cli_writes_a_loadable_head(tmp_path):
     head = ExitHead.load(out, target=target)
     assert head.config.layer == 1 and head.config.vocab_size == 256 and head.config.model_type == "llama"
     assert head.down.weight.abs().sum() > 0  # it trained
+
+
+def test_native_draft_layers_match_hf_and_stay_exact():
+    """graphs=True, native=True: the first L layers through specdec's native forward (the Triton interpreter here,
+    CUDA graphs on a GPU), then the exit head, the final norm and LM head: the same logits as HF's layers and the
+    head (float32 rounding), and the greedy output equals the reference."""
+    from transformers import DynamicCache
+
+    from specdec.backends.native import NativeBackend
+    from specdec.drafters.early_exit import _EarlyLayers
+
+    model = fresh_tiny_model("llama", vocab=128, layers=3, init_range=0.1).float()
+    head = random_head(model, layer=2).float()
+    prompts = [repetitive_prompt(128, seed=0)]
+    drafter = EarlyExitDrafter(head, threshold=0.0, mode="tree", topk=2, graphs=True, native=True)
+    run(model, drafter, prompts, 16, controller="static:max_depth=3,max_nodes=4")
+    assert isinstance(drafter.kv.runner, NativeBackend) and drafter.kv.state.buffer.shape[0] == 2
+    tokens = prompts[0][:20]
+    backend = NativeBackend(_EarlyLayers(drafter), max_len=64)
+    native = backend.prefill_chunks(backend.new_state(), tokens)
+    with torch.no_grad():
+        hf = drafter.run_layers(torch.tensor([tokens]), torch.arange(20)[None], None, DynamicCache())[0]
+    torch.testing.assert_close(native[-1], hf[-1], atol=1e-4, rtol=1e-4)

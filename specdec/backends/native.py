@@ -75,7 +75,7 @@ ROWS = _FusedKernels(rows_linear, rows_gated, rows_qkv_rope)        # `specdec.k
 
 def unsupported_reason(model: PreTrainedModel) -> str | None:
     """Why the native forward cannot run `model` exactly as HF does, or None if it can."""
-    if not isinstance(model, PreTrainedModel) or not hasattr(model, "model"):
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "model") or not hasattr(model, "config"):
         return f"{type(model).__name__} is not a transformers causal LM with a decoder body"
     config = model.config.get_text_config()
     if config.model_type not in SUPPORTED_TYPES:
@@ -130,6 +130,8 @@ class NativeLlama:
             ) for layer in inner.layers]
         self.embed, self.norm = inner.embed_tokens.weight, inner.norm.weight
         self.head = model.get_output_embeddings().weight
+        # early_exit's first L layers (`_EarlyLayers`): its exit head maps h_L before the final norm and LM head
+        self.exit_head = getattr(model, "exit_head", None)
         positions = torch.arange(max_len, device=self.head.device)[None]
         probe = torch.zeros(1, dtype=self.head.dtype, device=self.head.device)
         with torch.no_grad():
@@ -163,6 +165,8 @@ class NativeLlama:
             delta = F.linear(attended.view(count, -1), layer.out)
             normed = add_rmsnorm(hidden, layer.post_norm, self.eps, delta)
             delta = F.linear(silu_mul(F.linear(normed, layer.gate_up)), layer.down)
+        if self.exit_head is not None:
+            hidden, delta = self._exit(hidden + delta), None
         normed = add_rmsnorm(hidden, self.norm, self.eps, delta)
         return F.linear(normed, self.head)
 
@@ -186,7 +190,13 @@ class NativeLlama:
             kernels.linear(attended.view(count, -1), layer.out, residual=hidden)
             kernels.linear(kernels.gated(hidden, layer.gate_up, layer.post_norm, self.eps), layer.down,
                            residual=hidden)
+        if self.exit_head is not None:
+            hidden = self._exit(hidden)
         return kernels.linear(hidden, self.head, self.norm, self.eps)
+
+    def _exit(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The exit head's map of h_L (its own torch ops: a few launches), back in the stream's dtype and layout."""
+        return self.exit_head(hidden).to(hidden.dtype).contiguous()
 
 
 class NativeBackend(GraphBackend):
