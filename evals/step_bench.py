@@ -8,9 +8,9 @@ several context lengths, for each path = attention implementation (HF eager, HF 
 graph backend with specdec's own Llama forward, `specdec_tree@native`; on the graph and native backends also
 `<path> ar-chain8`: greedy AR per token as `reference_decode` runs it there, 8 one-token steps per host round trip
 in one graph); the ratios of the fast path's goals (t_AR / bandwidth floor, t_verify(64) / t_AR); and the
-attention kernel alone: `tree_attention` vs PyTorch SDPA with the float tree mask (which loses the flash kernel) vs SDPA causal at n = 1,
-with the achieved bandwidth of the KV read -- GPU time from CUDA events around a CUDA graph of 10 calls, so the
-launchers' host overhead (~0.15 ms for a Triton launch from Python) is not what is measured.
+attention kernel alone: `tree_attention` vs PyTorch SDPA with the float tree mask (which loses the flash kernel) vs
+SDPA causal at n = 1, with the achieved bandwidth of the KV read -- GPU time from CUDA events around a CUDA graph
+of 10 calls, so the launchers' host overhead (~0.15 ms for a Triton launch from Python) is not what is measured.
 
     specdec bench-step --shapes 1b,7b --contexts 512,2048,8192 --sizes 1,4,16,64,128,256 --out DIR
 """
