@@ -1,8 +1,8 @@
 """What a model drafter's greedy chain costs on the native backend, per draft depth, with each depth read back to
 the host (`ModelDrafter.device_chain = False`, `_grow`'s loop) and as one CUDA graph that feeds each step's top token
-to the next on the device (`_greedy_chain`, `GraphBackend.greedy_chain`). Random-init models of the zoo target's shape and of `specdec train distill --preset gpu-small`'s
-draft (2 layers, hidden 512) in bf16: timing does not depend on weight values, and with a static budget the chain
-is drafted to its full depth whatever is accepted.
+to the next on the device (`_greedy_chain`, `GraphBackend.greedy_chain`). Random-init models of the zoo target's
+shape and of `specdec train distill --preset gpu-small`'s draft (2 layers, hidden 512) in bf16: timing does not
+depend on weight values, and with a static budget the chain is drafted to its full depth whatever is accepted.
 
     python3 evals/scripts/profile_model_drafter.py [OUT_FILE]
 """

@@ -14,14 +14,12 @@ import sys
 from pathlib import Path
 
 import torch
+from host_timing import say  # evals/scripts/host_timing.py
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from host_timing import say  # noqa: E402
-
-from specdec.backends.native import NativeBackend  # noqa: E402
-from specdec.evals.step_bench import SHAPES, build_model, replay_ms  # noqa: E402
-from specdec.tree import DraftTree, host_ancestor_mask  # noqa: E402
+from specdec.backends.native import NativeBackend
+from specdec.evals.step_bench import SHAPES, build_model, replay_ms
+from specdec.tree import DraftTree, host_ancestor_mask
 
 RUNS = 20
 
