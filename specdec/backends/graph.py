@@ -35,13 +35,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy
 import torch
 from transformers import PreTrainedModel
 
 from specdec.backends.static import StaticBackend, StaticState
+from specdec.kernels.greedy import greedy_advance
 from specdec.tree import DraftTree, depth_list, host_ancestor_mask
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -314,23 +315,31 @@ class GraphBackend(StaticBackend):
         state.length += count
         return out.clone()  # the static output is overwritten by the next replay
 
+    def chain_forward(self, step: _Step) -> Callable[[], torch.Tensor]:
+        """The one-query step's forward for a chain (`step.write_slots` set once before it, then moved on by the
+        chain): what depends only on the bucket is computed once here, not per step."""
+        return lambda: self.step_forward(step)
+
     def _chain_steps(self, step: _Step, count: int, argmax: bool) -> torch.Tensor:
         """The chain on the one-query step's static tensors (capturable: no host reads): (count,) ids with
-        `argmax`, else (count, 2) float64 [top probability, id] rows (a drafter's topk(1) of the softmax)."""
-        picks = []
+        `argmax` (each step's pick and the inputs' advance one `greedy_advance` launch), else (count, 2) float64
+        [top probability, id] rows (a drafter's topk(1) of the softmax)."""
+        torch.add(step.offsets, step.prefix + step.offset, out=step.write_slots)
+        forward, rows = self.chain_forward(step), []
+        picks = torch.empty(count, dtype=torch.long, device=self.device)
         for index in range(count):
-            logits = step.forward()  # (1, V)
+            logits = forward()  # (1, V)
             if argmax:
-                pick = next_id = logits.argmax(-1)
-            else:
-                top = logits.double().softmax(-1).topk(1)
-                pick, next_id = torch.cat([top.values[0], top.indices[0].double()]), top.indices[0]
-            picks.append(pick)
+                greedy_advance(logits[0], picks, index, step.tokens, step.positions, step.prefix, step.write_slots,
+                               advance=index < count - 1)
+                continue
+            top = logits.double().softmax(-1).topk(1)
+            rows.append(torch.cat([top.values[0], top.indices[0].double()]))
             if index < count - 1:
-                step.tokens.copy_(next_id)
-                step.positions.add_(1)
-                step.prefix.add_(1)  # the step just written is now part of what the next one sees
-        return torch.cat(picks) if argmax else torch.stack(picks)
+                step.tokens.copy_(top.indices[0])
+                for counter in (step.positions, step.prefix, step.write_slots):  # the step just written is now
+                    counter.add_(1)  # part of what the next one sees
+        return picks if argmax else torch.stack(rows)
 
     @torch.inference_mode()
     def _capture_chain(self, step: _Step, count: int, argmax: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

@@ -209,6 +209,11 @@ class NativeBackend(GraphBackend):
             raise ValueError("the native forward needs Triton on a CUDA device (or TRITON_INTERPRET=1)")
         self.native = NativeLlama(model, self.max_len)
 
+    def chain_forward(self, step: _Step) -> Callable[[], torch.Tensor]:
+        block_mask = step.block_flat.view(step.size, step.width) != 0  # a one-query chain's: [[True]] throughout
+        return lambda: self.native.forward(step.state.buffer, step.tokens, step.positions, step.write_slots,
+                                           step.prefix, block_mask)
+
     def step_forward(self, step: _Step) -> torch.Tensor:
         block_mask = step.block_flat.view(step.size, step.width) != 0
         return self.native.forward(step.state.buffer, step.tokens, step.positions, step.write_slots, step.prefix,
