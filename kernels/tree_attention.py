@@ -40,8 +40,6 @@ LOG2E = 1.4426950408889634
 MIN_KEYS_PER_SPLIT = 256  # a split-KV chunk below this costs more in the merge than it saves
 SMALL_STEP_QUERIES, SMALL_STEP_MIN_KEYS = 16, 64  # steps of <= 16 queries: splits down to 64 keys (`tree_attention`)
 LONG_SPLIT_KEYS = 2048  # splits this long, of programs that share their keys, gain from a second wave
-MERGE_TILE = 8192  # elements of partials (splits x rows x head dim) the fused merge reads at once (64 regs a thread)
-FUSED_MERGE_ROUNDS = 2  # fuse the merge into the kernel when a row tile's rows take at most this many such reads
 
 
 def _jit(fn):
@@ -83,7 +81,7 @@ def _scores(q, k, qk_scale, FP32_MATH: tl.constexpr):
 
 @_jit
 def _tree_attention_kernel(
-    Q, K, V, Mask, Out, PartOut, PartLse, Arrived, prefix_arg, qk_scale,
+    Q, K, V, Mask, Out, PartOut, PartLse, prefix_arg, qk_scale,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -92,7 +90,6 @@ def _tree_attention_kernel(
     num_kv_heads, T, W, D, num_splits,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PREFIX_IN_TENSOR: tl.constexpr, MASK_FULL_WIDTH: tl.constexpr, SPLIT: tl.constexpr, FP32_MATH: tl.constexpr,
-    FUSED_MERGE: tl.constexpr = False, MERGE_ROWS: tl.constexpr = 1, BLOCK_S: tl.constexpr = 2,
 ):
     batch_head = tl.program_id(0)
     split = tl.program_id(1)
@@ -164,48 +161,9 @@ def _tree_attention_kernel(
         tl.store(PartOut + part_row[:, None] * D + dims[None, :], out, mask=io_mask)
         lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
         tl.store(PartLse + part_row, lse, mask=row_ok)
-        if FUSED_MERGE:  # the last split of this (batch, kv head, row tile) to finish merges the tile's rows
-            tl.debug_barrier()  # every thread's partials are stored before the release below publishes them
-            tile = batch_head * tl.num_programs(2) + tl.program_id(2)
-            if tl.atomic_add(Arrived + tile, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-                tl.store(Arrived + tile, 0)  # zero again for the next launch (a CUDA graph replays it as is)
-                first = tl.program_id(2) * BLOCK_M
-                _merge_rows(PartOut, PartLse, Out, batch, kv_head, num_kv_heads, first,
-                            tl.minimum(first + BLOCK_M, GROUP * T), T, D, num_splits,
-                            stride_ob, stride_oh, stride_ot, stride_od, GROUP, MERGE_ROWS, BLOCK_S, BLOCK_D)
     else:
         tl.store(Out + batch * stride_ob + head[:, None] * stride_oh + query[:, None] * stride_ot
                  + dims[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=io_mask)
-
-
-@_jit
-def _merge_rows(PartOut, PartLse, Out, batch, kv_head, num_kv_heads, row_start, row_end, T, D, num_splits,
-                stride_ob, stride_oh, stride_ot, stride_od,
-                GROUP: tl.constexpr, MERGE_ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The fused merge: packed rows [row_start, row_end) of one (batch, kv head), MERGE_ROWS at a time, each
-    time all splits at once as a (BLOCK_S, MERGE_ROWS, BLOCK_D) tile (one memory latency per MERGE_ROWS rows).
-    The partials come from other SMs: read from L2 (.cg), never from a stale L1 line of an earlier launch."""
-    splits = tl.arange(0, BLOCK_S)
-    split_ok = splits < num_splits
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < D
-    for row0 in range(row_start, row_end, MERGE_ROWS):
-        rows = row0 + tl.arange(0, MERGE_ROWS)
-        row_ok = rows < row_end
-        query = rows % T
-        head = kv_head * GROUP + rows // T
-        part = ((batch * num_kv_heads * GROUP + head[None, :]) * num_splits + splits[:, None]) * T + query[None, :]
-        ok = split_ok[:, None] & row_ok[None, :]  # (BLOCK_S, MERGE_ROWS)
-        lse = tl.load(PartLse + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
-        parts = tl.load(PartOut + part[:, :, None] * D + dims[None, None, :],
-                        mask=ok[:, :, None] & dim_ok[None, None, :], other=0.0, cache_modifier=".cg")
-        top = tl.max(lse, 0)
-        top = tl.where(top > float("-inf"), top, 0.0)  # a row that saw no key: every weight is 0
-        weight = tl.exp2(lse - top[None, :])
-        total = tl.sum(weight, 0)
-        out = tl.sum(weight[:, :, None] * parts, 0) / tl.where(total > 0.0, total, 1.0)[:, None]
-        tl.store(Out + batch * stride_ob + head[:, None] * stride_oh + query[:, None] * stride_ot
-                 + dims[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
 
 @_jit
@@ -264,22 +222,6 @@ def num_kv_splits(programs: int, prefix_len: int, sm_count: int = 132, min_keys:
     return splits
 
 
-_ARRIVED: dict[torch.device, list[torch.Tensor]] = {}  # per device: the fused merge's split counters, all kept
-
-
-def _arrived(device: torch.device, tiles: int) -> torch.Tensor | None:
-    """Zeroed int32 counters, one per (batch, kv head, row tile), for the fused merge: each launch counts its
-    finished splits there and the last one sets its counter back to 0. One set per device, shared by the launches
-    (they run one after another on a stream; a captured graph keeps the address, so a set, once handed out, is
-    never freed). None while a CUDA graph is being captured and no set is large enough (nothing could zero it)."""
-    sets = _ARRIVED.setdefault(device, [])
-    if not sets or sets[-1].numel() < tiles:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        sets.append(torch.zeros(max(4096, tiles), dtype=torch.int32, device=device))
-    return sets[-1]
-
-
 def _block_sizes(rows: int, head_dim: int, small_step: bool = False) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages). tl.dot needs every side >= 16; the interpreter prefers
     big tiles. (evals/scripts/attention_config_bench.py sweeps the GPU ones.) small_step (2..16 queries, split into
@@ -298,7 +240,7 @@ def _block_sizes(rows: int, head_dim: int, small_step: bool = False) -> tuple[in
 def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask: torch.Tensor,
                    scale: float | None = None, prefix_len: int | torch.Tensor | None = None,
                    num_splits: int | None = None, block_len: int | None = None,
-                   out: torch.Tensor | None = None, fused_merge: bool | None = None) -> torch.Tensor:
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of T tree queries over [prefix] + [tree block] keys; returns (B, Hq, T, D) in q's dtype.
 
     q:          (B, Hq, T, D); any strides
@@ -313,8 +255,6 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask:
     block_len:  W, the block's keys; None = T (a tree: the queries are the block). W > T: the queries were written
                 somewhere inside a longer block (a drafter growing its tree, a chunk of a prefill)
     out:        (B, Hq, T, D), any strides: written in place of a new tensor (e.g. a (T, Hq, D) buffer, transposed)
-    fused_merge: with splits, the last split of each row tile merges them in the kernel (no second launch); None =
-                when a row tile's rows take at most FUSED_MERGE_ROUNDS reads of MERGE_TILE partials
     """
     batch, num_heads, tree_size, head_dim = q.shape
     num_kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -353,35 +293,23 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask:
         part_out = torch.empty(batch, num_heads, num_splits, tree_size, head_dim, dtype=torch.float32,
                                device=q.device)
         part_lse = torch.empty(batch, num_heads, num_splits, tree_size, dtype=torch.float32, device=q.device)
-    block_s = max(2, triton.next_power_of_2(num_splits))
-    tile_rows = min(block_m, group * tree_size)
-    merge_rows = min(triton.next_power_of_2(tile_rows), max(1, MERGE_TILE // (block_s * block_d)))
-    if fused_merge is None:
-        fused_merge = triton.cdiv(tile_rows, merge_rows) <= FUSED_MERGE_ROUNDS
-    arrived = None
-    if num_splits > 1 and fused_merge:
-        device = q.device if q.device.index is not None or q.device.type != "cuda" else \
-            torch.device("cuda", torch.cuda.current_device())
-        arrived = _arrived(device, batch * num_kv_heads * row_tiles)
     mask = tree_mask.view(torch.uint8) if tree_mask.dtype == torch.bool else tree_mask
     fp32_math = interpret_mode() or q.dtype == torch.float32  # the interpreter computes bf16 wrongly
     _tree_attention_kernel[(batch * num_kv_heads, num_splits, row_tiles)](
-        q, k, v, mask, out, part_out, part_lse, out if arrived is None else arrived,
-        prefix_len if prefix_in_tensor else host_prefix,
+        q, k, v, mask, out, part_out, part_lse, prefix_len if prefix_in_tensor else host_prefix,
         (head_dim ** -0.5 if scale is None else scale) * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask.stride(),
         num_kv_heads, tree_size, block, head_dim, num_splits,
         GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PREFIX_IN_TENSOR=prefix_in_tensor,
         MASK_FULL_WIDTH=block_len is None and tree_mask.shape[1] != tree_size, SPLIT=num_splits > 1,
-        FP32_MATH=fp32_math, FUSED_MERGE=arrived is not None, MERGE_ROWS=merge_rows, BLOCK_S=block_s,
-        num_warps=num_warps, num_stages=num_stages,
+        FP32_MATH=fp32_math, num_warps=num_warps, num_stages=num_stages,
     )
-    if num_splits > 1 and arrived is None:
+    if num_splits > 1:
         rows = batch * num_heads * tree_size
         per_program = 256 if interpret_mode() else 1
         _merge_kernel[(triton.cdiv(rows, per_program),)](
             part_out, part_lse, out, rows, num_heads, tree_size, head_dim, num_splits, *out.stride(),
-            ROWS=per_program, BLOCK_S=block_s, BLOCK_D=block_d)
+            ROWS=per_program, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d)
     return out
 
 

@@ -316,39 +316,3 @@ def test_small_steps_split_into_short_chunks_and_their_gpu_tiles_stay_exact(monk
         q, k, v, mask = make_inputs(1, 4, 3, tree_size, 2048, 64, torch.float32, seed=tree_size)
         assert_close_to_reference(tree_attention(q, k, v, mask), q, k, v, 2048, mask)
     assert splits == [32, 32, 32, 8]  # 17 queries: 256-key splits, as before
-
-
-@pytest.mark.parametrize("batch, kv_heads, group, tree_size, prefix_len, num_splits",
-                         [(1, 4, 8, 1, 2048, 32), (2, 2, 3, 8, 1025, 5), (1, 1, 8, 63, 700, 3), (1, 1, 4, 1, 4700, 37)])
-def test_fused_merge_equals_the_merge_kernel_and_leaves_its_counters_zero(batch, kv_heads, group, tree_size,
-                                                                          prefix_len, num_splits):
-    """The last split of each row tile merges the partials in the kernel: the merge kernel's result (several row
-    tiles, batch 2, rows merged in several rounds, 37 splits), its counters zero again after every launch (a CUDA
-    graph replays the launch as it is), and a second launch bitwise equal."""
-    from specdec.kernels import tree_attention as attention
-
-    q, k, v, mask = make_inputs(batch, kv_heads, group, tree_size, prefix_len, 64, torch.float32, seed=prefix_len)
-    fused = tree_attention(q, k, v, mask, num_splits=num_splits, fused_merge=True)
-    separate = tree_attention(q, k, v, mask, num_splits=num_splits, fused_merge=False)
-    assert_close_to_reference(fused, q, k, v, prefix_len, mask)
-    assert (fused - separate).abs().max() < 1e-6
-    assert not attention._ARRIVED[q.device][-1].any()
-    assert torch.equal(fused, tree_attention(q, k, v, mask, num_splits=num_splits, fused_merge=True))
-
-
-def test_fused_merge_rule_takes_steps_whose_tiles_merge_in_few_reads():
-    """None = fused when a row tile's rows merge in <= FUSED_MERGE_ROUNDS reads of MERGE_TILE partials."""
-    from specdec.kernels import tree_attention as attention
-
-    launches = []
-    original = attention._merge_kernel
-    try:
-        attention._merge_kernel = type("Spy", (), {"__getitem__": lambda self, grid: lambda *a, **k: launches.append(
-            grid) or original[grid](*a, **k)})()
-        for tree_size, rows_merge_apart in ((1, False), (63, True)):
-            q, k, v, mask = make_inputs(1, 1, 8, tree_size, 1025, 64, torch.float32, seed=tree_size)
-            before = len(launches)
-            assert_close_to_reference(tree_attention(q, k, v, mask, num_splits=8), q, k, v, 1025, mask)
-            assert (len(launches) > before) == rows_merge_apart
-    finally:
-        attention._merge_kernel = original

@@ -7,8 +7,6 @@ with each (BLOCK_N, num_warps, num_stages) and split count, against the default 
     python3 evals/scripts/attention_config_bench.py [OUT_FILE]
     python3 evals/scripts/attention_config_bench.py OUT_FILE --small   # verify-sized steps: zoo / 1.1B heads,
                                                                       # N = 1, 8, 16 over 2k keys
-    python3 evals/scripts/attention_config_bench.py OUT_FILE --fused   # the merge fused into the kernel or its own
-                                                                      # launch, zoo / 1.1B / 7B heads, by split count
 """
 
 from __future__ import annotations
@@ -25,42 +23,24 @@ from specdec.kernels import tree_attention as attention
 DEFAULT_SIZES = attention._block_sizes
 
 
-def rate(q, k, v, mask, splits: int | None, fused: bool | None = None) -> tuple[float, float]:
+def rate(q, k, v, mask, splits: int | None) -> tuple[float, float]:
     """(microseconds, TB/s of the K and V read) of one call."""
-    ms = _kernel_ms(lambda: attention.tree_attention(q, k, v, mask, num_splits=splits, fused_merge=fused), 30)
+    ms = _kernel_ms(lambda: attention.tree_attention(q, k, v, mask, num_splits=splits), 30)
     return ms * 1e3, 2 * k.numel() * k.element_size() / (ms * 1e-3) / 1e12
-
-
-def inputs(heads: int, kv_heads: int, dim: int, n: int, prefix: int):
-    q = torch.randn(1, heads, n, dim, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, kv_heads, prefix + n, dim, device="cuda", dtype=torch.bfloat16)
-    return q, k, torch.randn_like(k), torch.ones(n, n, dtype=torch.bool, device="cuda").tril()
-
-
-def fused_sweep() -> None:
-    """Kernel + merge launch against the fused merge, at the default split count and at 8, 16, 32 splits."""
-    for name, heads, kv_heads, dim in (("zoo", 12, 4, 64), ("1b", 32, 4, 64), ("7b", 32, 32, 128)):
-        for n, prefix in itertools.product((1, 8, 16, 64), (512, 2048, 8192)):
-            q, k, v, mask = inputs(heads, kv_heads, dim, n, prefix)
-            cells = []
-            for splits in (None, 8, 16, 32):
-                apart, fused = rate(q, k, v, mask, splits, False)[0], rate(q, k, v, mask, splits, True)[0]
-                cells.append(f"splits {splits or 'default'}: {apart:.1f} -> {fused:.1f}")
-            say(f"{name} N={n} P={prefix} rule {rate(q, k, v, mask, None)[0]:.1f} us; merge launch -> fused, us: "
-                + "; ".join(cells))
 
 
 def main() -> None:
     say(torch.cuda.get_device_name())
-    if "--fused" in sys.argv:
-        return fused_sweep()
     small = "--small" in sys.argv
     shapes = (("zoo", 12, 4, 64), ("1b", 32, 4, 64)) if small else (("7b", 32, 32, 128), ("1b", 32, 4, 64))
     cases = [(n, 2048) for n in (1, 8, 16)] if small else [(64, prefix) for prefix in (8192, 16384, 32768)]
     split_options = (None, 4, 8, 16, 32) if small else (None, 8)
     for name, heads, kv_heads, dim in shapes:
         for n, prefix in cases:
-            q, k, v, mask = inputs(heads, kv_heads, dim, n, prefix)
+            q = torch.randn(1, heads, n, dim, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(1, kv_heads, prefix + n, dim, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            mask = torch.ones(n, n, dtype=torch.bool, device="cuda").tril()
             us, tbs = rate(q, k, v, mask, None)
             results = [(us, "default", tbs)]
             for block_n, warps, stages, splits in itertools.product((32, 64, 128), (4, 8), (2, 3, 4), split_options):
