@@ -6,8 +6,9 @@ several context lengths, for each path = attention implementation (HF eager, HF 
 `specdec_tree`) @ backend (`hf`: DynamicCache in eager Python; `graph`: static cache, each step a CUDA graph;
 `graph+compile`: the same with each step's forward compiled by torch.compile before capture; `native`: the
 graph backend with specdec's own Llama forward, `specdec_tree@native`; on the graph and native backends also
-`<path> ar-chain8`: greedy AR per token as `reference_decode` runs it there, 8 one-token steps per host round trip
-in one graph); the ratios of the fast path's goals (t_AR / bandwidth floor, t_verify(64) / t_AR); and the
+`<path> ar-chain8`: greedy AR per token in chains of 8 one-token steps per host round trip in one graph, and
+`<path> ar-stream8`: as `reference_decode` runs it there, those chains pipelined, 64 tokens); the ratios of the
+fast path's goals (t_AR / bandwidth floor, t_verify(64) / t_AR); and the
 attention kernel alone: `tree_attention` vs PyTorch SDPA with the float tree mask (which loses the flash kernel) vs
 SDPA causal at n = 1, with the achieved bandwidth of the KV read -- GPU time from CUDA events around a CUDA graph
 of 10 calls, so the launchers' host overhead (~0.15 ms for a Triton launch from Python) is not what is measured.
@@ -148,12 +149,21 @@ def step_costs(model, shape: str, path: str, contexts: list[int], sizes: list[in
 
             out.append(StepTiming(shape, path, context, n, _median_ms(step, reps)))
         if hasattr(backend, "greedy_decode") and 1 in backend.buckets:
-            def chain():  # greedy AR as `reference_decode` runs it here: AR_CHAIN tokens per host round trip
+            def chain():  # greedy AR, AR_CHAIN tokens per host round trip
                 backend.greedy_decode(state, 7, AR_CHAIN)
                 state.length -= AR_CHAIN
 
+            streamed = min(8 * AR_CHAIN, backend.max_len - state.length)
+
+            def stream():  # as `reference_decode` runs it here: the chains pipelined
+                for _ in backend.greedy_stream(state, 7, AR_CHAIN, streamed):
+                    pass
+                state.length -= streamed
+
             out.append(StepTiming(shape, f"{path} ar-chain{AR_CHAIN}", context, 1,
                                   _median_ms(chain, reps) / AR_CHAIN))
+            out.append(StepTiming(shape, f"{path} ar-stream{AR_CHAIN}", context, 1,
+                                  _median_ms(stream, reps) / streamed))
     return out
 
 

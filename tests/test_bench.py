@@ -168,7 +168,7 @@ def test_bench_step_smoke(tmp_path):
             "--reps", "1", "--kernel-contexts", "32", "--out", str(tmp_path)]
     assert cli_main(argv) == 0
     result = json.loads((tmp_path / "step_bench.json").read_text())
-    chained = {(f"{p} ar-chain8", 1) for p in paths if not p.endswith("@hf")}  # greedy AR per token, in chains
+    chained = {(f"{p} ar-{how}8", 1) for p in paths if not p.endswith("@hf") for how in ("chain", "stream")}
     assert {(s["attn"], s["tokens"]) for s in result["steps"]} == {(p, n) for p in paths for n in (1, 3)} | chained
     assert all(s["ms"] > 0 for s in result["steps"])
     assert {(k["context"], k["tokens"]) for k in result["kernels"]["tiny"]} == {(32, 1), (32, 16), (32, 64)}

@@ -152,6 +152,30 @@ def test_greedy_chain_is_the_greedy_continuation_and_leaves_its_rows_cached(arch
 
 
 @pytest.mark.parametrize("backend_kind", ["graph", "native"])
+def test_greedy_stream_pipelines_chains_and_a_caller_that_stops_early_keeps_a_consistent_state(backend_kind):
+    """`greedy_stream` yields chains of `count` (the last one shorter at `limit`) with the tokens of HF's greedy
+    decoding; state.length counts the chains yielded, so after a caller stops (one chain launched and unread) the
+    sequence goes on from its last yielded token as if nothing more had run."""
+    from specdec.backends.native import NativeBackend
+
+    model = fresh_tiny_model("llama").float()
+    prompt = repetitive_prompt(VOCAB, seed=8, length=10)
+    truth = reference_decode(HFBackend(model), prompt, SamplingParams(), StopRule(40))
+    backend = (GraphBackend if backend_kind == "graph" else NativeBackend)(model, max_len=64)
+    state = backend.prefill(prompt[:-1])
+    assert list(backend.greedy_stream(state, prompt[-1], 8, 19)) == [truth[:8], truth[8:16], truth[16:19]]
+    assert state.length == len(prompt) - 1 + 19
+    state = backend.prefill(prompt[:-1])
+    stream = backend.greedy_stream(state, prompt[-1], 4, 40)
+    assert [next(stream), next(stream)] == [truth[:4], truth[4:8]]
+    stream.close()  # the third chain ran on the device; the state ends after the second
+    assert state.length == len(prompt) - 1 + 8
+    assert backend.greedy_decode(state, truth[7], 5) == truth[8:13]
+    state = backend.prefill(prompt[:-1])  # the cache ends before the limit: the stream ends with it
+    assert sum(len(chunk) for chunk in backend.greedy_stream(state, prompt[-1], 8, 100)) == 64 - len(prompt) + 1
+
+
+@pytest.mark.parametrize("backend_kind", ["graph", "native"])
 def test_greedy_ar_decodes_chains_on_the_device_and_stops_as_one_token_at_a_time(backend_kind, monkeypatch):
     """`reference_decode` on a backend with `greedy_decode`: chains of up to AR_CHAIN tokens per host round trip,
     the same tokens as one decode at a time and as HF, cut at an EOS inside a chain, at max_new_tokens that is no
@@ -165,9 +189,9 @@ def test_greedy_ar_decodes_chains_on_the_device_and_stops_as_one_token_at_a_time
         lambda: NativeBackend(model, max_len=64))
     backend = make()
     chains = []
-    original = type(backend).greedy_decode
-    monkeypatch.setattr(type(backend), "greedy_decode",
-                        lambda self, *args: chains.append(args[-1]) or original(self, *args))
+    original = type(backend)._launch_chain
+    monkeypatch.setattr(type(backend), "_launch_chain",
+                        lambda self, *args: chains.append(args[3]) or original(self, *args))
     assert reference_decode(backend, prompt, SamplingParams(), StopRule(21)) == truth[:21]
     assert chains == [8, 8, 5]
     assert reference_decode(backend, prompt, SamplingParams(), StopRule(21), chain=1) == truth[:21]
@@ -177,7 +201,7 @@ def test_greedy_ar_decodes_chains_on_the_device_and_stops_as_one_token_at_a_time
     chains.clear()
     stop = StopRule(30, eos_token_ids=frozenset({eos}))
     assert reference_decode(backend, prompt, SamplingParams(), stop) == truth[: first + 1] and stop.reason == "eos"
-    assert sum(chains) >= first + 1 and len(chains) == first // 8 + 1
+    assert len(chains) == min(first // 8 + 2, 4)  # pipelined: the chain after the EOS's was already launched
     room = 64 - len(prompt)  # the cache: the generation ends with the context, the last slots one decode at a time
     long = reference_decode(HFBackend(model), prompt, SamplingParams(), StopRule(room))
     stop = StopRule(100, room=room)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy
 import torch
@@ -294,26 +294,68 @@ class GraphBackend(StaticBackend):
         count (the last token is not yet cached, as after `decode`)."""
         return self._chain(state, int(token), state.length, count, argmax=True).tolist()
 
+    def greedy_stream(self, state: StaticState, token: int, count: int, limit: int) -> Iterator[list[int]]:
+        """`greedy_decode` chunks of up to `count` tokens from `token`, `limit` tokens in all (fewer where the cache
+        ends), pipelined: each chunk is launched before the host reads the one before it (the chain's last step
+        leaves the next chunk's input on the device), so the host's read, stop checks and next launch overlap the
+        GPU's work instead of idling it between chunks. Yields each chunk's tokens; state.length counts the
+        chunks yielded. A caller that stops early leaves at most one chunk launched and unread: it wrote only cache
+        slots past state.length (never visible; the next step rewrites them)."""
+        start, launched, chunks = state.length, 0, 0
+        pinned = self.device.type == "cuda"
+        buffers = [torch.empty(count, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+
+        def launch() -> tuple[torch.Tensor, torch.cuda.Event | None] | None:
+            nonlocal launched, chunks
+            size = min(count, limit - launched, self.max_len - start - launched)
+            if size <= 0:
+                return None
+            out = self._launch_chain(state, int(token) if launched == 0 else None, start + launched, size, True)
+            buffer = buffers[chunks % 2][:size]
+            buffer.copy_(out, non_blocking=True)  # CUDA: an async copy to pinned memory, then an event
+            done = torch.cuda.Event() if pinned else None
+            if done is not None:
+                done.record()
+            launched, chunks = launched + size, chunks + 1
+            return buffer, done
+
+        ahead = launch()
+        while ahead is not None:
+            (buffer, done), ahead = ahead, launch()  # the next chunk is queued behind this one before the read
+            if done is not None:
+                done.synchronize()
+            new = buffer.tolist()
+            state.length += len(new)
+            yield new
+
     def _chain(self, state: StaticState, token: int | torch.Tensor, position: int, count: int, argmax: bool):
         """`greedy_chain` / `greedy_decode`: `token` a host id, or a (1,) device id (it rides in no host copy)."""
-        if state is not self._state:
-            raise ValueError("this state is not the graph backend's current sequence (a later prefill replaced it)")
-        if 1 not in self.buckets or state.length + count > self.max_len:
-            raise ValueError(f"a chain of {count} one-query steps from slot {state.length} needs the one-query "
-                             f"bucket and {state.length + count} <= {self.max_len} cache slots")
-        step = self._step(1, 1)
-        on_host = isinstance(token, int)
-        step.fill([token] if on_host else [], [position], state.length, 0, causal_block(1), None if on_host else token)
-        if self.device.type != "cuda":
-            with torch.inference_mode(), self.attention_for_capture():
-                out = self._chain_steps(step, count, argmax)
-        else:
-            if (count, argmax) not in self._chains:
-                self._chains[count, argmax] = self._capture_chain(step, count, argmax)
-            graph, out = self._chains[count, argmax]
-            graph.replay()
+        out = self._launch_chain(state, token, state.length, count, argmax, position)
         state.length += count
         return out.clone()  # the static output is overwritten by the next replay
+
+    def _launch_chain(self, state: StaticState, token: int | torch.Tensor | None, slot: int, count: int,
+                      argmax: bool, position: int | None = None) -> torch.Tensor:
+        """Run (CUDA: launch) the chain of `count` steps from cache slot `slot` and return its static output.
+        token None: continue from the inputs a previous argmax chain left on the device (it ended at `slot`)."""
+        if state is not self._state:
+            raise ValueError("this state is not the graph backend's current sequence (a later prefill replaced it)")
+        if 1 not in self.buckets or slot + count > self.max_len:
+            raise ValueError(f"a chain of {count} one-query steps from slot {slot} needs the one-query "
+                             f"bucket and {slot + count} <= {self.max_len} cache slots")
+        step = self._step(1, 1)
+        if token is not None:
+            on_host = isinstance(token, int)
+            step.fill([token] if on_host else [], [slot if position is None else position], slot, 0,
+                      causal_block(1), None if on_host else token)
+        if self.device.type != "cuda":
+            with torch.inference_mode(), self.attention_for_capture():
+                return self._chain_steps(step, count, argmax)
+        if (count, argmax) not in self._chains:  # (the capture leaves the inputs as they were)
+            self._chains[count, argmax] = self._capture_chain(step, count, argmax)
+        graph, out = self._chains[count, argmax]
+        graph.replay()
+        return out
 
     def chain_forward(self, step: _Step) -> Callable[[], torch.Tensor]:
         """The one-query step's forward for a chain (`step.write_slots` set once before it, then moved on by the
@@ -329,9 +371,8 @@ class GraphBackend(StaticBackend):
         picks = torch.empty(count, dtype=torch.long, device=self.device)
         for index in range(count):
             logits = forward()  # (1, V)
-            if argmax:
-                greedy_advance(logits[0], picks, index, step.tokens, step.positions, step.prefix, step.write_slots,
-                               advance=index < count - 1)
+            if argmax:  # the last step too: the inputs are then the next chain's (`greedy_stream`)
+                greedy_advance(logits[0], picks, index, step.tokens, step.positions, step.prefix, step.write_slots)
                 continue
             top = logits.double().softmax(-1).topk(1)
             rows.append(torch.cat([top.values[0], top.indices[0].double()]))
