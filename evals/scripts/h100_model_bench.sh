@@ -47,6 +47,8 @@ distill)
 bench-model|bench-peers|bench-exit)
   # two calls of < 10 min each (one call with all seven methods ran past 10 min on the eager HF backend)
   draft=$work/draft
+  assistant=""  # hf-assisted's draft model: only bench-peers runs it (bench-exit has no distilled draft to pass)
+  [ "$stage" = bench-peers ] && assistant=$draft
   if [ "$stage" = bench-model ]; then
     methods="ar,model:path=$draft,mode=chain,graphs=True,model:path=$draft,mode=tree,graphs=True"
   elif [ "$stage" = bench-peers ]; then
@@ -62,7 +64,7 @@ bench-model|bench-peers|bench-exit)
   set +e
   # CONTROLLER=static:max_depth=7,max_nodes=7: chain and tree both verify 8 queries (one graph bucket: equal cost)
   specdec bench --target "zoo:$preset" --backend "${BACKEND:-graph}" --data "code:${QUESTIONS:-12}" --warmup 2 \
-    --methods "$methods" --assistant "$draft" --max-new-tokens 128 --controller "${CONTROLLER:-heuristic}" \
+    --methods "$methods" ${assistant:+--assistant "$assistant"} --max-new-tokens 128 --controller "${CONTROLLER:-heuristic}" \
     --out "$out/$stage${TAG:-}" 2>&1 | grep -v "━" | tee "$out/$stage${TAG:-}.log"
   ;;
 *)
