@@ -6,7 +6,7 @@ the chain's graph, on a step of 0.4 ms (zoo target) to 1.1 ms (1.1B). Here one p
 does all of it:
 
     greedy_advance(logits, picks, index, tokens, positions, prefix, slots)   # picks[index] = argmax; then
-    # tokens[0] = that id; positions[0], prefix, slots[0] += 1  (advance=False: the chain's last step, picks only)
+    # tokens[0] = that id; positions[0], prefix, slots[0] += 1  (advance=False: the pick only)
 
 The pick is the first maximum of the raw logits, as `torch.argmax` (and the reference decoder) takes it; a NaN
 logit is never picked (torch's argmax would pick it; a NaN step is broken either way).

@@ -41,8 +41,8 @@ def reference_decode(backend: Backend, prompt_ids: Sequence[int], params: Sampli
     root = prompt_ids[-1]
     chained = params.greedy and chain > 1 and hasattr(backend, "greedy_decode")
     end = stop.cut(generated, 0)
-    if chained and end is None and hasattr(backend, "greedy_stream"):  # chains pipelined: the host never idles
-        for new in backend.greedy_stream(state, root, chain, stop.limit):  # the GPU between them
+    if chained and end is None and hasattr(backend, "greedy_stream"):  # the chains pipelined (module docstring)
+        for new in backend.greedy_stream(state, root, chain, stop.limit):
             generated += new
             root = new[-1]
             end = stop.cut(generated, len(generated) - len(new))
