@@ -210,14 +210,13 @@ class NativeBackend(GraphBackend):
         self.native = NativeLlama(model, self.max_len)
 
     def chain_forward(self, step: _Step) -> Callable[[], torch.Tensor]:
-        block_mask = step.block_flat.view(step.size, step.width) != 0  # a one-query chain's: [[True]] throughout
+        """The step's forward with its block mask built once (a chain's stays [[True]] throughout)."""
+        block_mask = step.block_flat.view(step.size, step.width) != 0
         return lambda: self.native.forward(step.state.buffer, step.tokens, step.positions, step.write_slots,
                                            step.prefix, block_mask)
 
     def step_forward(self, step: _Step) -> torch.Tensor:
-        block_mask = step.block_flat.view(step.size, step.width) != 0
-        return self.native.forward(step.state.buffer, step.tokens, step.positions, step.write_slots, step.prefix,
-                                   block_mask)
+        return self.chain_forward(step)()
 
     @torch.inference_mode()
     def _eager_block(self, state: StaticState, tokens, positions, prefix: int, block_mask: torch.Tensor,
