@@ -33,6 +33,7 @@ import types
 import torch
 from transformers.masking_utils import create_causal_mask
 
+from specdec.backends.hf import cache_keyword
 from specdec.drafters.base import DraftContext, TargetView, register_drafter
 from specdec.drafters.draft_kv import DynamicKV, GraphKV
 from specdec.drafters.model import ModelDrafter
@@ -113,11 +114,12 @@ class EarlyExitDrafter(ModelDrafter):
         inner = self.model.model
         hidden = inner.embed_tokens(input_ids)
         attention = create_causal_mask(config=self.model.config, inputs_embeds=hidden, attention_mask=mask,
-                                       past_key_values=cache, position_ids=position_ids)
+                                       position_ids=position_ids, **{cache_keyword(create_causal_mask): cache})
         rotary = inner.rotary_emb(hidden, position_ids)
+        layer_cache = {cache_keyword(inner.layers[0].forward): cache}
         for decoder_layer in inner.layers[: self.layer]:
             hidden = decoder_layer(hidden, attention_mask=attention, position_embeddings=rotary,
-                                   position_ids=position_ids, past_key_values=cache, use_cache=True)
+                                   position_ids=position_ids, use_cache=True, **layer_cache)
         if last_only:
             hidden = hidden[:, -1:]
         return draft_logits(self.model, self.head, hidden)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy
 import torch
-from specdec.backends.hf import context_window
+from specdec.backends.hf import cache_keyword, context_window
 from specdec.controllers.base import Budget
 from specdec.drafters.base import DraftContext, TargetView, register_drafter
 from specdec.drafters.draft_kv import DynamicKV, GraphKV
@@ -296,7 +296,8 @@ class ModelDrafter:
         out = self.model(input_ids=torch.tensor([token_ids], device=device),
                          position_ids=torch.tensor([positions], device=device),
                          attention_mask=None if mask is None else mask.to(device),
-                         past_key_values=cache, use_cache=True, **({"logits_to_keep": 1} if keep_last else {}))
+                         use_cache=True, **{cache_keyword(self.model.forward): cache},
+                         **({"logits_to_keep": 1} if keep_last else {}))
         return out.logits[0]
 
 

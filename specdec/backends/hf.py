@@ -35,6 +35,12 @@ def tree_attention_mask(tree: DraftTree, past_len: int, dtype: torch.dtype, devi
     return mask[None, None]
 
 
+def cache_keyword(function) -> str:
+    """The keyword a transformers forward takes its KV cache by: `cache` from the version that renamed it (5.2x;
+    `past_key_values` then warns that it is deprecated), else `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
+
+
 def context_window(config) -> int | None:
     """Positions the model can attend over: max_position_embeddings, capped by a sliding window if it has one
     (a custom tree mask cannot express the window, so specdec stays inside it)."""
@@ -61,13 +67,14 @@ class HFBackend:
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.max_positions = context_window(model.config)
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._cache_keyword = cache_keyword(model.forward)
 
     @torch.inference_mode()
     def _forward(self, state: HFState, token_ids: torch.Tensor, positions: torch.Tensor,
                  mask: torch.Tensor | None, last_only: bool = False) -> torch.Tensor:
         kwargs = {"logits_to_keep": 1} if last_only and self._logits_to_keep else {}
         out = self.model(input_ids=token_ids[None], position_ids=positions[None], attention_mask=mask,
-                         past_key_values=state.cache, use_cache=True, **kwargs)
+                         use_cache=True, **{self._cache_keyword: state.cache}, **kwargs)
         state.length += token_ids.numel()
         return out.logits[0]
 
