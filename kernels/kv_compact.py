@@ -24,15 +24,21 @@ from specdec.kernels.tree_attention import _jit, interpret_mode, tl, triton
 
 
 @_jit
-def _kv_compact_kernel(KV, Src, dst_arg, num_rows, num_heads, batch, D,
-                       stride_l, stride_c, stride_b, stride_h, stride_s, stride_d,
-                       DST_IN_TENSOR: tl.constexpr, BLOCK_D: tl.constexpr):
-    slice_id = tl.program_id(0)  # ((layer * 2 + k/v) * B + batch) * Hkv + head
+def cache_slice(KV, slice_id, num_heads, batch, stride_l, stride_c, stride_b, stride_h):
+    """Where one row slice of a (L, 2, B, Hkv, S_max, D) cache starts: slice_id = ((layer * 2 + k/v) * B + batch)
+    * Hkv + head (a grid of L * 2 * B * Hkv programs, one slice each)."""
     head = slice_id % num_heads
     batch_row = (slice_id // num_heads) % batch
     kv_half = (slice_id // (num_heads * batch)) % 2
     layer = slice_id // (num_heads * batch * 2)
-    base = KV + layer * stride_l + kv_half * stride_c + batch_row * stride_b + head * stride_h
+    return KV + layer * stride_l + kv_half * stride_c + batch_row * stride_b + head * stride_h
+
+
+@_jit
+def _kv_compact_kernel(KV, Src, dst_arg, num_rows, num_heads, batch, D,
+                       stride_l, stride_c, stride_b, stride_h, stride_s, stride_d,
+                       DST_IN_TENSOR: tl.constexpr, BLOCK_D: tl.constexpr):
+    base = cache_slice(KV, tl.program_id(0), num_heads, batch, stride_l, stride_c, stride_b, stride_h)
     if DST_IN_TENSOR:
         dst_start = tl.load(dst_arg)
     else:

@@ -198,7 +198,7 @@ class SpeculativeGenerator:
             with timer("observe"):
                 spent = {phase: timer.seconds[phase] - spent_before.get(phase, 0.0) for phase in timer.seconds}
                 step = StepStats(len(tree), max_depth(tree), result.accepted_len, draft_s=spent["draft"],
-                                 verify_s=spent["verify"] + spent["accept"] + spent["commit"])
+                                 verify_s=sum(spent.get(phase, 0.0) for phase in ("verify", "accept", "commit")))
                 history.append(step)
                 self.controller.observe(step)
                 self._drafter_call("observe", stats, result)

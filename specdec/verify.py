@@ -47,6 +47,15 @@ def verify(backend: Backend, state: Any, root_token: int, tree: DraftTree, param
            generator: torch.Generator | None, timer: PhaseTimer | None = None) -> VerifyResult:
     """Score [root] + tree in one target forward, accept the longest correct path, keep only its KV."""
     timer = timer or PhaseTimer()
+    on_device = getattr(backend, "verify_greedy", None) if params.greedy else None
+    if on_device is not None:
+        with timer("verify"):
+            launched = on_device(state, root_token, tree)
+        if launched is not None:
+            with timer("accept"):  # the step's one host read; the KV was compacted on the device already
+                accepted_nodes, accepted_tokens, bonus_token = launched.read()
+            return VerifyResult(tree=tree, accepted_nodes=accepted_nodes, accepted_tokens=accepted_tokens,
+                                bonus_token=bonus_token, logits=launched.logits)
     with timer("verify"):
         logits = backend.score_tree(state, root_token, tree)
     with timer("accept"):  # the step's one host sync: the outcome (or greedy: every row's argmax) and the tokens

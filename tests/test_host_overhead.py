@@ -12,17 +12,22 @@ from tiny_models import VOCAB, repetitive_prompt, tiny_model, tiny_tokenizer
 TREES = [DraftTree.empty(), DraftTree.chain([4, 5, 6]), DraftTree.from_paths([[1, 2, 3], [1, 4], [5], [5, 6, 7, 8]])]
 
 
-def _torch_fill(size: int, width: int, tokens, positions, prefix: int, offset: int, block_mask) -> torch.Tensor:
-    """The pinned buffer's layout written with torch ops: [tokens | positions | P | L - P | block mask]."""
-    host = torch.zeros(2 * size + 2 + size * width, dtype=torch.long)
+def _torch_fill(size: int, width: int, tokens, positions, prefix: int, offset: int, block_mask,
+                parent_rows=None) -> torch.Tensor:
+    """The pinned buffer's layout written with torch ops: [tokens | positions | P | L - P | block mask | parent
+    rows (zeros unless given; given: the rows, then -1)]."""
+    host = torch.zeros(3 * size + 2 + size * width, dtype=torch.long)
     count, used = block_mask.shape
     host[: len(tokens)] = torch.tensor(list(tokens), dtype=torch.long)
     host[size: size + count] = torch.tensor(list(positions), dtype=torch.long)
     host[2 * size], host[2 * size + 1] = prefix, offset
-    mask = host[2 * size + 2:].view(size, width)
+    mask = host[2 * size + 2: 2 * size + 2 + size * width].view(size, width)
     mask[:count, :used] = block_mask
     padding = torch.arange(count, size)
     mask[padding, (offset + padding).clamp(max=width - 1)] = 1
+    if parent_rows is not None:
+        host[2 * size + 2 + size * width:] = -1
+        host[2 * size + 2 + size * width: 2 * size + 2 + size * width + len(parent_rows)] = torch.tensor(parent_rows)
     return host
 
 
@@ -33,9 +38,10 @@ def test_fill_writes_the_layout_the_torch_ops_wrote(size, width, count, offset):
     step = backend._step(size, width)
     block = torch.rand(count, offset + count, generator=torch.Generator().manual_seed(size + offset)) < 0.5
     tokens, positions = list(range(7, 7 + count)), range(20, 20 + count)
-    for _ in range(2):  # a second fill over a used buffer leaves nothing of the first
-        step.fill(tokens, positions, 11, offset, block)
-        assert torch.equal(step.host, _torch_fill(size, width, tokens, positions, 11, offset, block))
+    parent_rows = [0] + list(range(count - 2))  # a chain after the root (only verifications give them)
+    for parents in (parent_rows, None, None):  # a later fill over a used buffer leaves nothing of the one before
+        step.fill(tokens, positions, 11, offset, block, parent_rows=parents)
+        assert torch.equal(step.host, _torch_fill(size, width, tokens, positions, 11, offset, block, parents))
         assert torch.equal(step.inputs, step.host)
     del state
 

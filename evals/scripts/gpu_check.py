@@ -3,7 +3,7 @@
 1. tree attention == the float64 torch reference within 2x the same-dtype torch error, over real shapes (1.1B: 4 kv
    heads x GQA 8, D 64; 7B: 32 kv heads, D 128; GQA 4, D 128), T in 1, 3, 63, 64, 256 and P in 0, 1, 97, 1025,
    4096, 16384, bf16 and fp16 -- and the static-cache form (P as a device tensor, a tail of stale keys);
-2. kv_compact == its reference on a 1.1B-shaped static cache;
+2. kv_compact and greedy_accept (acceptance + compaction on the device) == their references on a 1.1B-shaped cache;
 3. the fast path (static cache + CUDA graphs + tree attention): AR through it equals our AR decoder on the HF
    backend token for token, and so does step-by-step verification of random trees around the true continuation
    (1 to ~130 queries, every bucket; each step's accepted length checked) -- float32 random-init Llama, 6 prompts;
@@ -30,6 +30,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from specdec.backends.graph import GraphBackend  # noqa: E402
 from specdec.backends.hf import HFBackend  # noqa: E402
 from specdec.backends.native import NativeBackend  # noqa: E402
+from specdec.kernels.greedy_accept import greedy_accept, greedy_accept_reference  # noqa: E402
 from specdec.kernels.gemv import gemv, gemv_gated, gemv_qkv_rope  # noqa: E402
 from specdec.kernels.kv_compact import kv_compact, kv_compact_reference  # noqa: E402
 from specdec.kernels.rmsnorm import add_rmsnorm, add_rmsnorm_reference  # noqa: E402
@@ -112,6 +113,22 @@ def compaction_check() -> None:
     kv_compact_reference(expected, source, 1000)
     kv_compact(kv, source, 1000)
     report(torch.equal(kv, expected), "kv_compact 22 layers x (4, 4096, 64) bf16: equal to the reference")
+
+
+def greedy_accept_check() -> None:
+    """The device-side greedy acceptance + compaction == its reference on a 1.1B-shaped cache, random trees."""
+    from test_greedy_accept import _case
+
+    for seed, size in itertools.product(range(4), (16, 64, 128)):
+        tree, best, tokens, parent_rows = (x.to(DEVICE) if torch.is_tensor(x) else x for x in _case(seed, size))
+        kv = torch.randn(22, 2, 1, 4, 1024, 64, device=DEVICE, dtype=torch.bfloat16)
+        expected, expected_result = kv.clone(), torch.zeros(2 * size, dtype=torch.long, device=DEVICE)
+        greedy_accept_reference(best, tokens, parent_rows, torch.tensor(300), expected, expected_result)
+        result = torch.zeros_like(expected_result)
+        greedy_accept(best, tokens, parent_rows, torch.tensor(300, device=DEVICE), kv, result)
+        report(torch.equal(kv, expected) and torch.equal(result, expected_result),
+               f"greedy_accept {size} rows, {len(tree)} nodes, 22 layers x (4, 1024, 64) bf16: accepted "
+               f"{int(result[0])}, equal to the reference")
 
 
 def tree_around(truth: list[int], rng: random.Random, true_len: int, branches: int) -> DraftTree:
@@ -286,6 +303,7 @@ if __name__ == "__main__":
     attention_checks()
     greedy_advance_checks()
     compaction_check()
+    greedy_accept_check()
     native_kernel_checks()
     fast_path_checks()
     summary = f"{len(lines) - failures} passed, {failures} failed"

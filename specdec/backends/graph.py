@@ -10,7 +10,7 @@ query rows are padding (token 0, each sees only itself, its KV lands in the stal
 Per bucket, everything the forward reads lives in static device tensors, filled by **one** host-to-device copy of
 one pinned buffer:
 
-    [tokens (T) | position ids (T) | P (1) | L - P (1) | block mask (T * width, row-major, 0/1)]
+    [tokens (T) | position ids (T) | P (1) | L - P (1) | block mask (T * width, row-major, 0/1) | parent rows (T)]
 
 and the forward itself derives the rest on the device: the KV write slots and the (1, 1, T, S_max) float mask
 (prefix visible, the block through the block mask, the stale tail hidden). For square steps the block mask and P
@@ -43,6 +43,7 @@ from transformers import PreTrainedModel
 
 from specdec.backends.static import StaticBackend, StaticState
 from specdec.kernels.greedy import greedy_advance
+from specdec.kernels.greedy_accept import greedy_accept
 from specdec.tree import DraftTree, depth_list, host_ancestor_mask
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -55,18 +56,20 @@ class _Step:
     def __init__(self, backend: GraphBackend, state: StaticState, size: int, width: int):
         device, self.size, self.width = backend.device, size, width
         self.backend, self.state = backend, state
-        self.host = torch.zeros(2 * size + 2 + size * width, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.host = torch.zeros(3 * size + 2 + size * width, dtype=torch.long, pin_memory=device.type == "cuda")
         self.inputs = torch.zeros_like(self.host, device=device)
         self.tokens, self.positions = self.inputs[:size], self.inputs[size: 2 * size]
         self.prefix = self.inputs[2 * size]  # 0-d: P
         self.offset = self.inputs[2 * size + 1]  # 0-d: L - P, where in the block the queries are written
-        self.block_flat = self.inputs[2 * size + 2:]
+        self.block_flat = self.inputs[2 * size + 2: 2 * size + 2 + size * width]
+        self.parent_rows = self.inputs[2 * size + 2 + size * width:]  # a verification's node i: its parent's row
         self.offsets = torch.arange(size, device=device)
         self.columns = torch.arange(backend.max_len, device=device)
         self.write_slots = torch.empty(size, dtype=torch.long, device=device)
         self.copied = torch.cuda.Event() if device.type == "cuda" else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+        self.acceptance: _GreedyAcceptance | None = None  # made at the first `verify_greedy` in this bucket
 
     def forward(self) -> torch.Tensor:
         """The step on the static tensors: (size, V) logits. Captured as it is; no host reads inside."""
@@ -74,9 +77,11 @@ class _Step:
         return self.backend.step_forward(self)
 
     def fill(self, tokens: Sequence[int], positions: Sequence[int], prefix: int, offset: int,
-             block_mask: torch.Tensor, device_tokens: torch.Tensor | None = None) -> None:
+             block_mask: torch.Tensor, device_tokens: torch.Tensor | None = None,
+             parent_rows: Sequence[int] | None = None) -> None:
         """Write the step's inputs into the pinned buffer and copy them to the device in one transfer.
-        block_mask: (count, offset + count) host bool; `device_tokens` (already on the device) follow `tokens`.
+        block_mask: (count, offset + count) host bool; `device_tokens` (already on the device) follow `tokens`;
+        parent_rows: a verification's tree, node i's parent row (0 = the root); the rest become -1 (no node).
         The writes go through a numpy view of the buffer: a quarter of the host time of torch's indexing ops."""
         size, width = self.size, self.width
         count, used = block_mask.shape
@@ -87,10 +92,14 @@ class _Step:
         host[: len(tokens)] = tokens
         host[size: size + count] = positions
         host[2 * size], host[2 * size + 1] = prefix, offset
-        mask = host[2 * size + 2:].reshape(size, width)
+        mask = host[2 * size + 2: 2 * size + 2 + size * width].reshape(size, width)
         mask[:count, :used] = block_mask.numpy()
         padding = numpy.arange(count, size)
         mask[padding, numpy.minimum(offset + padding, width - 1)] = 1  # padding rows see one block slot, never NaN
+        if parent_rows is not None:
+            parents = host[2 * size + 2 + size * width:]
+            parents[: len(parent_rows)] = parent_rows
+            parents[len(parent_rows):] = -1
         self.inputs.copy_(self.host, non_blocking=True)
         if self.copied is not None:
             self.copied.record()
@@ -119,6 +128,64 @@ class _Step:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, pool=self.backend.pool):
                 self.logits = self.forward()
+
+
+class _GreedyAcceptance:
+    """A bucket's greedy acceptance on the device, after its verify step: every row's argmax, the tree walk and the
+    KV compaction (`specdec.kernels.greedy_accept`), and the outcome's copy to pinned host memory -- on CUDA one
+    graph replay (captured at the bucket's second use; its first runs the same ops eagerly), then one event."""
+
+    def __init__(self, step: _Step):
+        device, size = step.backend.device, step.size
+        self.step = step
+        self.best = torch.empty(size, dtype=torch.long, device=device)
+        self.outcome = torch.zeros(2 * size, dtype=torch.long, device=device)
+        self.host = torch.zeros(2 * size, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.ready = torch.cuda.Event() if device.type == "cuda" else None
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def _ops(self, logits: torch.Tensor) -> None:
+        step = self.step
+        torch.argmax(logits, -1, out=self.best)
+        greedy_accept(self.best, step.tokens, step.parent_rows, step.prefix, step.state.buffer, self.outcome)
+        self.host.copy_(self.outcome, non_blocking=True)
+
+    @torch.inference_mode()
+    def launch(self, logits: torch.Tensor) -> None:
+        """After the step's forward wrote `logits` ((size, V), the step's static output on CUDA)."""
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._ops(logits)
+            if self.ready is not None:  # records only: this step's acceptance ran eagerly just above
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.step.backend.pool):
+                    self._ops(logits)
+                self.graph = graph
+        if self.ready is not None:
+            self.ready.record()
+
+    def read(self) -> list[int]:
+        """The outcome [accepted_len, bonus, accepted nodes (size - 1), their tokens (size - 1)]: the step's one
+        host read."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
+
+
+class GreedyVerification:
+    """A launched `GraphBackend.verify_greedy`: `logits` (N + 1, V) now; `read()` waits for the outcome and sets
+    the state's length to the committed tokens but the bonus (the KV is compacted on the device already)."""
+
+    def __init__(self, acceptance: _GreedyAcceptance, state: StaticState, root_slot: int, logits: torch.Tensor):
+        self.acceptance, self.state, self.root_slot, self.logits = acceptance, state, root_slot, logits
+
+    def read(self) -> tuple[list[int], list[int], int]:
+        """(accepted nodes, their tokens, bonus token)."""
+        outcome = self.acceptance.read()
+        accepted, nodes = outcome[0], self.acceptance.step.size - 1
+        self.state.length = self.root_slot + 1 + accepted
+        return outcome[2: 2 + accepted], outcome[2 + nodes: 2 + nodes + accepted], outcome[1]
 
 
 class GraphBackend(StaticBackend):
@@ -189,8 +256,8 @@ class GraphBackend(StaticBackend):
         # keys [0, P) unmasked and [P, P + T) through the mask (wherever in the block the queries were written)
         kernel = {"specdec_prefix_len": step.prefix, "specdec_tree_mask": block_mask} if size == width else {}
         out = self.forward_fn(input_ids=step.tokens[None], position_ids=step.positions[None],
-                              attention_mask=mask[None, None], past_key_values=step.state.cache, use_cache=True,
-                              **kernel)
+                              attention_mask=mask[None, None], use_cache=True,
+                              **{self._cache_keyword: step.state.cache}, **kernel)
         return out.logits[0]
 
     def new_state(self) -> StaticState:
@@ -246,6 +313,27 @@ class GraphBackend(StaticBackend):
         if tree.host_tokens is not None:  # the drafted ids ride in the one host-to-device copy of the inputs
             return self.score_block(state, [root_token, *tree.host_tokens], positions, state.length, block)
         return self.score_block(state, [root_token], positions, state.length, block, tree.tokens)
+
+    def verify_greedy(self, state: StaticState, root_token: int, tree: DraftTree) -> GreedyVerification | None:
+        """`score_tree`, then greedy acceptance and the KV compaction on the device (`verify`'s temperature-0 path
+        without a host read of the logits' argmax or a host-launched copy): launched, not waited for. None where
+        the step fits no bucket (`verify` then takes the host path)."""
+        start, count = state.length, len(tree) + 1
+        size = self.bucket(count, start)
+        if state is not self._state or size is None:
+            return None
+        step = self._step(size, size)
+        block = host_ancestor_mask(tree, with_root=True)
+        positions = [start] + [start + depth for depth in depth_list(tree)]
+        on_host = tree.host_tokens is not None
+        step.fill([root_token, *tree.host_tokens] if on_host else [root_token], positions, start, 0, block,
+                  None if on_host else tree.tokens, [parent + 1 for parent in tree.host_parents])
+        logits = step.run()
+        if step.acceptance is None:
+            step.acceptance = _GreedyAcceptance(step)
+        step.acceptance.launch(logits)
+        state.length = start + count  # until `read`
+        return GreedyVerification(step.acceptance, state, start, logits[:count].clone())
 
     def score_block(self, state: StaticState, tokens: Sequence[int], positions: Sequence[int], prefix: int,
                     block_mask: torch.Tensor, device_tokens: torch.Tensor | None = None,
