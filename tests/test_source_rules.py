@@ -28,3 +28,20 @@ def test_no_function_rebinds_a_module_global_by_a_dotted_import(path):
                         f"{path.name}:{node.lineno}: `import {alias.name}` in {function.name}() rebinds the global "
                         f"`{bound}` as a local; write `from {alias.name.rsplit('.', 1)[0]} import "
                         f"{alias.name.rsplit('.', 1)[1]}`")
+
+
+def test_run_from_the_checkout_root_import_kernels_is_the_installed_package_not_this_folder():
+    """`python -c` / `python -m` from the root put it first on sys.path; transformers (>= 5.2x) imports the PyPI
+    `kernels` and names from it, so the folder hands over to that package (or stays an empty package without it)."""
+    import importlib.machinery
+    import subprocess
+    import sys
+
+    others = [path for path in sys.path if path and Path(path).resolve() != ROOT]
+    installed = importlib.machinery.PathFinder.find_spec("kernels", others)
+    code = "import kernels, specdec.kernels.tree_attention as t; print(kernels.__file__); print(t.__file__)"
+    lines = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    expected = ROOT / "kernels" / "__init__.py" if installed is None else Path(installed.origin)
+    assert Path(lines[0]).resolve() == expected.resolve()
+    assert Path(lines[1]).name == "tree_attention.py"  # specdec.kernels is this folder, under its package name
