@@ -206,13 +206,35 @@ def layer_products(shape: str) -> dict[str, tuple[int, int]]:
             "gated": (ffn, hidden), "residual_down": (hidden, ffn), "norm_head": (vocab, hidden)}
 
 
-def weight_floor_ms(model) -> float:
-    """Weight bytes / the H100's measured 3.0 TB/s copy rate: the batch-1 step's memory floor."""
-    return sum(p.numel() * p.element_size() for p in model.parameters()) / 3.0e12 * 1e3
+H100_COPY_RATE = 3.0e12  # bytes/s (read + write) of a device-to-device copy, measured on the H100 of earlier reports
 
 
-def _table(timings: list[StepTiming], floors: dict[str, float]) -> Table:
-    table = Table(title="t_verify(n) in ms (n = 1 is the AR step); floor = weights / 3.0 TB/s")
+def copy_rate(device: str) -> float:
+    """Bytes/s (read + write) of a 1 GiB device-to-device copy, median of 10 after warm-up: the memory floor's rate
+    on this GPU (H100 80GB HBM3 here: 3.0e12; H200: 4.2e12). Off CUDA: the H100's, for the table's sake."""
+    if device != "cuda":
+        return H100_COPY_RATE
+    source = torch.randn(2 ** 29, device=device)
+    target = torch.empty_like(source)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for rep in range(13):
+        start.record()
+        target.copy_(source)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * source.numel() * source.element_size() / statistics.median(times[3:])
+
+
+def weight_floor_ms(model, rate: float = H100_COPY_RATE) -> float:
+    """Weight bytes / the copy rate: the batch-1 step's memory floor."""
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / rate * 1e3
+
+
+def _table(timings: list[StepTiming], floors: dict[str, float], rate: float) -> Table:
+    table = Table(title=f"t_verify(n) in ms (n = 1 is the AR step); floor = weights / {rate / 1e12:.2f} TB/s (this "
+                        f"GPU's copy rate)")
     for column in ("shape", "attn@backend", "context", "floor", *sorted({t.tokens for t in timings})):
         table.add_column(str(column), justify="right")
     keys = sorted({(t.shape, t.attn, t.context) for t in timings})
@@ -263,11 +285,12 @@ def run(args) -> int:
     dtype = getattr(torch, args.dtype) if device == "cuda" else torch.float32
     ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
     timings, floors, kernels = [], {}, {}
+    rate = copy_rate(device)
     for shape in args.shapes.split(","):
         if shape not in SHAPES:
             raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
         model = build_model(shape, "sdpa", device, dtype)
-        floors[shape] = weight_floor_ms(model)
+        floors[shape] = weight_floor_ms(model, rate)
         for path in args.paths.split(","):
             attn, _, backend = path.partition("@")
             if backend not in ("hf", "graph", "graph+compile", "native"):
@@ -280,7 +303,7 @@ def run(args) -> int:
         del model
         if ints(args.kernel_contexts):  # "" skips the kernel-alone rows
             kernels[shape] = kernel_costs(shape, ints(args.kernel_contexts), [1, 16, 64], args.reps, device, dtype)
-    console.print(_table(timings, floors))
+    console.print(_table(timings, floors, rate))
     goals = goal_ratios(timings, floors)
     for row in goals:
         console.print(f"{row['shape']} {row['path']} @ {row['context']}: t_AR {row['t_ar_ms']:.2f} ms = "
@@ -295,6 +318,6 @@ def run(args) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "step_bench.json").write_text(json.dumps(
             {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype),
-             "floors_ms": floors, "steps": [t.__dict__ for t in timings], "goals": goals,
+             "copy_rate_tb_s": rate / 1e12, "floors_ms": floors, "steps": [t.__dict__ for t in timings], "goals": goals,
              "kernels": kernels}, indent=1))
     return 0

@@ -7,6 +7,9 @@ with each (BLOCK_N, num_warps, num_stages) and split count, against the default 
     python3 evals/scripts/attention_config_bench.py [OUT_FILE]
     python3 evals/scripts/attention_config_bench.py OUT_FILE --small   # verify-sized steps: zoo / 1.1B heads,
                                                                       # N = 1, 8, 16 over 2k keys
+    python3 evals/scripts/attention_config_bench.py OUT_FILE --rows    # 7B, N = 64: the 64 rows split into row
+                                                                      # tiles of 16 / 32 (fewer key splits, less to
+                                                                      # merge; the keys read again, from L2)
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ def rate(q, k, v, mask, splits: int | None) -> tuple[float, float]:
 
 def main() -> None:
     say(torch.cuda.get_device_name())
-    small = "--small" in sys.argv
+    small, rows = "--small" in sys.argv, "--rows" in sys.argv
     shapes = (("zoo", 12, 4, 64), ("1b", 32, 4, 64)) if small else (("7b", 32, 32, 128), ("1b", 32, 4, 64))
+    shapes = shapes[:1] if rows else shapes
     cases = [(n, 2048) for n in (1, 8, 16)] if small else [(64, prefix) for prefix in (8192, 16384, 32768)]
-    split_options = (None, 4, 8, 16, 32) if small else (None, 8)
+    split_options = (None, 4, 8, 16, 32) if small else (1, 2, 4, 8) if rows else (None, 8)
+    row_tiles = (16, 32, 64) if rows else (None,)
     for name, heads, kv_heads, dim in shapes:
         for n, prefix in cases:
             q = torch.randn(1, heads, n, dim, device="cuda", dtype=torch.bfloat16)
@@ -43,10 +48,12 @@ def main() -> None:
             mask = torch.ones(n, n, dtype=torch.bool, device="cuda").tril()
             us, tbs = rate(q, k, v, mask, None)
             results = [(us, "default", tbs)]
-            for block_n, warps, stages, splits in itertools.product((32, 64, 128), (4, 8), (2, 3, 4), split_options):
-                def sizes(rows, head_dim, small_step=False, block_n=block_n, warps=warps, stages=stages):
-                    block_m, _, block_d, _, _ = DEFAULT_SIZES(rows, head_dim, small_step)
-                    return block_m, block_n, block_d, warps, stages
+            for block_m, block_n, warps, stages, splits in itertools.product(
+                    row_tiles, (64, 128) if rows else (32, 64, 128), (4, 8), (2, 3, 4), split_options):
+                def sizes(count, head_dim, small_step=False, block_n=block_n, warps=warps, stages=stages,
+                          tile=block_m):
+                    block_m, _, block_d, _, _ = DEFAULT_SIZES(count, head_dim, small_step)
+                    return tile or block_m, block_n, block_d, warps, stages
                 attention._block_sizes = sizes
                 try:
                     us, tbs = rate(q, k, v, mask, splits)
@@ -55,12 +62,15 @@ def main() -> None:
                     continue
                 finally:
                     attention._block_sizes = DEFAULT_SIZES
-                results.append((us, f"BLOCK_N={block_n} warps={warps} stages={stages} splits={splits or 'default'}",
-                                tbs))
+                label = f"BLOCK_N={block_n} warps={warps} stages={stages} splits={splits or 'default'}"
+                results.append((us, (f"BLOCK_M={block_m} " if block_m else "") + label, tbs))
             results.sort()
             best = "; ".join(f"{label}: {us:.1f} us {tbs:.2f} TB/s" for us, label, tbs in results[:5])
             default = next(f"{us:.1f} us {tbs:.2f} TB/s" for us, label, tbs in results if label == "default")
             say(f"{name} N={n} P={prefix}: default {default}; best {best}")
+            for tile in row_tiles[:-1]:  # each row tile's own best (the last, 64, is the default's)
+                us, label, tbs = next(r for r in results if r[1].startswith(f"BLOCK_M={tile} "))
+                say(f"  best with {tile}-row tiles: {label}: {us:.1f} us {tbs:.2f} TB/s")
 
 
 if __name__ == "__main__":

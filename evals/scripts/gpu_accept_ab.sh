@@ -6,9 +6,10 @@
 #                                                # and on the host (A/B: `accept_ab.py`), alternating runs
 #   bash evals/scripts/gpu_accept_ab.sh kernel   # copy bandwidth, the tree-attention tile sweep (N = 64, 8k-32k),
 #                                                # AR and verify(64) step times of the 1.1B and 7B shapes
+#   bash evals/scripts/gpu_accept_ab.sh rows     # the kernel sweep's --rows mode (7B, N = 64: row tiles vs splits)
 # Spec-Bench's questions are expected under .shared/data/spec_bench/ (a copy of ../shared carried with the call).
 set -uo pipefail
-stage=${1:?build, bench or kernel}
+stage=${1:?build, bench, kernel or rows}
 out=${OUT:-out}
 export SPECDEC_CACHE=${SPECDEC_CACHE:-$PWD/out/cache} SPECDEC_SHARED=${SPECDEC_SHARED:-$PWD/.shared}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -59,6 +60,10 @@ EOF
     | grep -v OutOfResources)
   timeout 200 specdec bench-step --shapes 1b,7b --paths specdec_tree@native --contexts 2048 --sizes 1,64 --reps 30 \
     --kernel-contexts "" --out "$out/step" 2>&1 | tail -12
+  ;;
+rows)  # the 7B shape's 64 queries in row tiles of 16 / 32 / 64 with 1-8 key splits
+  (cd evals/scripts && timeout 540 python3 attention_config_bench.py "$out/attention_rows.txt" --rows 2>&1 \
+    | grep -v OutOfResources)
   ;;
 *)
   echo "unknown stage $stage" >&2; exit 2 ;;
