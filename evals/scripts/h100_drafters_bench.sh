@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 5 on the H100: model-free drafters side by side on the zoo target (code prompts and two-turn rewrites).
 #   bash evals/scripts/h100_drafters_bench.sh build   # zoo target + retrieval datastore (cached under out/)
-#   bash evals/scripts/h100_drafters_bench.sh bench
+#   bash evals/scripts/h100_drafters_bench.sh bench   # BACKEND=native: on the fast path (default: hf)
 set -euo pipefail
 stage=${1:-all}
 out=${OUT:-out}
@@ -16,8 +16,9 @@ fi
 if [ "$stage" != build ]; then
   methods="ar,ngram,recycling,copyspec,retrieval:datastore=$store,fused:drafters=copyspec+recycling,hf-lookup"
   set +e
-  specdec bench --target "zoo:$preset" --data code:20 --methods "$methods" --max-new-tokens 128 --out "$out/code" \
-    2>&1 | grep -v "━" | tail -25
-  specdec bench --target "zoo:$preset" --data code-rewrite:10 --methods "$methods" --max-new-tokens 128 \
-    --out "$out/rewrite" 2>&1 | grep -v "━" | tail -25
+  flags=(--backend "${BACKEND:-hf}" --warmup "${WARMUP:-3}" --methods "$methods" --max-new-tokens 128)
+  specdec bench --target "zoo:$preset" --data code:20 "${flags[@]}" --out "$out/code" 2>&1 | grep -v "━" | tail -25
+  specdec bench --target "zoo:$preset" --data code-rewrite:10 "${flags[@]}" --out "$out/rewrite" 2>&1 \
+    | grep -v "━" | tail -25
+  rm -f "$out"/*/chart.png "$out"/*/results.json.tmp
 fi
