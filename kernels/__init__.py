@@ -4,6 +4,8 @@
   tree mask); `register_tree_attention()` plugs it into transformers' attention registry as "specdec_tree".
 - `specdec.kernels.kv_compact`: move the accepted path's K/V rows into place in a static cache, all layers in one
   launch.
+- `specdec.kernels.greedy_accept`: greedy tree acceptance on the device, the accepted rows' KV moved as it walks
+  (`GraphBackend.verify_greedy`).
 - For the native forward (`specdec.backends.native`): `gemv` (one-token products with the norm, rotary + KV write,
   SwiGLU gate and residual add fused in), `gemm_rows` (the same for 2-64 rows), `embedding` (a step's few ids),
   `rmsnorm` (add + RMSNorm), `rope_cache` (rotary + KV write), `silu_mul` (the SwiGLU gate).

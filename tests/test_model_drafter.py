@@ -20,6 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from specdec import SpeculativeGenerator
+from specdec.backends.hf import cache_keyword
 from specdec.backends.hf import HFBackend
 from specdec.controllers import Budget
 from specdec.drafters import DraftContext, TargetView
@@ -161,7 +162,8 @@ class CheckedDrafter(ModelDrafter):
             assert self.cached == context + result.accepted_tokens[:kept] and kept >= result.accepted_len - 1
         fresh = DynamicCache()
         with torch.no_grad():
-            self.model(input_ids=torch.tensor([self.cached]), past_key_values=fresh, use_cache=True)
+            self.model(input_ids=torch.tensor([self.cached]), use_cache=True,
+                       **{cache_keyword(self.model.forward): fresh})
         assert self.kv.length == len(self.cached) == fresh.get_seq_length()
         for index, theirs in enumerate(fresh.layers):
             keys, values = self.kv.layer(index)
