@@ -133,7 +133,8 @@ class _Step:
 class _GreedyAcceptance:
     """A bucket's greedy acceptance on the device, after its verify step: every row's argmax, the tree walk and the
     KV compaction (`specdec.kernels.greedy_accept`), and the outcome's copy to pinned host memory -- on CUDA one
-    graph replay (captured at the bucket's second use; its first runs the same ops eagerly), then one event."""
+    graph replay (captured with the bucket's step graph by `GraphBackend.capture_all`, else at the bucket's second
+    use, its first running the same ops eagerly), then one event."""
 
     def __init__(self, step: _Step):
         device, size = step.backend.device, step.size
@@ -164,6 +165,12 @@ class _GreedyAcceptance:
                 self.graph = graph
         if self.ready is not None:
             self.ready.record()
+
+    def prepare(self) -> None:
+        """Compile and capture before any verification: an eager run that accepts nothing (every parent row -1, so
+        no KV row moves), then the capture."""
+        self.step.parent_rows.fill_(-1)
+        self.launch(self.step.logits)
 
     def read(self) -> list[int]:
         """The outcome [accepted_len, bonus, accepted nodes (size - 1), their tokens (size - 1)]: the step's one
@@ -290,12 +297,15 @@ class GraphBackend(StaticBackend):
 
     def capture_all(self, shapes: Sequence[tuple[int, int]] | None = None) -> None:
         """Capture these (queries, block keys) buckets, default the square ones and the prefill sizes, that fit
-        the cache."""
+        the cache; by default also the square buckets' greedy acceptance (`verify_greedy`)."""
         for size, width in shapes or [(size, size) for size in self.buckets + self.prefill_sizes]:
             if max(size, width) <= self.max_len:
                 step = self._step(size, width)
                 if step.graph is None:
                     step.capture()
+                if shapes is None and size in self.buckets and step.acceptance is None:
+                    step.acceptance = _GreedyAcceptance(step)
+                    step.acceptance.prepare()
 
     def bucket(self, count: int, start: int, sizes: Sequence[int] | None = None) -> int | None:
         """The smallest bucket (of `sizes`, default the step buckets) >= `count` whose slots from `start` stay
