@@ -4,8 +4,9 @@ Layout: `buffer` (L, 2, 1, Hkv, S_max, D): `buffer[l, 0]` and `buffer[l, 1]` are
 (B, Hkv, S, D) views HF attention reads. A step writes its T = N+1 queries' keys at slots [length, length+T) (the
 positions `write_slots`, a device tensor), attends through a (1, 1, T, S_max) float mask that shows the committed
 slots and the tree block and hides the stale tail, and commit moves the accepted path's rows of *all layers* right
-behind the root in one indexing copy (or one `kv_compact` launch on CUDA). Nothing is reallocated per step, so the
-step's tensors keep their addresses — the precondition for capturing it as a CUDA graph (not done yet).
+behind the root in one indexing copy (one gather, one scatter). Nothing is reallocated per step, so the step's
+tensors keep their addresses — the precondition for capturing it as a CUDA graph (`GraphBackend`, whose greedy
+verifications move the rows on the device instead, `specdec.kernels.greedy_accept`).
 
 Uses the model's own modules through HF's cache interface (a `Cache` of our `CacheLayerMixin` layers), so any
 model that calls `past_key_values.update(...)` from its attention works, like with `HFBackend`.
