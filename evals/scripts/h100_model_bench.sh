@@ -7,10 +7,12 @@
 #   bash evals/scripts/h100_model_bench.sh bench-model   # ar, model chain, model tree (graphs); CONTROLLER, TAG
 #   bash evals/scripts/h100_model_bench.sh bench-peers   # ar, hf-assisted (same draft), model tree with an eager draft
 #   bash evals/scripts/h100_model_bench.sh bench-exit    # ar, early_exit at each layer, ngram, fused
+#   bash evals/scripts/h100_model_bench.sh bench-all     # issue 6's one run: ar, hf-assisted, model chain / tree,
+#                                                        # early_exit tree, ngram (not yet run)
 # (on a GPU `specdec bench` runs each speculative method twice, timed and phase-synchronised: one call with the
 # peers and the graph drafters ran past 10 min)
 set -euo pipefail
-stage=${1:?build, distill, bench-model, bench-peers or bench-exit}
+stage=${1:?build, distill, bench-model, bench-peers, bench-exit or bench-all}
 out=${OUT:-out}
 export SPECDEC_CACHE=${SPECDEC_CACHE:-$PWD/out/cache} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warning || true
@@ -44,12 +46,17 @@ distill)
     --eval-prompts 16 2>&1 | grep -v "━" | tee "$out/distill.log"
   cp "$work/draft/specdec_distill.json" "$out/" 2>/dev/null || true
   ;;
-bench-model|bench-peers|bench-exit)
-  # two calls of < 10 min each (one call with all seven methods ran past 10 min on the eager HF backend)
+bench-model|bench-peers|bench-exit|bench-all)
+  # two calls of < 10 min each (one call with all seven methods ran past 10 min on the eager HF backend);
+  # bench-all: issue 6's one run without the eager draft (ar, hf-assisted, model chain and tree on graphs, early
+  # exit tree on graphs, ngram), after build and distill on the same machine
   draft=$work/draft
-  assistant=""  # hf-assisted's draft model: only bench-peers runs it (bench-exit has no distilled draft to pass)
-  [ "$stage" = bench-peers ] && assistant=$draft
-  if [ "$stage" = bench-model ]; then
+  assistant=""  # hf-assisted's draft model: bench-peers and bench-all run it (bench-exit has no distilled draft)
+  [ "$stage" = bench-peers ] || [ "$stage" = bench-all ] && assistant=$draft
+  if [ "$stage" = bench-all ]; then
+    methods="ar,hf-assisted,model:path=$draft,mode=chain,graphs=True,model:path=$draft,mode=tree,graphs=True"
+    methods="$methods,early_exit:head=$work/exit_head_${layers##*,}.safetensors,mode=tree,graphs=True,ngram"
+  elif [ "$stage" = bench-model ]; then
     methods="ar,model:path=$draft,mode=chain,graphs=True,model:path=$draft,mode=tree,graphs=True"
   elif [ "$stage" = bench-peers ]; then
     methods="ar,hf-assisted,model:path=$draft,mode=tree"
