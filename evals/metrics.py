@@ -6,7 +6,8 @@ Definitions (per run, over the turns of the category):
 - speedup, speedup_specbench: the same ratio of the method to `ar` (same run, same category)
 - tau:                   new tokens / target forwards (forwards that produced tokens; the bonus included)
 - t_step, t_verify, t_draft, t_other: seconds per target forward (t_other = t_step - t_verify - t_draft: acceptance,
-                         commit, observe, prefill, Python)
+                         commit, observe, prefill, Python); t_prefill: the prefill's share of t_other (the prompt's
+                         forward, once per turn, spread over the turn's forwards)
 - speed of light (DESIGN §7), with t_AR = ar's seconds per token:
   S = tau * t_AR / t_step (the measured speedup in per-step terms); S_step = tau * t_AR / (t_verify + t_draft)
   (what the step alone would allow); efficiency = S / S_step. Peers (HF) cannot be split into phases: no S_step.
@@ -42,6 +43,7 @@ def _per_run(records: list[dict]) -> dict[str, float]:
         metrics["t_verify"] = phases.get("verify", 0.0) / forwards
         metrics["t_draft"] = phases.get("draft", 0.0) / forwards
         metrics["t_other"] = metrics["t_step"] - metrics["t_verify"] - metrics["t_draft"]
+        metrics["t_prefill"] = phases.get("prefill", 0.0) / forwards
     return metrics
 
 

@@ -62,6 +62,7 @@ SUMMARY_COLUMNS = (
     Column("t_verify ms", "t_verify", scale=1e3),
     Column("t_draft ms", "t_draft", scale=1e3),
     Column("t_other ms", "t_other", scale=1e3),
+    Column("of which prefill", "t_prefill", scale=1e3),
     Column("S", "S"),
     Column("S_step", "S_step"),
     Column("efficiency", "efficiency", "{:.0%}"),
@@ -74,7 +75,7 @@ SUMMARY_NOTES = (
     "tok/s (total): all new tokens / all seconds (prefill included). "
     "tok/s (Spec-Bench): mean over questions of each question's tokens / seconds.",
     "speedup: vs ar in the same run and category. τ: new tokens per target forward. "
-    "t_verify / t_draft / t_other: milliseconds per target forward.",
+    "t_verify / t_draft / t_other: milliseconds per target forward; t_other holds the prompt's prefill, shown apart.",
     "S = τ·t_AR / t_step; S_step = τ·t_AR / (t_verify + t_draft); efficiency = S / S_step. "
     f"{ABSENT}: not measured (peers cannot be split into phases).",
 )

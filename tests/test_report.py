@@ -39,7 +39,8 @@ def bench_records(ngram_time_scale=1.0):
                 turn_record("ar", run, question_id, turn, ar, 20, {0: 20}, {"verify": ar}),
                 # as JSON would give them back: string keys in accepted_hist
                 turn_record("ngram", run, question_id, turn, ngram, 8, {str(k): v for k, v in NGRAM_HIST.items()},
-                            {"draft": 0.1 * ngram, "verify": 0.6 * ngram, "accept": 0.1 * ngram}),
+                            {"prefill": 0.05 * ngram, "draft": 0.1 * ngram, "verify": 0.6 * ngram,
+                             "accept": 0.1 * ngram}),
                 turn_record("hf-lookup", run, question_id, turn, ar / 1.5, 10, {}, {}),  # a peer: no phases
             ]
     return records
@@ -88,11 +89,14 @@ def test_summarize_matches_hand_arithmetic(payload):
     assert writing["tokens_per_s_specbench"]["mean"] == pytest.approx((140 + 140 / 1.1) / 2)
     assert summary["ngram"][OVERALL]["accepted_hist"] == {k: 2 * 5 * 2 for k in NGRAM_HIST}  # 5 turns, 2 runs
     assert "S_step" in summary["ngram"][OVERALL] and "S_step" not in summary["hf-lookup"][OVERALL]
+    ngram = summary["ngram"][OVERALL]  # per forward: t_other = 0.3 of the time, of which the prefill is 0.05
+    assert ngram["t_prefill"]["mean"] == pytest.approx(ngram["t_other"]["mean"] / 6)
 
 
 def test_summary_table_renders_every_method_and_column(payload):
     text = rendered(summary_table(payload))
-    for label in ("tok/s (total)", "tok/s (Spec-Bench)", "speedup", "τ", "t_verify ms", "S_step", "efficiency"):
+    for label in ("tok/s (total)", "tok/s (Spec-Bench)", "speedup", "τ", "t_verify ms", "of which prefill", "S_step",
+                  "efficiency"):
         assert label in text
     rows = {method: next(line for line in text.splitlines() if f" {method} " in line)
             for method in ("ar", "ngram", "hf-lookup")}
