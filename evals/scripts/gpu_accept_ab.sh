@@ -10,11 +10,7 @@
 # Spec-Bench's questions are expected under .shared/data/spec_bench/ (a copy of ../shared carried with the call).
 set -uo pipefail
 stage=${1:?build, bench, kernel or rows}
-out=${OUT:-out}
-export SPECDEC_CACHE=${SPECDEC_CACHE:-$PWD/out/cache} SPECDEC_SHARED=${SPECDEC_SHARED:-$PWD/.shared}
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warning
-mkdir -p out "$out"
+source "$(dirname "$0")/device_env.sh"
 case "$stage" in
 build)
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader

@@ -4,12 +4,9 @@
 #   bash evals/scripts/h100_drafters_bench.sh bench   # BACKEND=native: on the fast path (default: hf)
 set -euo pipefail
 stage=${1:-all}
-out=${OUT:-out}
-export SPECDEC_CACHE=${SPECDEC_CACHE:-$PWD/out/cache} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warning || true
+source "$(dirname "$0")/device_env.sh"
 preset=${PRESET:-gpu-100m}
 store=$PWD/out/cache/$preset-train.sdds
-mkdir -p out "$out"
 if [ "$stage" != bench ]; then
   python3 evals/scripts/zoo_datastore.py "$preset" "$store" 30000000
 fi

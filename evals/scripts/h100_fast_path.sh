@@ -8,12 +8,8 @@
 # Spec-Bench's questions are expected under .shared/data/spec_bench/ (a copy of ../shared carried with the call).
 set -uo pipefail
 stage=${1:?check, compile, build or bench}
-out=${OUT:-out}
-export SPECDEC_CACHE=${SPECDEC_CACHE:-$PWD/out/cache} SPECDEC_SHARED=${SPECDEC_SHARED:-$PWD/.shared}
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warning
+source "$(dirname "$0")/device_env.sh"
 preset=${PRESET:-gpu-100m}
-mkdir -p out "$out"
 case "$stage" in
 check)
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader

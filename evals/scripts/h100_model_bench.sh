@@ -13,14 +13,12 @@
 # peers and the graph drafters ran past 10 min)
 set -euo pipefail
 stage=${1:?build, distill, bench-model, bench-peers, bench-exit or bench-all}
-out=${OUT:-out}
-export SPECDEC_CACHE=${SPECDEC_CACHE:-$PWD/out/cache} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warning || true
+source "$(dirname "$0")/device_env.sh"
 preset=${PRESET:-gpu-100m}
 layers=${EXIT_LAYERS:-2,4}
 target=$SPECDEC_CACHE/models/$preset
 work=$PWD/out/model_bench
-mkdir -p "$work" "$out"
+mkdir -p "$work"
 case "$stage" in
 build)
   python3 -c "from specdec.train.pretrain import ensure_model; print(ensure_model('$preset'))"
