@@ -218,7 +218,7 @@ def copy_rate(device: str) -> float:
     target = torch.empty_like(source)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
-    for rep in range(13):
+    for _ in range(13):
         start.record()
         target.copy_(source)
         end.record()

@@ -23,7 +23,8 @@ from __future__ import annotations  # annotations stay strings: `tl.constexpr` p
 
 import torch
 
-from specdec.kernels.kv_compact import cache_slice
+from specdec.accept import greedy_walk
+from specdec.kernels.kv_compact import cache_slice, kv_compact_reference
 from specdec.kernels.tree_attention import _jit, interpret_mode, kernel_available, tl, triton
 
 
@@ -89,20 +90,20 @@ def greedy_accept(best: torch.Tensor, tokens: torch.Tensor, parent_rows: torch.T
 
 def greedy_accept_reference(best: torch.Tensor, tokens: torch.Tensor, parent_rows: torch.Tensor,
                             prefix: torch.Tensor, kv: torch.Tensor, result: torch.Tensor) -> None:
-    """Plain torch and Python (reads the ids back): the same outcome, compaction and `result`."""
+    """The host path (reads the ids back): `greedy_walk` over the tree's nodes (padding rows, parent -1, follow
+    them), then `kv_compact_reference` -- the same outcome, compaction and `result`."""
     best_ids, token_ids, parents = best.tolist(), tokens.tolist(), parent_rows.tolist()
-    num_nodes, root_slot = len(token_ids) - 1, int(prefix)
-    path, row = [], 0
-    while True:
-        child = next((node for node in range(num_nodes)
-                      if parents[node] == row and token_ids[1 + node] == best_ids[row]), None)
-        if child is None:
-            break
-        path.append(child)
-        row = child + 1
-    if path:
-        source = torch.tensor([root_slot + 1 + node for node in path], device=kv.device)
-        kv[..., root_slot + 1: root_slot + 1 + len(path), :] = kv[..., source, :]
-    outcome = [len(path), best_ids[row]] + path + [0] * (num_nodes - len(path))
+    num_nodes = len(token_ids) - 1
+    count = next((node for node in range(num_nodes) if parents[node] < 0), num_nodes)
+    node_parents = [row - 1 for row in parents[:count]]
+    deepest, bonus = greedy_walk(node_parents, token_ids[1: 1 + count], best_ids)
+    path = []
+    while deepest >= 0:
+        path.insert(0, deepest)
+        deepest = node_parents[deepest]
+    root_slot = int(prefix)
+    source = torch.tensor([root_slot + 1 + node for node in path], dtype=torch.long, device=kv.device)
+    kv_compact_reference(kv, source, root_slot + 1)
+    outcome = [len(path), bonus] + path + [0] * (num_nodes - len(path))
     outcome += [token_ids[1 + node] for node in path] + [0] * (num_nodes - len(path))
     result.copy_(torch.tensor(outcome, dtype=result.dtype))

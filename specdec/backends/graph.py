@@ -318,11 +318,8 @@ class GraphBackend(StaticBackend):
         return self._steps[size, width]
 
     def score_tree(self, state: StaticState, root_token: int, tree: DraftTree) -> torch.Tensor:
-        block = host_ancestor_mask(tree, with_root=True)  # every node sees the root; the root sees itself
-        positions = [state.length] + [state.length + depth for depth in depth_list(tree)]
-        if tree.host_tokens is not None:  # the drafted ids ride in the one host-to-device copy of the inputs
-            return self.score_block(state, [root_token, *tree.host_tokens], positions, state.length, block)
-        return self.score_block(state, [root_token], positions, state.length, block, tree.tokens)
+        tokens, positions, block, device_tokens = _tree_inputs(state.length, root_token, tree)
+        return self.score_block(state, tokens, positions, state.length, block, device_tokens)
 
     def verify_greedy(self, state: StaticState, root_token: int, tree: DraftTree) -> GreedyVerification | None:
         """`score_tree`, then greedy acceptance and the KV compaction on the device (`verify`'s temperature-0 path
@@ -333,11 +330,8 @@ class GraphBackend(StaticBackend):
         if state is not self._state or size is None:
             return None
         step = self._step(size, size)
-        block = host_ancestor_mask(tree, with_root=True)
-        positions = [start] + [start + depth for depth in depth_list(tree)]
-        on_host = tree.host_tokens is not None
-        step.fill([root_token, *tree.host_tokens] if on_host else [root_token], positions, start, 0, block,
-                  None if on_host else tree.tokens, [parent + 1 for parent in tree.host_parents])
+        tokens, positions, block, device_tokens = _tree_inputs(start, root_token, tree)
+        step.fill(tokens, positions, start, 0, block, device_tokens, numpy.asarray(tree.host_parents) + 1)
         logits = step.run()
         if step.acceptance is None:
             step.acceptance = _GreedyAcceptance(step)
@@ -510,6 +504,17 @@ class GraphBackend(StaticBackend):
         visible[:, :prefix] = True
         visible[:, prefix: prefix + used] = block_mask
         return self._run(state, ids, torch.tensor(list(positions), device=self.device), visible.to(self.device))
+
+
+def _tree_inputs(start: int, root_token: int, tree: DraftTree) -> tuple[list[int], list[int], torch.Tensor,
+                                                                      torch.Tensor | None]:
+    """A verification's step inputs with the root at slot `start`: (host tokens, positions, block mask, device
+    tokens). The drafted ids ride in the one host-to-device copy of the inputs when they are on the host."""
+    block = host_ancestor_mask(tree, with_root=True)  # every node sees the root; the root sees itself
+    positions = [start] + [start + depth for depth in depth_list(tree)]
+    if tree.host_tokens is not None:
+        return [root_token, *tree.host_tokens], positions, block, None
+    return [root_token], positions, block, tree.tokens
 
 
 def chunk_sizes(count: int, largest_bucket: int, prefill_sizes: Sequence[int]) -> list[int]:

@@ -3,6 +3,7 @@ position ids and a `DynamicCache`; the model's own code is not touched."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -35,6 +36,7 @@ def tree_attention_mask(tree: DraftTree, past_len: int, dtype: torch.dtype, devi
     return mask[None, None]
 
 
+@functools.lru_cache(maxsize=64)  # drafters ask per forward: one signature inspection per function
 def cache_keyword(function) -> str:
     """The keyword a transformers forward takes its KV cache by: `cache` from the version that renamed it (5.2x;
     `past_key_values` then warns that it is deprecated), else `past_key_values`."""
