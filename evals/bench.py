@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -42,8 +43,9 @@ class BenchConfig:
     limit: int | None = option(None, "at most this many questions per category")
     shuffle_seed: int | None = option(None, "shuffle the questions with this seed before --limit")
     methods: str = option("ar,ngram,hf,hf-lookup", "comma-separated: ar, hf, hf-lookup, hf-assisted, or drafter "
-                                                   "specs such as ngram:max_n=4,min_n=2")
-    controller: str = option("heuristic", "the draft-size controller of the specdec methods")
+                                                   "specs such as ngram:max_n=4,min_n=2; SPEC@CONTROLLER gives a "
+                                                   "drafter its own controller (ngram@static:max_depth=8)")
+    controller: str = option("heuristic", "the draft-size controller of the specdec methods without their own")
     backend: str = option("hf", "how ar and the specdec methods run the target: hf (DynamicCache), static "
                                 "(preallocated cache), graph (static cache + CUDA graphs + Triton tree attention) or "
                                 "native (graph with specdec's own Llama-family forward)")
@@ -71,12 +73,16 @@ BENCH_PRESETS = {
 }
 
 
+_OPTION = re.compile(r"[A-Za-z_]\w*\s*=")  # "max_n=4", not "ngram:max_n=4"
+
+
 def split_methods(methods: str) -> list[str]:
-    """'ar,ngram:max_n=4,min_n=2,hf' -> ['ar', 'ngram:max_n=4,min_n=2', 'hf'] (key=value parts join the last
-    method's options)."""
+    """'ar,ngram:max_n=4,min_n=2,hf' -> ['ar', 'ngram:max_n=4,min_n=2', 'hf']: a part that starts with `key=` joins
+    the last method's options (its value may hold ':' or '@': 'model:path=D,mode=tree@static:max_depth=7,max_nodes=15'
+    is one method, a drafter with a controller of its own)."""
     out: list[str] = []
     for part in filter(None, (p.strip() for p in methods.split(","))):
-        if "=" in part and ":" not in part and out:
+        if _OPTION.match(part) and out:
             out[-1] += "," + part
         else:
             out.append(part)

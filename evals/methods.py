@@ -14,6 +14,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from specdec.controllers import registered_controllers
 from specdec.drafters import registered_drafters
 from specdec.drafters.base import parse_spec
 from specdec.evals.peers import hf_generate
@@ -69,9 +70,20 @@ def register_method(name: str):
     return add
 
 
+def split_controller(spec: str) -> tuple[str, str | None]:
+    """'model:path=D,mode=tree@static:max_depth=7,max_nodes=15' -> ('model:path=D,mode=tree',
+    'static:max_depth=7,max_nodes=15'): a drafter method may name a controller of its own after its last '@' (one
+    that names no registered controller stays part of the spec: a path may hold '@'); (spec, None) without one."""
+    head, sep, tail = spec.rpartition("@")
+    if sep and head and parse_spec(tail)[0] in registered_controllers():
+        return head, tail
+    return spec, None
+
+
 def make_method(spec: str, context: BenchContext) -> Method:
-    """A method by name, or a drafter spec (`ngram:max_n=4`) run through `SpeculativeGenerator`."""
-    name = parse_spec(spec)[0]
+    """A method by name, or a drafter spec (`ngram:max_n=4`, with a controller of its own: `ngram@static:max_depth=4`)
+    run through `SpeculativeGenerator`."""
+    name = parse_spec(split_controller(spec)[0])[0]
     if name in _METHODS:
         return _METHODS[name](spec, context)
     if name in registered_drafters():
@@ -119,7 +131,7 @@ class ArMethod:
 
 
 class SpecMethod:
-    """A drafter spec through `SpeculativeGenerator`, with the run's controller.
+    """A drafter spec through `SpeculativeGenerator`, with the run's controller or its own (`SPEC@CONTROLLER`).
 
     Timed the way `ar` is, without instrumentation: the tokens, seconds and forwards come from a plain run. Where
     the target runs on a GPU the phase split (t_verify, t_draft, S_step) needs a synchronisation at every phase
@@ -128,8 +140,10 @@ class SpecMethod:
 
     def __init__(self, spec: str, context: BenchContext):
         self.name, self.context = spec, context
-        self.generator = SpeculativeGenerator(context.model, tokenizer=context.tokenizer, drafter=spec,
-                                              controller=context.controller, backend=context.make_backend())
+        drafter, controller = split_controller(spec)
+        self.generator = SpeculativeGenerator(context.model, tokenizer=context.tokenizer, drafter=drafter,
+                                              controller=controller or context.controller,
+                                              backend=context.make_backend())
         self.synced_phases = self.generator.backend.device.type == "cuda"
 
     def run(self, prompt_ids: list[int], max_new_tokens: int) -> TurnRun:

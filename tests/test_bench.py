@@ -218,3 +218,22 @@ def test_ar_takes_its_chain_length_and_refuses_other_options():
     for bad in ("ar:chain=0", "ar:chain=two", "ar:depth=3"):
         with pytest.raises(ValueError, match="chain=N"):
             make_method(bad, context)
+
+
+def test_a_drafter_method_may_name_its_own_controller():
+    """`SPEC@CONTROLLER`: one method (its options may hold ':' and '@'), run under that controller instead of the
+    run's; an '@' that names no controller stays part of the spec."""
+    from specdec import SamplingParams
+    from specdec.evals.bench import split_methods
+    from specdec.evals.methods import BenchContext, make_method, split_controller
+
+    listed = "ar,model:path=/d:1,mode=tree@static:max_depth=7,max_nodes=15,ngram,ngram:max_n=2@heuristic"
+    assert split_methods(listed) == ["ar", "model:path=/d:1,mode=tree@static:max_depth=7,max_nodes=15", "ngram",
+                                     "ngram:max_n=2@heuristic"]
+    assert split_controller("ngram:max_n=2@static:max_depth=3") == ("ngram:max_n=2", "static:max_depth=3")
+    assert split_controller("model:path=/a@b") == ("model:path=/a@b", None)
+    context = BenchContext(fresh_tiny_model("llama").float(), None, SamplingParams(), controller="heuristic")
+    own, shared = make_method("ngram@static:max_depth=3,max_nodes=3", context), make_method("ngram", context)
+    assert (own.generator.controller.name, shared.generator.controller.name) == ("static", "heuristic")
+    prompt = list(range(5, 20)) * 3
+    assert own.run(prompt, 16).token_ids == shared.run(prompt, 16).token_ids

@@ -8,7 +8,7 @@
 #   bash evals/scripts/h100_model_bench.sh bench-peers   # ar, hf-assisted (same draft), model tree with an eager draft
 #   bash evals/scripts/h100_model_bench.sh bench-exit    # ar, early_exit at each layer, ngram, fused
 #   bash evals/scripts/h100_model_bench.sh bench-all     # issue 6's one run: ar, hf-assisted, model chain / tree,
-#                                                        # early_exit tree, ngram (not yet run)
+#                                                        # early_exit tree, ngram; EXIT_LAYERS=4 builds its one head
 # (on a GPU `specdec bench` runs each speculative method twice, timed and phase-synchronised: one call with the
 # peers and the graph drafters ran past 10 min)
 set -euo pipefail
@@ -52,7 +52,10 @@ bench-model|bench-peers|bench-exit|bench-all)
   assistant=""  # hf-assisted's draft model: bench-peers and bench-all run it (bench-exit has no distilled draft)
   [ "$stage" = bench-peers ] || [ "$stage" = bench-all ] && assistant=$draft
   if [ "$stage" = bench-all ]; then
-    methods="ar,hf-assisted,model:path=$draft,mode=chain,graphs=True,model:path=$draft,mode=tree,graphs=True"
+    # model chain and tree verify 8 and 16 queries (one row-GEMM graph step each: equal verify cost) under their own
+    # static controller; early exit and ngram under the run's (heuristic: Kangaroo's confidence stop, long copies)
+    equal=${EQUAL_COST:-static:max_depth=7,max_nodes=15}
+    methods="ar,hf-assisted,model:path=$draft,mode=chain,graphs=True@$equal,model:path=$draft,mode=tree,graphs=True@$equal"
     methods="$methods,early_exit:head=$work/exit_head_${layers##*,}.safetensors,mode=tree,graphs=True,ngram"
   elif [ "$stage" = bench-model ]; then
     methods="ar,model:path=$draft,mode=chain,graphs=True,model:path=$draft,mode=tree,graphs=True"
