@@ -35,6 +35,7 @@ from transformers.masking_utils import create_causal_mask
 
 from specdec.backends.hf import cache_keyword
 from specdec.drafters.base import DraftContext, TargetView, register_drafter
+from specdec.drafters.calibration import Calibration
 from specdec.drafters.draft_kv import DynamicKV, GraphKV
 from specdec.drafters.model import ModelDrafter
 from specdec.train.early_exit import ExitHead, draft_logits
@@ -46,10 +47,12 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # decoder layers
 @register_drafter("early_exit")
 class EarlyExitDrafter(ModelDrafter):
     """head: an `ExitHead` or the path of a saved one. threshold: expand a node only while its slot probability is
-    at least this. mode: "chain" or "tree"; topk: children per expanded node in tree mode."""
+    at least this. mode: "chain" or "tree"; topk: children per expanded node in tree mode; calibrate: tree scores
+    from learnt acceptance rates (`ModelDrafter`)."""
 
     def __init__(self, head: ExitHead | str | os.PathLike, threshold: float = 0.6, mode: str = "chain",
-                 topk: int = 4, graphs: bool = False, share_kv: bool = True, native: bool | None = None):
+                 topk: int = 4, graphs: bool = False, share_kv: bool = True, native: bool | None = None,
+                 calibrate: bool = True):
         if mode not in ("tree", "chain"):
             raise ValueError(f"mode must be 'tree' or 'chain', got {mode!r}")
         if topk < 1:
@@ -60,6 +63,7 @@ class EarlyExitDrafter(ModelDrafter):
         self.layer, self.threshold = self.head.config.layer, float(threshold)
         self.vocab_size = self.head.config.vocab_size
         self.width = 1 if mode == "chain" else topk
+        self.calibration = Calibration() if calibrate and self.width > 1 else None  # as ModelDrafter's
         self.model, self.path = None, None  # the target, bound at the first propose
         self.graphs, self.kv = bool(graphs), None  # graphs: the L layers' KV in a static cache (`draft_kv`)
         self.native = native  # graphs: the L layers through `NativeLlama` (None: where it can run, on CUDA)
@@ -77,7 +81,8 @@ class EarlyExitDrafter(ModelDrafter):
 
     def observe(self, result) -> None:
         if self._shared:  # the target's cache now holds the accepted tokens: nothing of ours to keep
-            self._proposal, self.kv, self.cached, self._shared = None, None, [], False
+            self._learn(result)
+            self.kv, self.cached, self._shared = None, [], False
             return
         super().observe(result)
 

@@ -10,7 +10,9 @@ its `topk` most likely children. `observe` keeps the accepted path's tree KV (ro
 tokens, the rest cropped) — never a re-prefill.
 
 **Scores.** A candidate's score is the product of its **slot probabilities** along its path, where slot j of a
-node is the j-th largest probability of the draft's distribution there. The final tree is the `max_nodes` best
+node is the j-th largest probability of the draft's distribution there; in tree mode each factor is first mapped to
+the acceptance rate measured so far for that slot and probability (`calibration.Calibration`, learnt online from
+the verified trees; `calibrate=False` keeps the raw probabilities). The final tree is the `max_nodes` best
 candidates (global best-first; ties: shallower, then older first), so it holds every kept node's parent. A node is
 expanded only while it is among the `max_nodes - 1` best (else no child of it could enter the tree) and scores at
 least `budget.min_confidence`; low-confidence nodes stay in the tree as leaves.
@@ -38,6 +40,7 @@ import torch
 from specdec.backends.hf import cache_keyword, context_window
 from specdec.controllers.base import Budget
 from specdec.drafters.base import DraftContext, TargetView, register_drafter
+from specdec.drafters.calibration import Calibration
 from specdec.drafters.draft_kv import DynamicKV, GraphKV
 from specdec.sampling import SamplingParams, target_probs
 from specdec.tree import DraftTree
@@ -53,6 +56,8 @@ class _Node:
     score: float                 # product of slot probabilities along the path
     q: torch.Tensor | None       # (V,) the distribution the token was drawn from; None = deterministic top-k
     slot: int = -1               # cache row of its KV once it ran as frontier, -1 = never ran
+    rank: int = 0                # its slot among its siblings: 0 = the parent's most likely child
+    prob: float = 1.0            # its slot probability (score / the parent's score, before calibration)
 
 
 @register_drafter("model")
@@ -61,12 +66,15 @@ class ModelDrafter:
     target's dtype (`path=` says the same in spec strings: "model:path=/dir/of/draft,mode=chain").
     mode: "tree" (dynamic tree) or "chain". topk: children per expanded node and nodes expanded per depth.
     graphs: keep the draft KV in a static cache and run every draft forward as a CUDA graph (`GraphBackend`; the
-    same code runs eagerly off CUDA) instead of HF's eager forward over a DynamicCache."""
+    same code runs eagerly off CUDA) instead of HF's eager forward over a DynamicCache.
+    calibrate: in tree mode, score nodes by their acceptance rate learnt from this drafter's verified trees
+    (`calibration`) instead of the draft's probabilities (False: probabilities, EAGLE-2's score)."""
 
     threshold = 0.0  # expand a node only while its own slot probability reaches this (early_exit raises it)
     device_chain = True  # greedy chains on GraphKV: `_greedy_chain` (one graph, one read); False: `_grow`'s loop
 
-    def __init__(self, model=None, path: str | None = None, mode: str = "tree", topk: int = 4, graphs: bool = False):
+    def __init__(self, model=None, path: str | None = None, mode: str = "tree", topk: int = 4, graphs: bool = False,
+                 calibrate: bool = True):
         if mode not in ("tree", "chain"):
             raise ValueError(f"mode must be 'tree' or 'chain', got {mode!r}")
         if topk < 1:
@@ -84,13 +92,14 @@ class ModelDrafter:
             self.vocab_size = source.get_output_embeddings().weight.shape[0]
         self.width = 1 if mode == "chain" else topk
         self.graphs, self.kv = bool(graphs), None
+        self.calibration = Calibration() if calibrate and self.width > 1 else None
         self.reset()
 
     def reset(self) -> None:
         if self.kv is not None:
             self.kv.keep(0)
         self.cached: list[int] = []   # the committed tokens whose KV `kv` holds (its first rows)
-        self._proposal: tuple[list[int], list[int], list[int]] | None = None  # tokens, parents, cache rows
+        self._proposal: tuple | None = None  # tokens, parents, cache rows, (rank, slot probability) per node
         self._rng: torch.Generator | None = None
         self._device: torch.device | None = None  # the draft model's, looked up once per sequence
 
@@ -118,7 +127,8 @@ class ModelDrafter:
         index = {node: new for new, node in enumerate(order)}
         tokens = [nodes[i].token for i in order]
         parents = [-1 if nodes[i].parent < 0 else index[nodes[i].parent] for i in order]
-        self._proposal = (tokens, parents, [nodes[i].slot for i in order])
+        self._proposal = (tokens, parents, [nodes[i].slot for i in order],
+                          [(nodes[i].rank, nodes[i].prob) for i in order])
         probs = None if ctx.params.greedy or not order else torch.stack([nodes[i].q for i in order])
         host = torch.from_numpy(numpy.array([tokens, parents], dtype=numpy.int64))
         tokens_and_parents = host.to(self._device)  # one host-to-device copy for both
@@ -127,19 +137,32 @@ class ModelDrafter:
 
     @torch.inference_mode()
     def observe(self, result) -> None:
-        """Move the accepted path's tree KV (where it ran) behind the committed tokens; drop the rest."""
-        proposal, self._proposal = self._proposal, None
-        if proposal is not None and self.model is not None:
-            tokens, parents, slots = proposal
-            tree = result.tree  # a tree that kept our host_tokens needs no device read to be recognised
-            tree_tokens = tree.host_tokens if tree.host_tokens is not None else tree.tokens.tolist()
-            if list(tree_tokens) == tokens and list(tree.host_parents) == parents:
-                path = list(itertools.takewhile(lambda node: slots[node] >= 0, result.accepted_nodes))
-                if path:
-                    self.kv.move([slots[n] for n in path], len(self.cached))
-                    self.cached += [tokens[node] for node in path]
+        """Learn from the verified tree; move the accepted path's tree KV (where it ran) behind the committed tokens;
+        drop the rest."""
+        proposal = self._learn(result)
+        if proposal is not None:
+            tokens, _, slots, _ = proposal
+            path = list(itertools.takewhile(lambda node: slots[node] >= 0, result.accepted_nodes))
+            if path:
+                self.kv.move([slots[n] for n in path], len(self.cached))
+                self.cached += [tokens[node] for node in path]
         if self.kv is not None:
             self.kv.keep(len(self.cached))
+
+    def _learn(self, result):
+        """This step's proposal if the verified tree is ours (not another drafter's, nor one cut or merged by a
+        combining drafter), after the calibration has counted its outcome; else None."""
+        proposal, self._proposal = self._proposal, None
+        if proposal is None or self.model is None:
+            return None
+        tokens, parents, _, ranks = proposal
+        tree = result.tree  # a tree that kept our host_tokens needs no device read to be recognised
+        tree_tokens = tree.host_tokens if tree.host_tokens is not None else tree.tokens.tolist()
+        if list(tree_tokens) != tokens or list(tree.host_parents) != parents:
+            return None
+        if self.calibration is not None:
+            self.calibration.observe(parents, ranks, result.accepted_nodes)
+        return proposal
 
     def _within_window(self, budget: Budget, committed: int) -> Budget | None:
         """`budget` cut to what the draft model's context window still holds after `committed` tokens (the node at
@@ -197,10 +220,11 @@ class ModelDrafter:
         for depth in range(1, budget.max_depth + 1):
             for parent, children in zip(frontier, self._children(logits, params)):
                 base = 1.0 if parent < 0 else nodes[parent].score
-                for token, slot_prob, q in children:
-                    score = base * slot_prob
+                for rank, (token, slot_prob, q) in enumerate(children):
+                    score = base * (slot_prob if self.calibration is None
+                                    else self.calibration.estimate(rank, slot_prob))
                     rank_keys.append((-score, depth, len(nodes)))
-                    nodes.append(_Node(token, parent, depth, score, q))
+                    nodes.append(_Node(token, parent, depth, score, q, rank=rank, prob=slot_prob))
                     own.append(slot_prob)
             ranked = [index for _, _, index in sorted(rank_keys)]
             frontier = [i for i in ranked[: budget.max_nodes - 1] if nodes[i].depth == depth

@@ -56,7 +56,11 @@ bench-model|bench-peers|bench-exit|bench-all)
     # static controller; early exit and ngram under the run's (heuristic: Kangaroo's confidence stop, long copies)
     equal=${EQUAL_COST:-static:max_depth=7,max_nodes=15}
     methods="ar,hf-assisted,model:path=$draft,mode=chain,graphs=True@$equal,model:path=$draft,mode=tree,graphs=True@$equal"
-    methods="$methods,early_exit:head=$work/exit_head_${layers##*,}.safetensors,mode=tree,graphs=True,ngram"
+    head=$work/exit_head_${layers##*,}.safetensors
+    # the trees twice: scored by learnt acceptance rates (calibrate=True, the default) and by draft probabilities
+    methods="$methods,model:path=$draft,mode=tree,graphs=True,calibrate=False@$equal"
+    methods="$methods,early_exit:head=$head,mode=tree,graphs=True,early_exit:head=$head,mode=tree,graphs=True,calibrate=False"
+    methods="$methods,ngram"
   elif [ "$stage" = bench-model ]; then
     methods="ar,model:path=$draft,mode=chain,graphs=True,model:path=$draft,mode=tree,graphs=True"
   elif [ "$stage" = bench-peers ]; then
