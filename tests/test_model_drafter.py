@@ -449,3 +449,17 @@ def test_a_draft_model_with_a_shorter_window_stops_drafting_quietly_at_its_end(g
         out = generator.generate(prompt, max_new_tokens=60)
     assert out.token_ids == truth and out.stats.drafter_errors == 0
     assert out.stats.tau > 1.0  # it drafted while the window had room
+
+
+def test_a_calibrated_tree_follows_the_learnt_acceptance_rates():
+    """Scores are the learnt acceptance rates: once the top child was always accepted and the runner-up never, the
+    3-node tree is the top-token chain [A, C, A] instead of the probability-best [A, B, C] (B .3 > C .27)."""
+    drafter = ModelDrafter(bigram(), topk=2)
+    assert propose(drafter, Budget(max_nodes=3, max_depth=4)).tokens.tolist() == [A, B, C]
+    for _ in range(200):  # top children (p .45-.6) always accepted, runners-up (p .3-.4) never
+        drafter.calibration.observe([-1, -1, 0, 0], [(0, 0.6), (1, 0.3), (0, 0.45), (1, 0.4)], [0, 2])
+    drafter.reset()
+    tree = propose(drafter, Budget(max_nodes=3, max_depth=4))
+    assert (tree.tokens.tolist(), tree.parents.tolist()) == ([A, C, A], [-1, 0, 1])
+    assert propose(ModelDrafter(bigram(), topk=2, calibrate=False), Budget(max_nodes=3, max_depth=4)).tokens.tolist() \
+        == [A, B, C]
