@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,7 @@ SUMMARY_NOTES = (
     "speedup: vs ar in the same run and category. τ: new tokens per target forward. "
     "t_verify / t_draft / t_other: milliseconds per target forward; t_other holds the prompt's prefill, shown apart.",
     "S = τ·t_AR / t_step; S_step = τ·t_AR / (t_verify + t_draft); efficiency = S / S_step. "
-    f"{ABSENT}: not measured (peers cannot be split into phases).",
+    f"{ABSENT}: not measured (peers cannot be split into phases). Paths in method names: their last part (…/name).",
 )
 
 
@@ -110,6 +111,17 @@ def _methods(*payloads: dict) -> list[str]:
         order += [*(record["method"] for record in payload.get("records", [])), *sorted(payload["summary"])]
     present = {method for payload in payloads for method in payload["summary"]}
     return [method for method in dict.fromkeys(order) if method in present]
+
+
+_DIRECTORY = re.compile(r"(?<==)/[^,@]*/(?=[^/,@]+)")  # "path=/work/out/draft" -> "path=…/draft"
+
+
+def _label(method: str, methods: list[str]) -> str:
+    """How a method is shown: option values that are absolute paths cut to their last part, unless that makes two of
+    `methods` look alike (results.json and the command line keep them whole)."""
+    short = _DIRECTORY.sub("…/", method)
+    clashes = sum(_DIRECTORY.sub("…/", other) == short for other in methods)
+    return short if clashes == 1 else method
 
 
 def _categories(*payloads: dict) -> list[str]:
@@ -168,8 +180,10 @@ def _summary_grid(payload: dict, category: str) -> Grid:
         raise ValueError(f"no category {category!r} in this payload; its categories: "
                          f"{', '.join(_categories(payload))}")
     runs = _run_count(payload)
-    rows = tuple((method, *(_cell(_entry(payload, method, category), column, runs) for column in SUMMARY_COLUMNS),
-                  _lossless_status(payload, method)) for method in _methods(payload))
+    methods = _methods(payload)
+    rows = tuple((_label(method, methods), *(_cell(_entry(payload, method, category), column, runs)
+                                             for column in SUMMARY_COLUMNS), _lossless_status(payload, method))
+                 for method in methods)
     notes = SUMMARY_NOTES + ((f"mean ± std over {runs} runs.",) if runs > 1 else ())
     return Grid(f"{category} · {_target_line(payload)}", ("method", *(c.header for c in SUMMARY_COLUMNS),
                                                            "lossless"), rows, notes)
@@ -181,8 +195,9 @@ def _category_grid(payload: dict, metric: str) -> Grid:
         raise ValueError(f"no method has the metric {metric!r}; metrics in this payload: {', '.join(sorted(found))}")
     column = COLUMN_BY_METRIC.get(metric, Column(metric, metric))
     runs, categories = _run_count(payload), _categories(payload)
-    rows = tuple((method, *(_cell(_entry(payload, method, category), column, runs) for category in categories))
-                 for method in _methods(payload))
+    methods = _methods(payload)
+    rows = tuple((_label(method, methods), *(_cell(_entry(payload, method, category), column, runs)
+                                             for category in categories)) for method in methods)
     return Grid(f"{column.header} by category · {_target_line(payload)}", ("method", *categories), rows)
 
 
@@ -201,7 +216,7 @@ def _compare_row(a: dict, b: dict, method: str, category: str) -> tuple[str, ...
     for column in COMPARED_COLUMNS:
         cells += [_cell(entry_a, column, 1), _cell(entry_b, column, 1),
                   _relative_change(entry_a, entry_b, column.metric)]
-    return (method, category, *cells)
+    return (_label(method, _methods(a, b)), category, *cells)
 
 
 def _only_in_one(kind: str, names_a: set[str], names_b: set[str]) -> tuple[str, ...]:
@@ -221,7 +236,8 @@ def _compare_grid(a: dict, b: dict) -> Grid:
 def _mismatch_grid(payload: dict) -> Grid:
     headers = ("method", "kind", "question", "run", "turn", "first differing position", "expected", "got",
                "logit gap")
-    rows = tuple((m["method"], m["kind"], str(m["question_id"]), str(m["run"]), str(m["turn"]), str(m["position"]),
+    methods = _methods(payload)
+    rows = tuple((_label(m["method"], methods), m["kind"], str(m["question_id"]), str(m["run"]), str(m["turn"]), str(m["position"]),
                   str(m["expected"]), str(m["got"]), ABSENT if m["logit_gap"] is None else f"{m['logit_gap']:.3g}")
                  for m in _mismatches(payload))
     return Grid("mismatches", headers, rows, label_columns=3)
@@ -296,11 +312,11 @@ def _settings_line(payload: dict) -> str:
 
 def _histogram_line(payload: dict, method: str) -> str:
     hist = {int(k): v for k, v in (_entry(payload, method, OVERALL) or {}).get("accepted_hist", {}).items()}
-    total = sum(hist.values())
+    total, label = sum(hist.values()), _label(method, _methods(payload))
     if not total:
-        return f"- `{method}`: not recorded"
+        return f"- `{label}`: not recorded"
     buckets = " · ".join(f"{accepted}: {count} ({count / total:.0%})" for accepted, count in sorted(hist.items()))
-    return f"- `{method}` ({total} steps): {buckets}"
+    return f"- `{label}` ({total} steps): {buckets}"
 
 
 def _histogram_section(payload: dict) -> str:
@@ -355,7 +371,7 @@ def _bar_panel(axes, payload: dict, panel: Column, methods: list[str], categorie
         heights = [stat["mean"] if stat else math.nan for stat in stats]
         errors = [stat["std"] if stat else 0.0 for stat in stats] if runs > 1 else None
         offsets = [position - 0.4 + width * (index + 0.5) for position in range(len(categories))]
-        axes.bar(offsets, heights, width, yerr=errors, capsize=2, label=method)
+        axes.bar(offsets, heights, width, yerr=errors, capsize=2, label=_label(method, methods))
     axes.set_xticks(range(len(categories)), categories)
     axes.set_ylabel(panel.header)
     axes.grid(axis="y", alpha=0.3)

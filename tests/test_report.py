@@ -173,3 +173,26 @@ def test_load_payload_rejects_what_is_not_a_bench_result(payload, tmp_path):
             load_payload(tmp_path / name)
     with pytest.raises(ValueError, match="cannot read"):
         load_payload(tmp_path / "absent.json")
+
+
+def test_paths_in_method_names_are_shown_by_their_last_part_unless_two_would_look_alike(tmp_path):
+    """Tables, histogram lines and mismatches show `path=…/draft`; results.json keeps the specs whole; two methods
+    whose paths share a last part keep theirs whole."""
+    long_names = {"ngram": "model:path=/work/out/bench/draft,mode=tree@static:max_depth=7",
+                  "hf-lookup": "model:path=/elsewhere/draft,mode=chain"}
+    records = [{**record, "method": long_names.get(record["method"], record["method"])} for record in bench_records()]
+    payload = bench_payload(records)
+    for mismatch in payload["lossless"]["mismatches"]:
+        mismatch["method"] = long_names[mismatch["method"]]
+    markdown = write_results(payload, tmp_path)[1].read_text(encoding="utf-8")
+    assert "| model:path=…/draft,mode=tree@static:max_depth=7 |" in markdown
+    assert "| model:path=…/draft,mode=chain |" in markdown and "- `model:path=…/draft,mode=chain`: not" in markdown
+    assert "/work/out/bench/draft" not in markdown.split("```")[-1]  # only in the command line above the tables
+    assert long_names["ngram"] in {record["method"] for record in json.loads((tmp_path / "results.json").read_text())
+                                   ["records"]}
+    alike = ["model:path=/a/draft,mode=chain", "model:path=/b/draft,mode=chain"]
+    payload = bench_payload([{**record, "method": alike[record["method"] == "ngram"]} if record["method"] != "ar"
+                             else record for record in bench_records()])
+    payload["lossless"]["mismatches"] = []
+    markdown = write_results(payload, tmp_path / "alike")[1].read_text(encoding="utf-8")
+    assert all(f"| {name} |" in markdown for name in alike)
