@@ -46,6 +46,11 @@ class Calibration:
         rate = (self.accepted[cell] + self.strength * prob) / (self.tested[cell] + self.strength)
         return min(max(rate, FLOOR), 1.0)
 
+    def top_rate(self) -> float:
+        """How often a top child (rank 0) was accepted once its parent was, over all bins (1.0 before any test)."""
+        tested = self.tested[0].sum()
+        return float(self.accepted[0].sum() / tested) if tested else 1.0
+
     def observe(self, parents: list[int], ranks: list[tuple[int, float]], accepted_nodes: list[int]) -> None:
         """One verified tree: parents[i] (-1 = the root), ranks[i] = (rank, slot probability), the accepted path."""
         accepted = set(accepted_nodes)

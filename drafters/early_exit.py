@@ -36,6 +36,7 @@ from transformers.masking_utils import create_causal_mask
 from specdec.backends.hf import cache_keyword
 from specdec.drafters.base import DraftContext, TargetView, register_drafter
 from specdec.drafters.calibration import Calibration
+from specdec.drafters.cost_stop import CostStop
 from specdec.drafters.draft_kv import DynamicKV, GraphKV
 from specdec.drafters.model import ModelDrafter
 from specdec.train.early_exit import ExitHead, draft_logits
@@ -48,11 +49,11 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # decoder layers
 class EarlyExitDrafter(ModelDrafter):
     """head: an `ExitHead` or the path of a saved one. threshold: expand a node only while its slot probability is
     at least this. mode: "chain" or "tree"; topk: children per expanded node in tree mode; calibrate: tree scores
-    from learnt acceptance rates (`ModelDrafter`)."""
+    from learnt acceptance rates; cost_stop: stop a depth that costs more than it saves (both as `ModelDrafter`)."""
 
     def __init__(self, head: ExitHead | str | os.PathLike, threshold: float = 0.6, mode: str = "chain",
                  topk: int = 4, graphs: bool = False, share_kv: bool = True, native: bool | None = None,
-                 calibrate: bool = True):
+                 calibrate: bool = True, cost_stop: bool = False):
         if mode not in ("tree", "chain"):
             raise ValueError(f"mode must be 'tree' or 'chain', got {mode!r}")
         if topk < 1:
@@ -64,6 +65,7 @@ class EarlyExitDrafter(ModelDrafter):
         self.vocab_size = self.head.config.vocab_size
         self.width = 1 if mode == "chain" else topk
         self.calibration = Calibration() if calibrate and self.width > 1 else None  # as ModelDrafter's
+        self.cost = CostStop() if cost_stop else None
         self.model, self.path = None, None  # the target, bound at the first propose
         self.graphs, self.kv = bool(graphs), None  # graphs: the L layers' KV in a static cache (`draft_kv`)
         self.native = native  # graphs: the L layers through `NativeLlama` (None: where it can run, on CUDA)

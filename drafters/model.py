@@ -33,6 +33,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import os
+import time
 from dataclasses import dataclass
 
 import numpy
@@ -41,6 +42,7 @@ from specdec.backends.hf import cache_keyword, context_window
 from specdec.controllers.base import Budget
 from specdec.drafters.base import DraftContext, TargetView, register_drafter
 from specdec.drafters.calibration import Calibration
+from specdec.drafters.cost_stop import CostStop
 from specdec.drafters.draft_kv import DynamicKV, GraphKV
 from specdec.sampling import SamplingParams, target_probs
 from specdec.tree import DraftTree
@@ -68,13 +70,15 @@ class ModelDrafter:
     graphs: keep the draft KV in a static cache and run every draft forward as a CUDA graph (`GraphBackend`; the
     same code runs eagerly off CUDA) instead of HF's eager forward over a DynamicCache.
     calibrate: in tree mode, score nodes by their acceptance rate learnt from this drafter's verified trees
-    (`calibration`) instead of the draft's probabilities (False: probabilities, EAGLE-2's score)."""
+    (`calibration`) instead of the draft's probabilities (False: probabilities, EAGLE-2's score).
+    cost_stop: stop drafting deeper once a draft forward is expected to cost more time than it saves (`cost_stop`;
+    within the controller's budget; a greedy chain on graphs, drafted in one replay, is never cut)."""
 
     threshold = 0.0  # expand a node only while its own slot probability reaches this (early_exit raises it)
     device_chain = True  # greedy chains on GraphKV: `_greedy_chain` (one graph, one read); False: `_grow`'s loop
 
     def __init__(self, model=None, path: str | None = None, mode: str = "tree", topk: int = 4, graphs: bool = False,
-                 calibrate: bool = True):
+                 calibrate: bool = True, cost_stop: bool = False):
         if mode not in ("tree", "chain"):
             raise ValueError(f"mode must be 'tree' or 'chain', got {mode!r}")
         if topk < 1:
@@ -93,6 +97,7 @@ class ModelDrafter:
         self.width = 1 if mode == "chain" else topk
         self.graphs, self.kv = bool(graphs), None
         self.calibration = Calibration() if calibrate and self.width > 1 else None
+        self.cost = CostStop() if cost_stop else None
         self.reset()
 
     def reset(self) -> None:
@@ -107,6 +112,10 @@ class ModelDrafter:
     def propose(self, ctx: DraftContext) -> DraftTree:
         if self.model is None:
             self._load(ctx.target)
+        if self.cost is not None:
+            if self._rng is None:
+                self.cost.new_sequence()
+            self.cost.step_started(time.perf_counter())
         if self._rng is None:  # a new sequence
             self._device = self.model.device
             self._rng = torch.Generator(self._device)
@@ -151,7 +160,10 @@ class ModelDrafter:
 
     def _learn(self, result):
         """This step's proposal if the verified tree is ours (not another drafter's, nor one cut or merged by a
-        combining drafter), after the calibration has counted its outcome; else None."""
+        combining drafter), after the calibration has counted its outcome; else None. The cost stop counts every
+        step's tokens."""
+        if self.cost is not None:
+            self.cost.observe(len(result.accepted_nodes))
         proposal, self._proposal = self._proposal, None
         if proposal is None or self.model is None:
             return None
@@ -216,9 +228,12 @@ class ModelDrafter:
         nodes: list[_Node] = []
         own: list[float] = []  # slot probability of each candidate (its score over its parent's)
         rank_keys: list[tuple[float, int, int]] = []  # (-score, depth, index): best first; ties shallower, older
-        frontier, logits, ranked = [-1], root_logits[None], []
+        frontier, logits, ranked, started = [-1], root_logits[None], [], None
         for depth in range(1, budget.max_depth + 1):
-            for parent, children in zip(frontier, self._children(logits, params)):
+            expansions = self._children(logits, params)  # the host read: the depth's forward has finished
+            if started is not None:
+                self.cost.depth_ran(time.perf_counter() - started)
+            for parent, children in zip(frontier, expansions):
                 base = 1.0 if parent < 0 else nodes[parent].score
                 for rank, (token, slot_prob, q) in enumerate(children):
                     score = base * (slot_prob if self.calibration is None
@@ -229,10 +244,18 @@ class ModelDrafter:
             ranked = [index for _, _, index in sorted(rank_keys)]
             frontier = [i for i in ranked[: budget.max_nodes - 1] if nodes[i].depth == depth
                         and nodes[i].score >= floor and own[i] >= self.threshold][: self.width]
-            if depth == budget.max_depth or not frontier:
+            if depth == budget.max_depth or not frontier or not self._pays(nodes, frontier):
                 break
+            started = None if self.cost is None else time.perf_counter()
             logits = self._run_frontier(nodes, frontier)
         return nodes, ranked[: budget.max_nodes]
+
+    def _pays(self, nodes: list[_Node], frontier: list[int]) -> bool:
+        """`cost_stop`: whether the frontier's forward is expected to save more time than it costs (`CostStop`)."""
+        if self.cost is None:
+            return True
+        rate = 1.0 if self.calibration is None else self.calibration.top_rate()
+        return self.cost.worth(rate * sum(nodes[node].score for node in frontier))
 
     def _greedy_chain(self, root_logits: torch.Tensor, length: int) -> tuple[list[_Node], list[int]]:
         """`_grow` for a greedy chain of `length` nodes that no confidence stop cuts, with one device read: the first
