@@ -55,7 +55,7 @@ class _Node:
     token: int
     parent: int                  # candidate index, -1 = the root
     depth: int
-    score: float                 # product of slot probabilities along the path
+    score: float                 # product along the path of slot probabilities (calibrated: acceptance rates)
     q: torch.Tensor | None       # (V,) the distribution the token was drawn from; None = deterministic top-k
     slot: int = -1               # cache row of its KV once it ran as frontier, -1 = never ran
     rank: int = 0                # its slot among its siblings: 0 = the parent's most likely child
@@ -226,7 +226,6 @@ class ModelDrafter:
                 and self.device_chain and isinstance(self.kv, GraphKV)):
             return self._greedy_chain(root_logits, length)
         nodes: list[_Node] = []
-        own: list[float] = []  # slot probability of each candidate (its score over its parent's)
         rank_keys: list[tuple[float, int, int]] = []  # (-score, depth, index): best first; ties shallower, older
         frontier, logits, ranked, started = [-1], root_logits[None], [], None
         for depth in range(1, budget.max_depth + 1):
@@ -240,10 +239,9 @@ class ModelDrafter:
                                     else self.calibration.estimate(rank, slot_prob))
                     rank_keys.append((-score, depth, len(nodes)))
                     nodes.append(_Node(token, parent, depth, score, q, rank=rank, prob=slot_prob))
-                    own.append(slot_prob)
             ranked = [index for _, _, index in sorted(rank_keys)]
             frontier = [i for i in ranked[: budget.max_nodes - 1] if nodes[i].depth == depth
-                        and nodes[i].score >= floor and own[i] >= self.threshold][: self.width]
+                        and nodes[i].score >= floor and nodes[i].prob >= self.threshold][: self.width]
             if depth == budget.max_depth or not frontier or not self._pays(nodes, frontier):
                 break
             started = None if self.cost is None else time.perf_counter()
@@ -272,7 +270,7 @@ class ModelDrafter:
         for depth, (prob, token) in enumerate(picks.tolist(), start=1):  # ids < 2^53 are exact as float64
             score *= prob
             slot = committed + depth - 1 if depth < length else -1
-            nodes.append(_Node(int(token), depth - 2, depth, score, None, slot))
+            nodes.append(_Node(int(token), depth - 2, depth, score, None, slot, prob=prob))
         return nodes, list(range(length))
 
     def _children(self, logits: torch.Tensor, params: SamplingParams) -> list[list[tuple[int, float, torch.Tensor]]]:

@@ -8,7 +8,8 @@
 #   bash evals/scripts/h100_model_bench.sh bench-peers   # ar, hf-assisted (same draft), model tree with an eager draft
 #   bash evals/scripts/h100_model_bench.sh bench-exit    # ar, early_exit at each layer, ngram, fused
 #   bash evals/scripts/h100_model_bench.sh bench-all     # issue 6's one run: ar, hf-assisted, model chain / tree,
-#                                                        # early_exit tree, ngram; EXIT_LAYERS=4 builds its one head
+#                                                        # early_exit tree, ngram; EXIT_LAYERS=4 builds its one head;
+#                                                        # EXTRA=SPECS adds methods to the same run
 # (on a GPU `specdec bench` runs each speculative method twice, timed and phase-synchronised: one call with the
 # peers and the graph drafters ran past 10 min)
 set -euo pipefail
@@ -60,7 +61,8 @@ bench-model|bench-peers|bench-exit|bench-all)
     # the trees twice: scored by learnt acceptance rates (calibrate=True, the default) and by draft probabilities
     methods="$methods,model:path=$draft,mode=tree,graphs=True,calibrate=False@$equal"
     methods="$methods,early_exit:head=$head,mode=tree,graphs=True,early_exit:head=$head,mode=tree,graphs=True,calibrate=False"
-    methods="$methods,ngram"
+    methods="$methods,ngram${EXTRA:+,$EXTRA}"  # EXTRA: more methods, e.g. the cost stop on the draft model:
+    # EXTRA="model:path=out/model_bench/draft,mode=tree,graphs=True,cost_stop=True@static:max_depth=7,max_nodes=15"
   elif [ "$stage" = bench-model ]; then
     methods="ar,model:path=$draft,mode=chain,graphs=True,model:path=$draft,mode=tree,graphs=True"
   elif [ "$stage" = bench-peers ]; then
