@@ -53,9 +53,11 @@ class Calibration:
 
     def observe(self, parents: list[int], ranks: list[tuple[int, float]], accepted_nodes: list[int]) -> None:
         """One verified tree: parents[i] (-1 = the root), ranks[i] = (rank, slot probability), the accepted path."""
-        accepted = set(accepted_nodes)
-        for node, parent in enumerate(parents):
-            if parent < 0 or parent in accepted:  # tested: the target scored the position this node drafts
-                cell = self._cell(*ranks[node])
-                self.tested[cell] += 1
-                self.accepted[cell] += node in accepted
+        parent = numpy.asarray(parents, dtype=int)
+        accepted = numpy.zeros(len(parents) + 1, dtype=bool)  # accepted[1 + node]; accepted[0]: the root
+        accepted[0], accepted[numpy.asarray(accepted_nodes, dtype=int) + 1] = True, True
+        tested = accepted[parent + 1]  # the target scored the position these nodes draft: their parent was accepted
+        rank, prob = numpy.asarray(ranks, dtype=float).reshape(-1, 2)[tested].T
+        cells = numpy.minimum(rank.astype(int), RANKS - 1), numpy.searchsorted(EDGES, prob, side="left")
+        numpy.add.at(self.tested, cells, 1)
+        numpy.add.at(self.accepted, cells, accepted[1:][tested])

@@ -35,8 +35,6 @@ from transformers.masking_utils import create_causal_mask
 
 from specdec.backends.hf import cache_keyword
 from specdec.drafters.base import DraftContext, TargetView, register_drafter
-from specdec.drafters.calibration import Calibration
-from specdec.drafters.cost_stop import CostStop
 from specdec.drafters.draft_kv import DynamicKV, GraphKV
 from specdec.drafters.model import ModelDrafter
 from specdec.train.early_exit import ExitHead, draft_logits
@@ -54,18 +52,12 @@ class EarlyExitDrafter(ModelDrafter):
     def __init__(self, head: ExitHead | str | os.PathLike, threshold: float = 0.6, mode: str = "chain",
                  topk: int = 4, graphs: bool = False, share_kv: bool = True, native: bool | None = None,
                  calibrate: bool = True, cost_stop: bool = False):
-        if mode not in ("tree", "chain"):
-            raise ValueError(f"mode must be 'tree' or 'chain', got {mode!r}")
-        if topk < 1:
-            raise ValueError(f"topk must be >= 1, got {topk}")
+        self._set_drafting(mode, topk, calibrate, cost_stop)
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         self.head = head if isinstance(head, ExitHead) else ExitHead.load(head)
         self.layer, self.threshold = self.head.config.layer, float(threshold)
         self.vocab_size = self.head.config.vocab_size
-        self.width = 1 if mode == "chain" else topk
-        self.calibration = Calibration() if calibrate and self.width > 1 else None  # as ModelDrafter's
-        self.cost = CostStop() if cost_stop else None
         self.model, self.path = None, None  # the target, bound at the first propose
         self.graphs, self.kv = bool(graphs), None  # graphs: the L layers' KV in a static cache (`draft_kv`)
         self.native = native  # graphs: the L layers through `NativeLlama` (None: where it can run, on CUDA)

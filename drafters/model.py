@@ -79,10 +79,7 @@ class ModelDrafter:
 
     def __init__(self, model=None, path: str | None = None, mode: str = "tree", topk: int = 4, graphs: bool = False,
                  calibrate: bool = True, cost_stop: bool = False):
-        if mode not in ("tree", "chain"):
-            raise ValueError(f"mode must be 'tree' or 'chain', got {mode!r}")
-        if topk < 1:
-            raise ValueError(f"topk must be >= 1, got {topk}")
+        self._set_drafting(mode, topk, calibrate, cost_stop)
         source = path if model is None else model
         if source is None:
             raise ValueError("the model drafter needs a draft model: pass model=<PreTrainedModel> or path=<dir>")
@@ -94,11 +91,18 @@ class ModelDrafter:
         else:
             self.model, self.path = source.eval(), None
             self.vocab_size = source.get_output_embeddings().weight.shape[0]
-        self.width = 1 if mode == "chain" else topk
         self.graphs, self.kv = bool(graphs), None
+        self.reset()
+
+    def _set_drafting(self, mode: str, topk: int, calibrate: bool, cost_stop: bool) -> None:
+        """Check and set how the draft grows: its width, the tree scores' calibration, the cost stop."""
+        if mode not in ("tree", "chain"):
+            raise ValueError(f"mode must be 'tree' or 'chain', got {mode!r}")
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}")
+        self.width = 1 if mode == "chain" else topk
         self.calibration = Calibration() if calibrate and self.width > 1 else None
         self.cost = CostStop() if cost_stop else None
-        self.reset()
 
     def reset(self) -> None:
         if self.kv is not None:

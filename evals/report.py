@@ -116,12 +116,12 @@ def _methods(*payloads: dict) -> list[str]:
 _DIRECTORY = re.compile(r"(?<==)/[^,@]*/(?=[^/,@]+)")  # "path=/work/out/draft" -> "path=…/draft"
 
 
-def _label(method: str, methods: list[str]) -> str:
-    """How a method is shown: option values that are absolute paths cut to their last part, unless that makes two of
-    `methods` look alike (results.json and the command line keep them whole)."""
-    short = _DIRECTORY.sub("…/", method)
-    clashes = sum(_DIRECTORY.sub("…/", other) == short for other in methods)
-    return short if clashes == 1 else method
+def _labels(methods: list[str]) -> dict[str, str]:
+    """How each method is shown: option values that are absolute paths cut to their last part, unless that makes two
+    methods look alike (results.json and the command line keep them whole)."""
+    short = {method: _DIRECTORY.sub("…/", method) for method in methods}
+    clashes = Counter(short.values())
+    return {method: label if clashes[label] == 1 else method for method, label in short.items()}
 
 
 def _categories(*payloads: dict) -> list[str]:
@@ -180,10 +180,9 @@ def _summary_grid(payload: dict, category: str) -> Grid:
         raise ValueError(f"no category {category!r} in this payload; its categories: "
                          f"{', '.join(_categories(payload))}")
     runs = _run_count(payload)
-    methods = _methods(payload)
-    rows = tuple((_label(method, methods), *(_cell(_entry(payload, method, category), column, runs)
-                                             for column in SUMMARY_COLUMNS), _lossless_status(payload, method))
-                 for method in methods)
+    labels = _labels(_methods(payload))
+    rows = tuple((label, *(_cell(_entry(payload, method, category), column, runs) for column in SUMMARY_COLUMNS),
+                  _lossless_status(payload, method)) for method, label in labels.items())
     notes = SUMMARY_NOTES + ((f"mean ± std over {runs} runs.",) if runs > 1 else ())
     return Grid(f"{category} · {_target_line(payload)}", ("method", *(c.header for c in SUMMARY_COLUMNS),
                                                            "lossless"), rows, notes)
@@ -195,9 +194,8 @@ def _category_grid(payload: dict, metric: str) -> Grid:
         raise ValueError(f"no method has the metric {metric!r}; metrics in this payload: {', '.join(sorted(found))}")
     column = COLUMN_BY_METRIC.get(metric, Column(metric, metric))
     runs, categories = _run_count(payload), _categories(payload)
-    methods = _methods(payload)
-    rows = tuple((_label(method, methods), *(_cell(_entry(payload, method, category), column, runs)
-                                             for category in categories)) for method in methods)
+    rows = tuple((label, *(_cell(_entry(payload, method, category), column, runs) for category in categories))
+                 for method, label in _labels(_methods(payload)).items())
     return Grid(f"{column.header} by category · {_target_line(payload)}", ("method", *categories), rows)
 
 
@@ -210,13 +208,13 @@ def _relative_change(entry_a: dict | None, entry_b: dict | None, metric: str) ->
     return f"{entry_b[metric]['mean'] / entry_a[metric]['mean'] - 1:+.1%}"
 
 
-def _compare_row(a: dict, b: dict, method: str, category: str) -> tuple[str, ...]:
+def _compare_row(a: dict, b: dict, method: str, label: str, category: str) -> tuple[str, ...]:
     entry_a, entry_b = _entry(a, method, category), _entry(b, method, category)
     cells = []
     for column in COMPARED_COLUMNS:
         cells += [_cell(entry_a, column, 1), _cell(entry_b, column, 1),
                   _relative_change(entry_a, entry_b, column.metric)]
-    return (_label(method, _methods(a, b)), category, *cells)
+    return (label, category, *cells)
 
 
 def _only_in_one(kind: str, names_a: set[str], names_b: set[str]) -> tuple[str, ...]:
@@ -225,7 +223,8 @@ def _only_in_one(kind: str, names_a: set[str], names_b: set[str]) -> tuple[str, 
 
 
 def _compare_grid(a: dict, b: dict) -> Grid:
-    rows = tuple(_compare_row(a, b, method, category) for method in _methods(a, b) for category in _categories(a, b)
+    rows = tuple(_compare_row(a, b, method, label, category) for method, label in _labels(_methods(a, b)).items()
+                 for category in _categories(a, b)
                  if _entry(a, method, category) is not None or _entry(b, method, category) is not None)
     headers = ("method", "category", *(f"{c.header} {side}" for c in COMPARED_COLUMNS for side in ("A", "B", "Δ")))
     notes = ("Δ = B/A − 1.", *_only_in_one("methods", set(_methods(a)), set(_methods(b))),
@@ -236,10 +235,10 @@ def _compare_grid(a: dict, b: dict) -> Grid:
 def _mismatch_grid(payload: dict) -> Grid:
     headers = ("method", "kind", "question", "run", "turn", "first differing position", "expected", "got",
                "logit gap")
-    methods = _methods(payload)
-    rows = tuple((_label(m["method"], methods), m["kind"], str(m["question_id"]), str(m["run"]), str(m["turn"]), str(m["position"]),
-                  str(m["expected"]), str(m["got"]), ABSENT if m["logit_gap"] is None else f"{m['logit_gap']:.3g}")
-                 for m in _mismatches(payload))
+    labels = _labels(_methods(payload))
+    rows = tuple((labels.get(m["method"], m["method"]), m["kind"], str(m["question_id"]), str(m["run"]),
+                  str(m["turn"]), str(m["position"]), str(m["expected"]), str(m["got"]),
+                  ABSENT if m["logit_gap"] is None else f"{m['logit_gap']:.3g}") for m in _mismatches(payload))
     return Grid("mismatches", headers, rows, label_columns=3)
 
 
@@ -310,9 +309,9 @@ def _settings_line(payload: dict) -> str:
     return "**Settings:** " + " · ".join(f"`{setting}`" for setting in settings) if settings else ""
 
 
-def _histogram_line(payload: dict, method: str) -> str:
+def _histogram_line(payload: dict, method: str, label: str) -> str:
     hist = {int(k): v for k, v in (_entry(payload, method, OVERALL) or {}).get("accepted_hist", {}).items()}
-    total, label = sum(hist.values()), _label(method, _methods(payload))
+    total = sum(hist.values())
     if not total:
         return f"- `{label}`: not recorded"
     buckets = " · ".join(f"{accepted}: {count} ({count / total:.0%})" for accepted, count in sorted(hist.items()))
@@ -320,7 +319,7 @@ def _histogram_line(payload: dict, method: str) -> str:
 
 
 def _histogram_section(payload: dict) -> str:
-    lines = [_histogram_line(payload, method) for method in _methods(payload)]
+    lines = [_histogram_line(payload, method, label) for method, label in _labels(_methods(payload)).items()]
     return ("## Accepted draft length\n\nTarget forwards by number of drafted tokens accepted (0: the target's own "
             "token only), all runs, all categories.\n\n" + "\n".join(lines))
 
@@ -365,13 +364,13 @@ def write_markdown(payload: dict, path: str | Path) -> Path:
 
 def _bar_panel(axes, payload: dict, panel: Column, methods: list[str], categories: list[str]) -> None:
     """Grouped bars: one group per category, one bar per method; std error bars when there are several runs."""
-    width, runs = 0.8 / len(methods), _run_count(payload)
+    width, runs, labels = 0.8 / len(methods), _run_count(payload), _labels(methods)
     for index, method in enumerate(methods):
         stats = [(_entry(payload, method, category) or {}).get(panel.metric) for category in categories]
         heights = [stat["mean"] if stat else math.nan for stat in stats]
         errors = [stat["std"] if stat else 0.0 for stat in stats] if runs > 1 else None
         offsets = [position - 0.4 + width * (index + 0.5) for position in range(len(categories))]
-        axes.bar(offsets, heights, width, yerr=errors, capsize=2, label=_label(method, methods))
+        axes.bar(offsets, heights, width, yerr=errors, capsize=2, label=labels[method])
     axes.set_xticks(range(len(categories)), categories)
     axes.set_ylabel(panel.header)
     axes.grid(axis="y", alpha=0.3)

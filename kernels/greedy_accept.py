@@ -24,6 +24,7 @@ from __future__ import annotations  # annotations stay strings: `tl.constexpr` p
 import torch
 
 from specdec.accept import greedy_walk
+from specdec.tree import parent_path
 from specdec.kernels.kv_compact import cache_slice, kv_compact_reference
 from specdec.kernels.tree_attention import _jit, interpret_mode, kernel_available, tl, triton
 
@@ -97,10 +98,7 @@ def greedy_accept_reference(best: torch.Tensor, tokens: torch.Tensor, parent_row
     count = next((node for node in range(num_nodes) if parents[node] < 0), num_nodes)
     node_parents = [row - 1 for row in parents[:count]]
     deepest, bonus = greedy_walk(node_parents, token_ids[1: 1 + count], best_ids)
-    path = []
-    while deepest >= 0:
-        path.insert(0, deepest)
-        deepest = node_parents[deepest]
+    path = parent_path(node_parents, deepest)
     root_slot = int(prefix)
     source = torch.tensor([root_slot + 1 + node for node in path], dtype=torch.long, device=kv.device)
     kv_compact_reference(kv, source, root_slot + 1)

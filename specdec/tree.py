@@ -196,7 +196,11 @@ def paths(tree: DraftTree) -> list[list[int]]:
 
 def path_to(tree: DraftTree, node: int) -> list[int]:
     """Node indices from the root's child down to `node` (empty for node -1, the root)."""
-    parents = tree.host_parents
+    return parent_path(tree.host_parents, node)
+
+
+def parent_path(parents: Sequence[int], node: int) -> list[int]:
+    """`path_to` in a tree given by its parent indices (-1 = the root)."""
     path = []
     while node >= 0:
         path.append(node)

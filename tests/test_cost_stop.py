@@ -96,7 +96,7 @@ def test_sampled_drafts_cut_by_the_stop_keep_the_target_distribution():
     drafter = ModelDrafter(noisy_copy(small_target(), 0.5), topk=3, cost_stop=True)
     drafter.cost = ScoreCut(0.3)
     counts, accepted = first_two_counts(drafter, options, 1500)
-    assert True in drafter.cost.decisions and False in drafter.cost.decisions, Counter(drafter.cost.decisions)
+    assert set(drafter.cost.decisions) == {True, False}, Counter(drafter.cost.decisions)  # the stop cut some trees
     assert {0, 1, 2} <= set(accepted)
     joint = exact_first_two(SamplingParams(**options))
     p_values = [chi_square_p_value(counts, joint), chi_square_p_value(counts.sum(1), joint.sum(1)),
