@@ -86,7 +86,9 @@ class ModelDrafter:
         if isinstance(source, (str, os.PathLike)):
             from transformers import AutoConfig
 
-            self.model, self.path = None, str(source)
+            from specdec.models import resolve_model
+
+            self.model, self.path = None, resolve_model(source)
             self.vocab_size = AutoConfig.from_pretrained(self.path).vocab_size
         else:
             self.model, self.path = source.eval(), None

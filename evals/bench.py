@@ -35,8 +35,8 @@ EXIT_ALGORITHMIC, EXIT_NEAR_TIE, EXIT_INTERRUPTED = 3, 4, 130
 
 @dataclass(frozen=True)
 class BenchConfig:
-    target: str | None = option(None, "model path or id, or zoo:<preset> (a locally trained target; default "
-                                      "zoo:cpu-tiny)")
+    target: str | None = option(None, "a catalogue model (specdec models list), a .gguf file, an HF folder or id, "
+                                      "or zoo:<preset> (a locally trained target; default zoo:cpu-tiny)")
     data: str = option("code", "spec_bench, code[:N] (held-out code prompts), a .jsonl path, or a datasets name")
     field: str = option("turns", "the record field holding the prompt (a string or a list of turns)")
     categories: tuple[str, ...] = option((), "only these categories (repeatable)")
@@ -49,7 +49,7 @@ class BenchConfig:
     backend: str = option("hf", "how ar and the specdec methods run the target: hf (DynamicCache), static "
                                 "(preallocated cache), graph (static cache + CUDA graphs + Triton tree attention) or "
                                 "native (graph with specdec's own Llama-family forward)")
-    assistant: str | None = option(None, "draft model path for hf-assisted")
+    assistant: str | None = option(None, "draft model for hf-assisted (any source --target takes)")
     max_new_tokens: int = option(128, "new tokens per turn")
     runs: int = option(1, "timed repetitions (mean ± std over them)")
     warmup: int = option(1, "untimed questions per method before timing")
@@ -58,7 +58,8 @@ class BenchConfig:
     top_k: int = option(0, "top-k (0 = off)")
     seed: int = option(0, "sampling seed")
     template: str = option("auto", "prompt format: auto, chat, plain, none (raw text)")
-    dtype: str = option("auto", "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
+    dtype: str = option("auto", "auto (bfloat16 on a GPU and on a CPU with AMX / AVX512-BF16, else float32), "
+                                "float32, bfloat16, float16")
     device: str | None = option(None, "default: cuda if available")
     tie_tolerance: float = option(0.0, "a mismatch whose logit gap is within this is a near-tie flip "
                                        "(default 0: 0.125 on bf16/fp16, 1e-4 on fp32)")
@@ -92,22 +93,12 @@ def split_methods(methods: str) -> list[str]:
 
 
 def load_target(config: BenchConfig):
-    """(model, tokenizer, description) for `--target`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer, description, dtype note) for `--target` (default zoo:cpu-tiny)."""
+    from specdec.models import load_model
 
     target = config.target or "zoo:cpu-tiny"
-    path = target
-    if target.startswith("zoo:"):
-        from specdec.train.pretrain import ensure_model
-
-        path = str(ensure_model(target[4:]))
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if config.dtype == "auto":
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    else:
-        dtype = getattr(torch, config.dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path), target
+    model, tokenizer, dtype_note = load_model(target, config.dtype, config.device)
+    return model, tokenizer, target, dtype_note
 
 
 def environment(model, target: str) -> dict:
@@ -135,12 +126,15 @@ def run(config: BenchConfig, argv: list[str] | None = None, show_progress: bool 
     params = SamplingParams(config.temperature, config.top_k, config.top_p, config.seed)
     questions = load_questions(config.data, config.categories, config.limit, config.shuffle_seed, config.field)
     state = PartialState()
-    model, tokenizer, target = load_target(dataclasses.replace(config, device=config.device or (
+    model, tokenizer, target, dtype_note = load_target(dataclasses.replace(config, device=config.device or (
         str(state.device) if state.device.type == "cuda" else None)))
+    if state.is_main_process and show_progress:
+        console.print(f"target {target}: {dtype_note}")
     assistant = None
     if config.assistant:
-        from transformers import AutoModelForCausalLM
-        assistant = AutoModelForCausalLM.from_pretrained(config.assistant, dtype=model.dtype).to(model.device)
+        from specdec.models import load_model
+
+        assistant = load_model(config.assistant, model.dtype, str(model.device))[0]
     from specdec.backends import BACKENDS
 
     if config.backend not in BACKENDS:

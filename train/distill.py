@@ -291,10 +291,13 @@ def _collate(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.T
 def load_target(target: str | Path, device: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from specdec.models import resolve_model
+
+    path = resolve_model(target)  # a catalogue name, a .gguf file, zoo:<preset>, a folder or an id
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     model.requires_grad_(False)
-    return model, AutoTokenizer.from_pretrained(target)
+    return model, AutoTokenizer.from_pretrained(path)
 
 
 def target_vocab(target) -> int:
@@ -307,7 +310,9 @@ def build_draft(target, tokenizer, config: DistillConfig):
 
     vocab = target_vocab(target)
     if config.draft_path is not None:
-        draft = AutoModelForCausalLM.from_pretrained(config.draft_path, dtype=torch.float32)
+        from specdec.models import resolve_model
+
+        draft = AutoModelForCausalLM.from_pretrained(resolve_model(config.draft_path), dtype=torch.float32)
         draft_vocab = draft.get_output_embeddings().weight.shape[0]
         if draft_vocab != vocab:
             raise ValueError(f"draft vocab {draft_vocab} != target vocab {vocab} ({config.draft_path}); pass a "
@@ -582,7 +587,7 @@ def add_distill_parser(subparsers) -> argparse.ArgumentParser:
     """`distill` under a `train` subparsers object; its fields override the preset."""
     parser = subparsers.add_parser("distill", help="distill a small drafter from the target (FastDraft)",
                                    description=__doc__.splitlines()[0])
-    parser.add_argument("--target", required=True, help="the target: a local HF model dir")
+    parser.add_argument("--target", required=True, help="the target: a catalogue name, a .gguf file, zoo:<preset>, an HF folder or id")
     parser.add_argument("--draft", default="cpu-test", help=f"a draft model dir, or a preset to build a new draft "
                         f"from ({', '.join(PRESETS)})")  # fmt: skip
     parser.add_argument("--preset", choices=sorted(PRESETS), help="config preset when --draft is a path")

@@ -229,7 +229,7 @@ def add_early_exit_parser(subparsers) -> argparse.ArgumentParser:
     """Add `early-exit` to the subparsers of `specdec train`."""
     parser = subparsers.add_parser("early-exit", help="train an exit head for the early_exit drafter",
                                    description=__doc__.splitlines()[0])
-    parser.add_argument("--target", required=True, help="target model dir or id (with its tokenizer)")
+    parser.add_argument("--target", required=True, help="the target (with its tokenizer): a catalogue name, a .gguf file, zoo:<preset>, an HF folder or id")
     parser.add_argument("--layer", type=int, required=True, help="exit after this many decoder layers")
     parser.add_argument("--data", required=True, type=Path, help="a text file or a directory of text files")
     parser.add_argument("--out", required=True, type=Path, help="head file to write (.safetensors)")
@@ -244,11 +244,9 @@ def add_early_exit_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def early_exit_command(args: argparse.Namespace) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from specdec.models import load_model
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    target = AutoModelForCausalLM.from_pretrained(args.target).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.target)
+    target, tokenizer, _ = load_model(args.target, torch.float32, args.device)
     head = train_exit_head(target, args.layer, read_texts(args.data), steps=args.steps, lr=args.lr,
                            batch_size=args.batch_size, seq_len=args.seq_len, kind=args.kind, tokenizer=tokenizer,
                            progress=True)

@@ -44,6 +44,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as transformers_logging
 
+from specdec.models import cache_root
+
 METADATA_FILE = "specdec_pretrain.json"
 EOS, BOS, PAD = "<|endoftext|>", "<|startoftext|>", "<|pad|>"
 MIN_FILE_BYTES, MAX_FILE_BYTES = 500, 200_000
@@ -116,13 +118,6 @@ PRESETS: dict[str, PretrainConfig] = {
 
 
 # ---------------------------------------------------------------------------------------------------- cache
-
-
-def cache_root() -> Path:
-    """`$SPECDEC_CACHE`, else `$XDG_CACHE_HOME/specdec`, else `~/.cache/specdec`."""
-    if os.environ.get("SPECDEC_CACHE"):
-        return Path(os.environ["SPECDEC_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "specdec"
 
 
 def default_model_dir(preset: str = "cpu-tiny") -> Path:

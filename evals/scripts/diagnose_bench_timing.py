@@ -35,7 +35,7 @@ out_dir = Path(sys.argv[1])
 preset = sys.argv[2] if len(sys.argv) > 2 else "gpu-100m"
 count = int(sys.argv[3]) if len(sys.argv) > 3 else 12
 cuda = torch.cuda.is_available()
-model, tokenizer, _ = load_target(BenchConfig(target=f"zoo:{preset}", device="cuda" if cuda else "cpu",
+model, tokenizer, _, _ = load_target(BenchConfig(target=f"zoo:{preset}", device="cuda" if cuda else "cpu",
                                               dtype="bfloat16" if cuda else "float32"))
 questions = load_questions(f"code:{count}", (), None, None, "turns")
 settings = BenchSettings(methods=["ar"], max_new_tokens=128, max_prompt_tokens=2048 - 128)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H100 benchmark of issue 3: build (or reuse) the zoo target, then `specdec bench` on the held-out code prompts
 # and on Spec-Bench's questions, with ar (specdec's own AR baseline), hf, hf-lookup and ngram side by side.
-# Run from the repo root on the device machine:  bash evals/scripts/h100_zoo_bench.sh [build|bench|all]
+# Run from the repo root on the device machine:  bash evals/scripts/gpu_zoo_bench.sh [build|bench|all]
 # It expects the Spec-Bench questions under .shared/data/spec_bench/ (a copy of ../shared carried with the call).
 set -euo pipefail
 stage=${1:-all}

@@ -2,12 +2,12 @@
 # Issue 6 on the H100: a distilled draft model and an early-exit head for the zoo target, then one `specdec bench`
 # with ar, hf-assisted (same draft), model chain, model dynamic tree, early_exit and the best model-free drafter.
 # Each stage fits one device call (< 10 min); run them back to back on one warm machine:
-#   bash evals/scripts/h100_model_bench.sh build     # zoo target (~7 min) + early-exit heads (~1 min each)
-#   bash evals/scripts/h100_model_bench.sh distill   # draft model: target-generated data, <= 150 s of training, report
-#   bash evals/scripts/h100_model_bench.sh bench-model   # ar, model chain, model tree (graphs); CONTROLLER, TAG
-#   bash evals/scripts/h100_model_bench.sh bench-peers   # ar, hf-assisted (same draft), model tree with an eager draft
-#   bash evals/scripts/h100_model_bench.sh bench-exit    # ar, early_exit at each layer, ngram, fused
-#   bash evals/scripts/h100_model_bench.sh bench-all     # issue 6's one run: ar, hf-assisted, model chain / tree,
+#   bash evals/scripts/gpu_model_bench.sh build     # zoo target (~7 min) + early-exit heads (~1 min each)
+#   bash evals/scripts/gpu_model_bench.sh distill   # draft model: target-generated data, <= 150 s of training, report
+#   bash evals/scripts/gpu_model_bench.sh bench-model   # ar, model chain, model tree (graphs); CONTROLLER, TAG
+#   bash evals/scripts/gpu_model_bench.sh bench-peers   # ar, hf-assisted (same draft), model tree with an eager draft
+#   bash evals/scripts/gpu_model_bench.sh bench-exit    # ar, early_exit at each layer, ngram, fused
+#   bash evals/scripts/gpu_model_bench.sh bench-all     # issue 6's one run: ar, hf-assisted, model chain / tree,
 #                                                        # early_exit tree, ngram; EXIT_LAYERS=4 builds its one head;
 #                                                        # EXTRA=SPECS adds methods to the same run
 # (on a GPU `specdec bench` runs each speculative method twice, timed and phase-synchronised: one call with the

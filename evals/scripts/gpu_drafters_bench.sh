@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 5 on the H100: model-free drafters side by side on the zoo target (code prompts and two-turn rewrites).
-#   bash evals/scripts/h100_drafters_bench.sh build   # zoo target + retrieval datastore (cached under out/)
-#   bash evals/scripts/h100_drafters_bench.sh bench   # BACKEND=native: on the fast path (default: hf)
+#   bash evals/scripts/gpu_drafters_bench.sh build   # zoo target + retrieval datastore (cached under out/)
+#   bash evals/scripts/gpu_drafters_bench.sh bench   # BACKEND=native: on the fast path (default: hf)
 set -euo pipefail
 stage=${1:-all}
 source "$(dirname "$0")/device_env.sh"

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Issue 4 (and the issue-3 tables on the fast path) on the H100, one device call per stage:
-#   bash evals/scripts/h100_fast_path.sh check   # GPU equality checks at real sizes + `specdec bench-step` (~6 min)
-#   bash evals/scripts/h100_fast_path.sh compile # bench-step with torch.compile before capture, context 2k
-#   bash evals/scripts/h100_fast_path.sh build   # the zoo target (~7 min)
-#   bash evals/scripts/h100_fast_path.sh bench   # `specdec bench` on the native, graph and hf backends, code +
+#   bash evals/scripts/gpu_fast_path.sh check   # GPU equality checks at real sizes + `specdec bench-step` (~6 min)
+#   bash evals/scripts/gpu_fast_path.sh compile # bench-step with torch.compile before capture, context 2k
+#   bash evals/scripts/gpu_fast_path.sh build   # the zoo target (~7 min)
+#   bash evals/scripts/gpu_fast_path.sh bench   # `specdec bench` on the native, graph and hf backends, code +
 #                                                # Spec-Bench (BACKENDS, METHODS choose)
 # Spec-Bench's questions are expected under .shared/data/spec_bench/ (a copy of ../shared carried with the call).
 set -uo pipefail
