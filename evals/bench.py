@@ -61,8 +61,9 @@ class BenchConfig:
     dtype: str = option("auto", "auto (bfloat16 on a GPU and on a CPU with AMX / AVX512-BF16, else float32), "
                                 "float32, bfloat16, float16")
     device: str | None = option(None, "default: cuda if available")
-    tie_tolerance: float = option(0.0, "a mismatch whose logit gap is within this is a near-tie flip "
-                                       "(default 0: 0.125 on bf16/fp16, 1e-4 on fp32)")
+    tie_tolerance: float = option(0.0, "a mismatch whose logit gap is within this is a near-tie flip (default 0: "
+                                       "by the dtype, two ulps at the logits' magnitude, at least 0.125 on "
+                                       "bf16/fp16 and 1e-4 on fp32)")
     out: str | None = option(None, "write results.json, results.md and chart.png here")
     num_processes: int = option(1, "shard the questions over this many processes (GPUs) via accelerate launch")
 
@@ -142,8 +143,8 @@ def run(config: BenchConfig, argv: list[str] | None = None, show_progress: bool 
     context = BenchContext(model, tokenizer, params, config.controller, assistant, config.backend)
     with state.split_between_processes(questions) as shard:
         bench = run_bench(context, shard, settings, show_progress and state.is_main_process)
-    tolerance = config.tie_tolerance or (1e-4 if model.dtype == torch.float32 else 0.125)
-    compared, mismatches = check_lossless(bench.records, model, tolerance) if params.greedy else (0, [])
+    tolerance = config.tie_tolerance or "auto"  # auto: each mismatch's own, by the dtype (runner.near_tie_tolerance)
+    compared, mismatches = check_lossless(bench.records, model, config.tie_tolerance) if params.greedy else (0, [])
     gathered = gather_object([{"records": [r.as_dict() for r in bench.records], "compared": compared,
                                "mismatches": [dataclasses.asdict(m) for m in mismatches],
                                "interrupted": bench.interrupted}])
@@ -152,7 +153,7 @@ def run(config: BenchConfig, argv: list[str] | None = None, show_progress: bool 
     return _payload(config, argv, model, target, gathered, tolerance)
 
 
-def _payload(config: BenchConfig, argv, model, target: str, shards: list[dict], tolerance: float) -> tuple[dict, int]:
+def _payload(config: BenchConfig, argv, model, target: str, shards: list[dict], tolerance: float | str) -> tuple[dict, int]:
     records = [r for shard in shards for r in shard["records"]]
     mismatches = [m for shard in shards for m in shard["mismatches"]]
     kinds = [m["kind"] for m in mismatches]

@@ -5,6 +5,10 @@ The lossless check compares every method's token ids with `ar`'s for the same qu
 
 from __future__ import annotations
 
+import copy
+import functools
+import math
+
 from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
@@ -130,7 +134,8 @@ def run_bench(context: BenchContext, questions: Sequence[Question], settings: Be
 @dataclass(frozen=True)
 class Mismatch:
     """kind: "near-tie" when the target's two competing logits at the first differing position are within
-    `tie_tolerance` (a rounding flip between one-token and many-token forwards), else "algorithmic"."""
+    `tolerance` (`near_tie_tolerance`: a rounding flip between one-token and many-token forwards), else
+    "algorithmic"."""
 
     method: str
     run: int
@@ -141,14 +146,32 @@ class Mismatch:
     got: int
     logit_gap: float | None
     kind: str
+    tolerance: float | None = None
 
 
-def check_lossless(records: Sequence[TurnRecord], model, tie_tolerance: float) -> tuple[int, list[Mismatch]]:
+def near_tie_tolerance(dtype: torch.dtype, scale: float, given: float = 0.0) -> float:
+    """The largest logit gap that counts as a rounding flip: `given` where set (> 0), else the larger of a floor
+    (1e-4 in float32, 0.125 in bfloat16 / float16) and two units in the last place of `dtype` at the competing
+    logits' magnitude `scale`. A one-token and a many-token forward round differently by an ulp or two, and an ulp
+    grows with the logit: in bfloat16 it is 0.125 for logits in [16, 32) and 0.25 in [32, 64)."""
+    if given > 0:
+        return given
+    floor = 1e-4 if dtype in (torch.float32, torch.float64) else 0.125
+    ulp = torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(scale)) if scale > 0 else 0.0
+    return max(floor, 2 * ulp)
+
+
+def check_lossless(records: Sequence[TurnRecord], model, tie_tolerance: float = 0.0) -> tuple[int, list[Mismatch]]:
     """Compare each method's tokens with `ar`'s (same run, question, turn). Returns (turns compared, mismatches).
+    `tie_tolerance`: a fixed near-tie tolerance; 0 = `near_tie_tolerance`'s rule for the model's dtype, widened in
+    bfloat16 / float16 to twice the rounding error of the gap measured at that very position (the gap recomputed by a
+    float32 copy of the target): after 30 layers a half-precision logit can be off by more than an ulp or two.
 
     A question whose earlier turn already differed is not compared again (its later prompts differ anyway)."""
     baseline = {(r.run, r.question_id, r.turn): r for r in records if r.method == "ar"}
     compared, mismatches, diverged = 0, [], set()
+    half = model.dtype in (torch.bfloat16, torch.float16) and not tie_tolerance
+    exact = functools.cache(lambda: copy.deepcopy(model).float()) if half else None
     for record in records:
         key = (record.run, record.question_id, record.turn)
         if record.method == "ar" or key not in baseline or (record.method, record.run, record.question_id) in diverged:
@@ -159,25 +182,34 @@ def check_lossless(records: Sequence[TurnRecord], model, tie_tolerance: float) -
             continue
         diverged.add((record.method, record.run, record.question_id))
         position = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
-        mismatches.append(_classify(record, baseline[key], position, model, tie_tolerance))
+        mismatches.append(_classify(record, baseline[key], position, model, tie_tolerance, exact))
     return compared, mismatches
 
 
-def _classify(record: TurnRecord, reference: TurnRecord, position: int, model, tie_tolerance: float) -> Mismatch:
+def _classify(record: TurnRecord, reference: TurnRecord, position: int, model, tie_tolerance: float,
+              exact=None) -> Mismatch:
     expected = reference.result.token_ids
     got = record.result.token_ids
     expected_token = expected[position] if position < len(expected) else -1
     got_token = got[position] if position < len(got) else -1
-    gap = None
+    gap = tolerance = None
     if expected_token >= 0 and got_token >= 0 and reference.prompt_ids == record.prompt_ids:
-        gap = _logit_gap(model, record.prompt_ids + expected[:position], expected_token, got_token)
-    kind = "near-tie" if gap is not None and gap <= tie_tolerance else "algorithmic"
+        context = record.prompt_ids + expected[:position]
+        signed, scale = _logit_gap(model, context, expected_token, got_token)
+        gap, tolerance = abs(signed), near_tie_tolerance(model.dtype, scale, tie_tolerance)
+        if exact is not None:  # this position's own rounding error of the gap, against a float32 copy
+            exact_signed, _ = _logit_gap(exact(), context, expected_token, got_token)
+            tolerance = max(tolerance, 2 * abs(signed - exact_signed))
+            gap = min(gap, abs(exact_signed))
+    kind = "near-tie" if gap is not None and gap <= tolerance else "algorithmic"
     return Mismatch(record.method, record.run, record.question_id, record.turn, position, expected_token, got_token,
-                    gap, kind)
+                    gap, kind, tolerance)
 
 
 @torch.inference_mode()
-def _logit_gap(model, token_ids: list[int], expected_token: int, got_token: int) -> float:
-    """|logit(expected) - logit(got)| of the target after `token_ids`, in one plain forward."""
+def _logit_gap(model, token_ids: list[int], expected_token: int, got_token: int) -> tuple[float, float]:
+    """(logit(expected) - logit(got), the larger of their magnitudes) of the target after `token_ids`, in one plain
+    forward."""
     logits = model(input_ids=torch.tensor([token_ids], device=model.device)).logits[0, -1].float()
-    return float((logits[expected_token] - logits[got_token]).abs())
+    pair = logits[[expected_token, got_token]]
+    return float(pair[0] - pair[1]), float(pair.abs().max())

@@ -41,7 +41,7 @@ GENERATE_PRESETS: dict[str, dict[str, typing.Any]] = {
     "long-draft": {"controller": "static:max_depth=12,max_nodes=24", "drafter": "ngram:max_n=4,max_matches=4"},
 }
 
-DEFAULT_QUESTION = "What is speculative decoding, in two sentences?"
+DEFAULT_QUESTION = "What is the capital of France, and what is it famous for?"
 DEFAULT_PROMPT = "import os\nimport json\n\n\ndef load_config(path):\n    \"\"\"Read a JSON config file.\"\"\"\n"
 
 

@@ -1,9 +1,11 @@
 """`specdec bench` end to end on CPU: a tiny saved target, a handful of questions (one two-turn), the runner,
 metrics, lossless check (a deliberately broken method must be caught), output files, compare, bad input, Ctrl-C."""
 
+import copy
 import json
 
 import pytest
+import torch
 
 from specdec.cli import main as cli_main
 from specdec.evals import methods as bench_methods
@@ -237,3 +239,42 @@ def test_a_drafter_method_may_name_its_own_controller():
     assert (own.generator.controller.name, shared.generator.controller.name) == ("static", "heuristic")
     prompt = list(range(5, 20)) * 3
     assert own.run(prompt, 16).token_ids == shared.run(prompt, 16).token_ids
+
+
+def test_the_near_tie_tolerance_follows_the_dtype_and_the_logits_magnitude():
+    from specdec.evals.runner import near_tie_tolerance
+
+    assert near_tie_tolerance(torch.bfloat16, 10.0) == 0.125          # the floor: an ulp at 8..16 is 0.0625
+    assert near_tie_tolerance(torch.bfloat16, 30.0) == 0.25           # two ulps of 0.125 (logits in [16, 32))
+    assert near_tie_tolerance(torch.bfloat16, 40.0) == 0.5            # two ulps of 0.25 (logits in [32, 64))
+    assert near_tie_tolerance(torch.float32, 30.0) == 1e-4            # float32's ulp at 30 is 2e-6: the floor
+    assert near_tie_tolerance(torch.bfloat16, 30.0, given=0.01) == 0.01
+
+
+def test_in_bfloat16_a_wrong_token_stays_algorithmic_and_a_rounding_flip_is_a_near_tie():
+    """The bf16 rule widens the tolerance to this position's own measured rounding error, never to a real error."""
+    from specdec.evals.methods import TurnRun
+    from specdec.evals.runner import TurnRecord, check_lossless, near_tie_tolerance
+
+    model = fresh_tiny_model("llama", init_range=0.2).to(torch.bfloat16).eval()
+    prompt = [5, 17, 3, 99, 42, 7]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1].float()
+    best, worst = int(logits.argmax()), int(logits.argmin())
+    runner_up = int(logits.topk(2).indices[1])
+
+    def record(method: str, token: int) -> TurnRecord:
+        return TurnRecord(method, 0, "q", "c", 0, prompt, TurnRun([token], 1.0, 1))
+
+    _, mismatches = check_lossless([record("ar", best), record("wrong", worst), record("close", runner_up)], model)
+    kinds = {m.method: m for m in mismatches}
+    assert kinds["wrong"].kind == "algorithmic" and kinds["wrong"].logit_gap > kinds["wrong"].tolerance
+    exact = copy.deepcopy(model).float()
+    with torch.no_grad():
+        exact_logits = exact(torch.tensor([prompt])).logits[0, -1]
+    half_gap, exact_gap = float(logits[best] - logits[runner_up]), float(exact_logits[best] - exact_logits[runner_up])
+    close = kinds["close"]
+    assert close.logit_gap == pytest.approx(min(abs(half_gap), abs(exact_gap)))
+    scale = float(logits[[best, runner_up]].abs().max())
+    assert close.tolerance == pytest.approx(max(near_tie_tolerance(torch.bfloat16, scale),
+                                                2 * abs(half_gap - exact_gap)))

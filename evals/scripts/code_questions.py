@@ -18,7 +18,7 @@ def main(out: str, code: int = 4, coding: int = 4) -> None:
                                    "turns": list(question.turns)}) + "\n")
         for record in mt_bench[:coding]:
             sink.write(json.dumps(record) + "\n")
-    print(f"{len(held_out)} held-out code prompts + {len(mt_bench)} MT-bench coding questions -> {out}")
+    print(f"{len(held_out)} held-out code prompts + {len(mt_bench[:coding])} MT-bench coding questions -> {out}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ qwen)
   python3 evals/scripts/code_questions.py "$out/qwen_code.jsonl" "${CODE:-4}" "${CODING:-4}"
   equal=${EQUAL_COST:-static:max_depth=7,max_nodes=15}
   methods="ar,model:path=$draft,mode=chain@$equal,model:path=$draft,mode=tree@$equal,hf-assisted"
-  methods="$methods,ngram,hf-lookup,fused:drafters=model:path=$draft+ngram"
+  methods="$methods,model:path=$draft,mode=tree,cost_stop=True@$equal,ngram,hf-lookup"
+  methods="$methods,fused:drafters=model:path=$draft+ngram"
   specdec bench --target qwen2.5-coder-1.5b-instruct --assistant "$draft" --dtype "${DTYPE:-bfloat16}" \
     --data "$out/qwen_code.jsonl" --methods "$methods" --max-new-tokens "${TOKENS:-96}" --warmup 1 \
     --out "$out/qwen_code" 2>&1 | grep -v "━"

@@ -5,7 +5,8 @@
 #   here:   split -n 2 -d "$(specdec models path smollm2-135m-instruct --gguf)" .gguf_parts/smollm2.part
 #           pip download --no-deps -d .whl gguf==0.19.0        (the device image has no `gguf`)
 #   call 1: carry .gguf_parts/smollm2.part00 only -> bash evals/scripts/gpu_real_model_bench.sh stash
-#   call 2: carry .gguf_parts/smollm2.part01 and .whl -> bash evals/scripts/gpu_real_model_bench.sh bench
+#   call 2: carry .gguf_parts/smollm2.part01, .whl and .shared (a copy of ../shared/data/spec_bench)
+#           -> bash evals/scripts/gpu_real_model_bench.sh bench
 # LIMIT questions per Spec-Bench category (default 6), EXIT_LAYER (default 8; 0 = no early-exit head).
 set -euo pipefail
 stage=${1:?stash or bench}
@@ -13,7 +14,7 @@ stash=/tmp/specdec_gguf
 mkdir -p "$stash"
 cp .gguf_parts/smollm2.part* "$stash"/
 if [ "$stage" = stash ]; then ls -la "$stash"; exit 0; fi
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/gguf-*.whl
+python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .whl/gguf-*.whl
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 source "$(dirname "$0")/device_env.sh"
 name=smollm2-135m-instruct
@@ -27,14 +28,14 @@ specdec models pull "$name"   # the GGUF is in place: this converts it (once) an
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 methods="ar,ngram,recycling,copyspec,retrieval,fused:drafters=copyspec+recycling"
 layer=${EXIT_LAYER:-8}
-if [ "$layer" != 0 ]; then
-  work=out/exit && mkdir -p "$work"
+work=out/exit && mkdir -p "$work"
+if [ "$layer" != 0 ] && [ ! -f "$work/head.safetensors" ]; then
   python3 evals/scripts/self_text.py "$name" "$work/self.txt" 256 192 | tee "$out/exit_head.log"
   specdec train early-exit --target "$name" --layer "$layer" --kind mlp --data "$work/self.txt" \
     --out "$work/head.safetensors" --steps "${EE_STEPS:-1200}" --batch-size 16 --seq-len 256 --lr 2e-3 2>&1 \
     | grep -v "━" | tail -5 | tee -a "$out/exit_head.log"
-  methods="$methods,early_exit:head=$work/head.safetensors,mode=tree,graphs=True"
 fi
+[ "$layer" != 0 ] && methods="$methods,early_exit:head=$work/head.safetensors,mode=tree,graphs=True"
 set +e
 specdec bench --target "$name" --backend native --data spec_bench --limit "${LIMIT:-6}" --warmup 2 \
   --methods "$methods,hf-static,hf-lookup" --max-new-tokens 128 --out "$out/specbench" 2>&1 | grep -v "━" | tail -40

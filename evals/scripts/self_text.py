@@ -21,6 +21,7 @@ TOPICS = ["the ocean", "volcanoes", "bread baking", "chess", "electric cars", "t
 def main(target: str, out: str, count: int = 256, new_tokens: int = 192) -> None:
     model, tokenizer, note = load_model(target)
     tokenizer.padding_side = "left"
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     prompts = [task.format(topic) for task, topic in itertools.product(TASKS, TOPICS)][:count]
     texts = []
     for start in range(0, len(prompts), 64):
