@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5 on the H100: model-free drafters side by side on the zoo target (code prompts and two-turn rewrites).
+# Model-free drafters on a GPU (first run on the H100 for issue 5): side by side on the zoo target (code prompts and two-turn rewrites).
 #   bash evals/scripts/gpu_drafters_bench.sh build   # zoo target + retrieval datastore (cached under out/)
 #   bash evals/scripts/gpu_drafters_bench.sh bench   # BACKEND=native: on the fast path (default: hf)
 set -euo pipefail

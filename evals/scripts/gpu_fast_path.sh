@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 4 (and the issue-3 tables on the fast path) on the H100, one device call per stage:
+# The fast path on a GPU (issue 4, and the issue-3 tables; first run on the H100), one device call per stage:
 #   bash evals/scripts/gpu_fast_path.sh check   # GPU equality checks at real sizes + `specdec bench-step` (~6 min)
 #   bash evals/scripts/gpu_fast_path.sh compile # bench-step with torch.compile before capture, context 2k
 #   bash evals/scripts/gpu_fast_path.sh build   # the zoo target (~7 min)

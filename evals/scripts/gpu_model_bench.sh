@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6 on the H100: a distilled draft model and an early-exit head for the zoo target, then one `specdec bench`
+# Learned drafters on a GPU (issue 6; first run on the H100): a distilled draft model and an early-exit head for the zoo target, then one `specdec bench`
 # with ar, hf-assisted (same draft), model chain, model dynamic tree, early_exit and the best model-free drafter.
 # Each stage fits one device call (< 10 min); run them back to back on one warm machine:
 #   bash evals/scripts/gpu_model_bench.sh build     # zoo target (~7 min) + early-exit heads (~1 min each)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The H100 benchmark of issue 3: build (or reuse) the zoo target, then `specdec bench` on the held-out code prompts
+# The zoo-target benchmark of issue 3 on a GPU (first run on the H100): build (or reuse) the zoo target, then `specdec bench` on the held-out code prompts
 # and on Spec-Bench's questions, with ar (specdec's own AR baseline), hf, hf-lookup and ngram side by side.
 # Run from the repo root on the device machine:  bash evals/scripts/gpu_zoo_bench.sh [build|bench|all]
 # It expects the Spec-Bench questions under .shared/data/spec_bench/ (a copy of ../shared carried with the call).
