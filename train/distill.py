@@ -289,15 +289,13 @@ def _collate(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.T
 
 
 def load_target(target: str | Path, device: torch.device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(frozen target, tokenizer) from any source `specdec.models.resolve_model` accepts; bf16 on a GPU, else fp32."""
+    from specdec.models import load_model
 
-    from specdec.models import resolve_model
-
-    path = resolve_model(target)  # a catalogue name, a .gguf file, zoo:<preset>, a folder or an id
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model, tokenizer, _ = load_model(target, dtype, str(device))
     model.requires_grad_(False)
-    return model, AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
 
 
 def target_vocab(target) -> int:
@@ -587,7 +585,8 @@ def add_distill_parser(subparsers) -> argparse.ArgumentParser:
     """`distill` under a `train` subparsers object; its fields override the preset."""
     parser = subparsers.add_parser("distill", help="distill a small drafter from the target (FastDraft)",
                                    description=__doc__.splitlines()[0])
-    parser.add_argument("--target", required=True, help="the target: a catalogue name, a .gguf file, zoo:<preset>, an HF folder or id")
+    parser.add_argument("--target", required=True,
+                        help="the target: a catalogue name, a .gguf file, zoo:<preset>, an HF folder or id")
     parser.add_argument("--draft", default="cpu-test", help=f"a draft model dir, or a preset to build a new draft "
                         f"from ({', '.join(PRESETS)})")  # fmt: skip
     parser.add_argument("--preset", choices=sorted(PRESETS), help="config preset when --draft is a path")

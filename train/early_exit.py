@@ -229,7 +229,8 @@ def add_early_exit_parser(subparsers) -> argparse.ArgumentParser:
     """Add `early-exit` to the subparsers of `specdec train`."""
     parser = subparsers.add_parser("early-exit", help="train an exit head for the early_exit drafter",
                                    description=__doc__.splitlines()[0])
-    parser.add_argument("--target", required=True, help="the target (with its tokenizer): a catalogue name, a .gguf file, zoo:<preset>, an HF folder or id")
+    parser.add_argument("--target", required=True, help="the target (with its tokenizer): a catalogue name, a .gguf "
+                                                        "file, zoo:<preset>, an HF folder or id")
     parser.add_argument("--layer", type=int, required=True, help="exit after this many decoder layers")
     parser.add_argument("--data", required=True, type=Path, help="a text file or a directory of text files")
     parser.add_argument("--out", required=True, type=Path, help="head file to write (.safetensors)")
