@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, runtime_che
 
 import torch
 
-from specdec.controllers.base import Budget
+from specdec.controllers.base import Budget, Frontier
 from specdec.sampling import SamplingParams
 from specdec.tree import DraftTree
 
@@ -37,13 +37,16 @@ class DraftContext:
     """token_ids: the committed sequence (prompt + generated); its last token is the root of the tree to propose.
     prefix_kv: where the backend offers it, `prefix_kv(layers)` -> the target's cached keys and values of its first
     `layers` layers for token_ids[:-1], [(keys, values)] each (1, Hkv, len - 1, D), read-only (drafters that run the
-    target's own first layers read them instead of keeping a cache of their own)."""
+    target's own first layers read them instead of keeping a cache of their own).
+    keep_drafting: the controller's mid-draft hook, where it has one: drafters that grow a draft depth by depth
+    call it with the next `Frontier` before each further depth and stop when it says False."""
 
     token_ids: Sequence[int]
     budget: Budget
     params: SamplingParams
     target: TargetView
     prefix_kv: Callable[[int], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+    keep_drafting: Callable[[Frontier], bool] | None = None
 
 
 @runtime_checkable

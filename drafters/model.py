@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy
 import torch
 from specdec.backends.hf import cache_keyword, context_window
-from specdec.controllers.base import Budget
+from specdec.controllers.base import Budget, Frontier
 from specdec.drafters.base import DraftContext, TargetView, register_drafter
 from specdec.drafters.calibration import Calibration
 from specdec.drafters.cost_stop import CostStop
@@ -69,8 +69,9 @@ class ModelDrafter:
     mode: "tree" (dynamic tree) or "chain". topk: children per expanded node and nodes expanded per depth.
     graphs: keep the draft KV in a static cache and run every draft forward as a CUDA graph (`GraphBackend`; the
     same code runs eagerly off CUDA) instead of HF's eager forward over a DynamicCache.
-    calibrate: in tree mode, score nodes by their acceptance rate learnt from this drafter's verified trees
-    (`calibration`) instead of the draft's probabilities (False: probabilities, EAGLE-2's score).
+    calibrate: score nodes by their acceptance rate learnt from this drafter's verified drafts (`calibration`)
+    instead of the draft's probabilities (False: probabilities, EAGLE-2's score); a chain's scores only matter to a
+    confidence stop (`budget.min_confidence`, a controller's `keep_drafting`, the cost stop).
     cost_stop: stop drafting deeper once a draft forward is expected to cost more time than it saves (`cost_stop`;
     within the controller's budget; a greedy chain on graphs, drafted in one replay, is never cut)."""
 
@@ -103,7 +104,7 @@ class ModelDrafter:
         if topk < 1:
             raise ValueError(f"topk must be >= 1, got {topk}")
         self.width = 1 if mode == "chain" else topk
-        self.calibration = Calibration() if calibrate and self.width > 1 else None
+        self.calibration = Calibration() if calibrate else None
         self.cost = CostStop() if cost_stop else None
 
     def reset(self) -> None:
@@ -113,6 +114,8 @@ class ModelDrafter:
         self._proposal: tuple | None = None  # tokens, parents, cache rows, (rank, slot probability) per node
         self._rng: torch.Generator | None = None
         self._device: torch.device | None = None  # the draft model's, looked up once per sequence
+        self._record_hidden = False  # this step's controller reads hidden states (`_frontier_hidden`)
+        self._hidden: torch.Tensor | None = None  # (T, H) the last forward's last hidden states, when recorded
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> DraftTree:
@@ -130,9 +133,12 @@ class ModelDrafter:
         budget = self._within_window(ctx.budget, len(token_ids))
         if budget is None:  # the draft model's context is full: plain steps from here on, no error
             return DraftTree.empty()
+        self._record_hidden = not self.graphs and getattr(getattr(ctx.keep_drafting, "__self__", None),
+                                                          "wants_hidden", False)
+        self._hidden = None
         try:
             root_logits = self._catch_up(token_ids)
-            nodes, kept = self._grow(root_logits, budget, ctx.params)
+            nodes, kept = self._grow(root_logits, budget, ctx.params, ctx.keep_drafting)
         except Exception:
             self.cached = []  # a forward that failed part-way leaves layers uneven: the next propose starts anew
             if self.kv is not None:
@@ -154,10 +160,10 @@ class ModelDrafter:
     def observe(self, result) -> None:
         """Learn from the verified tree; move the accepted path's tree KV (where it ran) behind the committed tokens;
         drop the rest."""
-        proposal = self._learn(result)
-        if proposal is not None:
-            tokens, _, slots, _ = proposal
-            path = list(itertools.takewhile(lambda node: slots[node] >= 0, result.accepted_nodes))
+        learnt = self._learn(result)
+        if learnt is not None:
+            (tokens, _, slots, _), accepted = learnt
+            path = list(itertools.takewhile(lambda node: slots[node] >= 0, accepted))
             if path:
                 self.kv.move([slots[n] for n in path], len(self.cached))
                 self.cached += [tokens[node] for node in path]
@@ -165,9 +171,10 @@ class ModelDrafter:
             self.kv.keep(len(self.cached))
 
     def _learn(self, result):
-        """This step's proposal if the verified tree is ours (not another drafter's, nor one cut or merged by a
-        combining drafter), after the calibration has counted its outcome; else None. The cost stop counts every
-        step's tokens."""
+        """(this step's proposal, the accepted path in its node numbers) if the verified tree is ours or a subtree
+        a controller cut from it (`DraftTree.origin`; not another drafter's, nor one merged by a combining
+        drafter), after the calibration has counted its outcome; else None. The cost stop counts every step's
+        tokens."""
         if self.cost is not None:
             self.cost.observe(len(result.accepted_nodes))
         proposal, self._proposal = self._proposal, None
@@ -175,12 +182,18 @@ class ModelDrafter:
             return None
         tokens, parents, _, ranks = proposal
         tree = result.tree  # a tree that kept our host_tokens needs no device read to be recognised
+        origin = tree.origin if tree.origin is not None else range(len(tree))
+        if len(tree) > len(tokens) or max(origin, default=-1) >= len(tokens):
+            return None
         tree_tokens = tree.host_tokens if tree.host_tokens is not None else tree.tokens.tolist()
-        if list(tree_tokens) != tokens or list(tree.host_parents) != parents:
+        mapped_parents = [-1 if parent < 0 else origin[parent] for parent in tree.host_parents]
+        if (list(tree_tokens) != [tokens[node] for node in origin]
+                or mapped_parents != [parents[node] for node in origin]):
             return None
         if self.calibration is not None:
-            self.calibration.observe(parents, ranks, result.accepted_nodes)
-        return proposal
+            self.calibration.observe(list(tree.host_parents), [ranks[node] for node in origin],
+                                     result.accepted_nodes)
+        return proposal, [origin[node] for node in result.accepted_nodes]
 
     def _within_window(self, budget: Budget, committed: int) -> Budget | None:
         """`budget` cut to what the draft model's context window still holds after `committed` tokens (the node at
@@ -221,15 +234,16 @@ class ModelDrafter:
         self.cached += new_ids
         return logits
 
-    def _grow(self, root_logits: torch.Tensor, budget: Budget, params: SamplingParams):
+    def _grow(self, root_logits: torch.Tensor, budget: Budget, params: SamplingParams, keep_drafting=None):
         """Candidates, depth by depth (one forward each) -> (all candidates, indices of the `max_nodes` best).
 
         A node is expanded while it ranks among the best, its cumulative probability is >= budget.min_confidence
-        and its own slot probability is >= `self.threshold` (0 here; early_exit's Kangaroo stop sets it)."""
+        and its own slot probability is >= `self.threshold` (0 here; early_exit's Kangaroo stop sets it); the
+        controller's `keep_drafting` (or the cost stop) may end the draft between depths."""
         floor = budget.min_confidence or 0.0
         length = min(budget.max_depth, budget.max_nodes)  # a chain's nodes, when no confidence stop can cut it
         if (self.width == 1 and params.greedy and not floor and self.threshold <= 0.0 and length > 0
-                and self.device_chain and isinstance(self.kv, GraphKV)):
+                and keep_drafting is None and self.device_chain and isinstance(self.kv, GraphKV)):
             return self._greedy_chain(root_logits, length)
         nodes: list[_Node] = []
         rank_keys: list[tuple[float, int, int]] = []  # (-score, depth, index): best first; ties shallower, older
@@ -246,9 +260,13 @@ class ModelDrafter:
                     rank_keys.append((-score, depth, len(nodes)))
                     nodes.append(_Node(token, parent, depth, score, q, rank=rank, prob=slot_prob))
             ranked = [index for _, _, index in sorted(rank_keys)]
-            frontier = [i for i in ranked[: budget.max_nodes - 1] if nodes[i].depth == depth
+            ran, frontier = frontier, [i for i in ranked[: budget.max_nodes - 1] if nodes[i].depth == depth
                         and nodes[i].score >= floor and nodes[i].prob >= self.threshold][: self.width]
             if depth == budget.max_depth or not frontier or not self._pays(nodes, frontier):
+                break
+            if keep_drafting is not None and not keep_drafting(Frontier(
+                    depth, tuple(nodes[i].score for i in frontier), tuple(nodes[i].prob for i in frontier),
+                    min(len(nodes), budget.max_nodes), self._frontier_hidden(nodes, frontier, ran))):
                 break
             started = None if self.cost is None else time.perf_counter()
             logits = self._run_frontier(nodes, frontier)
@@ -260,6 +278,15 @@ class ModelDrafter:
             return True
         rate = 1.0 if self.calibration is None else self.calibration.top_rate()
         return self.cost.worth(rate * sum(nodes[node].score for node in frontier))
+
+    def _frontier_hidden(self, nodes: list[_Node], frontier: list[int], ran: list[int]) -> torch.Tensor | None:
+        """(F, H) the draft's last hidden state at each frontier node's parent: its row of the forward that drafted
+        it (`ran`: that forward's nodes, [-1] = the catch-up's root row); None unless recorded this step."""
+        if self._hidden is None:
+            return None
+        rows = self._hidden[-len(ran):]  # the catch-up's last row is the root's
+        row = {node: index for index, node in enumerate(ran)}
+        return rows[[row[nodes[node].parent] for node in frontier]]
 
     def _greedy_chain(self, root_logits: torch.Tensor, length: int) -> tuple[list[_Node], list[int]]:
         """`_grow` for a greedy chain of `length` nodes that no confidence stop cuts, with one device read: the first
@@ -348,7 +375,10 @@ class ModelDrafter:
                          position_ids=torch.tensor([positions], device=device),
                          attention_mask=None if mask is None else mask.to(device),
                          use_cache=True, **{cache_keyword(self.model.forward): cache},
-                         **({"logits_to_keep": 1} if keep_last else {}))
+                         **({"logits_to_keep": 1} if keep_last else {}),
+                         **({"output_hidden_states": True} if self._record_hidden else {}))
+        if self._record_hidden:  # the rows that made the logits (all of them but for a kept last one)
+            self._hidden = out.hidden_states[-1][0, -out.logits.shape[1]:]
         return out.logits[0]
 
 

@@ -22,6 +22,8 @@ import torch
 from rich.console import Console
 
 from specdec.config import option
+from specdec.drafters.base import parse_spec
+from specdec.evals.controllers import best_static, compare, expand_methods
 from specdec.evals.data import load_questions
 from specdec.evals.methods import BenchContext
 from specdec.evals.metrics import summarize
@@ -46,6 +48,13 @@ class BenchConfig:
                                                    "specs such as ngram:max_n=4,min_n=2; SPEC@CONTROLLER gives a "
                                                    "drafter its own controller (ngram@static:max_depth=8)")
     controller: str = option("heuristic", "the draft-size controller of the specdec methods without their own")
+    controllers: str | None = option(None, "cross every drafter method with these controllers (comma-separated, "
+                                           "e.g. goodput,heuristic,tree_size,threshold): DRAFTER@CONTROLLER each")
+    static_sweep: str | None = option(None, "also run each drafter with static budgets of these depths (e.g. "
+                                            "1,2,4,8) and report the best beside the controllers")
+    static_width: int = option(2, "static sweep: max_nodes = width * depth")
+    dev_limit: int = option(0, "pick the mixed workload's best static budget on this many more questions per "
+                               "category (a dev split, run first, untimed in the results); 0 = on the timed ones")
     backend: str = option("hf", "how ar and the specdec methods run the target: hf (DynamicCache), static "
                                 "(preallocated cache), graph (static cache + CUDA graphs + Triton tree attention) or "
                                 "native (graph with specdec's own Llama-family forward)")
@@ -122,10 +131,11 @@ def run(config: BenchConfig, argv: list[str] | None = None, show_progress: bool 
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    settings = BenchSettings(split_methods(config.methods), config.max_new_tokens, config.runs, config.warmup,
-                             config.template)
+    methods, groups = _crossed_methods(config)
+    settings = BenchSettings(methods, config.max_new_tokens, config.runs, config.warmup, config.template)
     params = SamplingParams(config.temperature, config.top_k, config.top_p, config.seed)
     questions = load_questions(config.data, config.categories, config.limit, config.shuffle_seed, config.field)
+    dev_questions = _dev_split(config, questions) if groups and config.dev_limit else []
     state = PartialState()
     model, tokenizer, target, dtype_note = load_target(dataclasses.replace(config, device=config.device or (
         str(state.device) if state.device.type == "cuda" else None)))
@@ -141,6 +151,13 @@ def run(config: BenchConfig, argv: list[str] | None = None, show_progress: bool 
     if config.backend not in BACKENDS:
         raise ValueError(f"unknown backend {config.backend!r}; choose one of {', '.join(BACKENDS)}")
     context = BenchContext(model, tokenizer, params, config.controller, assistant, config.backend)
+    dev_best = {}
+    if dev_questions:  # the static sweep on the dev split picks each drafter's mixed-workload budget
+        sweep = ["ar", *(m for group in groups.values() for m in group["static"])]
+        dev = run_bench(context, dev_questions, dataclasses.replace(settings, methods=sweep),
+                        show_progress and state.is_main_process)
+        dev_summary = summarize([r.as_dict() for r in dev.records])
+        dev_best = {drafter: best_static(dev_summary, group["static"]) for drafter, group in groups.items()}
     with state.split_between_processes(questions) as shard:
         bench = run_bench(context, shard, settings, show_progress and state.is_main_process)
     tolerance = config.tie_tolerance or "auto"  # auto: each mismatch's own, by the dtype (runner.near_tie_tolerance)
@@ -150,7 +167,38 @@ def run(config: BenchConfig, argv: list[str] | None = None, show_progress: bool 
                                "interrupted": bench.interrupted}])
     if not state.is_main_process:
         return {}, 0
-    return _payload(config, argv, model, target, gathered, tolerance)
+    payload, code = _payload(config, argv, model, target, gathered, tolerance)
+    if groups:
+        payload["controllers"] = compare(payload["summary"], groups, dev_best)
+        payload["dev_questions"] = [q.question_id for q in dev_questions]
+    return payload, code
+
+
+def _crossed_methods(config: BenchConfig) -> tuple[list[str], dict]:
+    """The run's methods after --controllers and --static-sweep (evals.controllers)."""
+    from specdec.drafters import registered_drafters
+
+    controllers = split_methods(config.controllers) if config.controllers else []
+    try:
+        sweep = [int(depth) for depth in config.static_sweep.split(",")] if config.static_sweep else []
+    except ValueError:
+        raise ValueError(f"--static-sweep takes comma-separated depths, got {config.static_sweep!r}") from None
+    known = registered_drafters()
+    return expand_methods(split_methods(config.methods), controllers, sweep, config.static_width,
+                          lambda method: parse_spec(method)[0] in known)
+
+
+def _dev_split(config: BenchConfig, questions: list) -> list:
+    """--dev-limit more questions per category, none of them among the timed ones."""
+    if config.dev_limit < 0:
+        raise ValueError(f"--dev-limit must be >= 0, got {config.dev_limit}")
+    timed = {q.question_id for q in questions}
+    limit = None if config.limit is None else config.limit + config.dev_limit
+    more = load_questions(config.data, config.categories, limit, config.shuffle_seed, config.field)
+    dev = [q for q in more if q.question_id not in timed]
+    if not dev:
+        raise ValueError("--dev-limit found no questions beyond the timed ones: lower --limit or add data")
+    return dev
 
 
 def _payload(config: BenchConfig, argv, model, target: str, shards: list[dict],
@@ -172,9 +220,11 @@ def _payload(config: BenchConfig, argv, model, target: str, shards: list[dict],
 
 def report(payload: dict, out: str | None) -> None:
     """Print the summary and the lossless verdict; write the files when `out` is given."""
-    from specdec.evals.report import summary_table, write_results
+    from specdec.evals.report import controllers_table, summary_table, write_results
 
     console.print(summary_table(payload))
+    if payload.get("controllers"):
+        console.print(controllers_table(payload))
     lossless = payload["lossless"]
     for mismatch in lossless["mismatches"]:
         console.print(f"[bold red]MISMATCH[/] {mismatch['method']} question {mismatch['question_id']} turn "

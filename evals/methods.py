@@ -27,13 +27,15 @@ from specdec.stopping import StopRule
 @dataclass(frozen=True)
 class TurnRun:
     """One generated answer. forwards: target forwards that produced tokens; phase_seconds: where the time went
-    (draft, verify, accept, commit, observe, prefill; empty for peers, which cannot be split)."""
+    (draft, verify, accept, commit, observe, prefill; empty for peers, which cannot be split); controller: what a
+    cost-aware controller reported of the plain (unsynchronised) run."""
 
     token_ids: list[int]
     seconds: float
     forwards: int
     accepted_hist: dict[int, int] = field(default_factory=dict)
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    controller: dict[str, float] = field(default_factory=dict)  # the controller's report (cost-model error, ...)
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,8 @@ class SpecMethod:
             synced = generate(True).stats
             scale = stats.target_forwards / max(synced.target_forwards, 1)
             phases = {phase: value * scale for phase, value in synced.seconds.items()}
-        return TurnRun(out.token_ids, seconds, stats.target_forwards, dict(stats.accepted_hist), phases)
+        return TurnRun(out.token_ids, seconds, stats.target_forwards, dict(stats.accepted_hist), phases,
+                       {key: value for key, value in stats.controller.items() if isinstance(value, (int, float))})
 
 
 class _HFPeer:

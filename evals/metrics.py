@@ -11,6 +11,9 @@ Definitions (per run, over the turns of the category):
 - speed of light (DESIGN §7), with t_AR = ar's seconds per token:
   S = tau * t_AR / t_step (the measured speedup in per-step terms); S_step = tau * t_AR / (t_verify + t_draft)
   (what the step alone would allow); efficiency = S / S_step. Peers (HF) cannot be split into phases: no S_step.
+- cost-aware controllers: cost_mape (the cost model's mean absolute percentage error on the predicted step times,
+  over its steps), controller_share (the controller's own seconds / wall seconds), plain_share (tokens made by
+  plain runs, budget 0)
 """
 
 from __future__ import annotations
@@ -39,6 +42,17 @@ def _per_run(records: list[dict]) -> dict[str, float]:
                "tokens_per_s_specbench": statistics.fmean(per_question) if per_question else 0.0,
                "tau": tokens / forwards if forwards else 0.0,
                "t_step": seconds / forwards if forwards else 0.0}
+    controller = Counter()
+    for record in records:
+        report = record.get("controller") or {}
+        controller["controller_s"] += report.get("controller_s", 0.0)
+        controller["cost_steps"] += report.get("cost_steps", 0)
+        controller["cost_error"] += report.get("cost_mape", 0.0) * report.get("cost_steps", 0)
+        controller["plain_tokens"] += report.get("plain_tokens", 0)
+    if controller["cost_steps"]:
+        metrics["cost_mape"] = controller["cost_error"] / controller["cost_steps"]
+        metrics["controller_share"] = controller["controller_s"] / seconds if seconds else 0.0
+        metrics["plain_share"] = controller["plain_tokens"] / tokens if tokens else 0.0
     if phases and forwards:
         metrics["t_verify"] = phases.get("verify", 0.0) / forwards
         metrics["t_draft"] = phases.get("draft", 0.0) / forwards

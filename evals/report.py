@@ -67,8 +67,12 @@ SUMMARY_COLUMNS = (
     Column("S", "S"),
     Column("S_step", "S_step"),
     Column("efficiency", "efficiency", "{:.0%}"),
+    Column("cost err", "cost_mape", "{:.1%}"),
+    Column("ctl time", "controller_share", "{:.2%}"),
+    Column("plain", "plain_share", "{:.0%}"),
 )
 COLUMN_BY_METRIC = {column.metric: column for column in SUMMARY_COLUMNS}
+CONTROLLER_METRICS = ("cost_mape", "controller_share", "plain_share")  # shown where a method has them
 COMPARED_COLUMNS = (Column("tok/s", "tokens_per_s", "{:.1f}"), Column("speedup", "speedup", "{:.2f}×"),
                     Column("τ", "tau"))
 CHART_PANELS = (Column("speedup vs ar (×)", "speedup"), Column("τ (new tokens per target forward)", "tau"))
@@ -181,11 +185,16 @@ def _summary_grid(payload: dict, category: str) -> Grid:
                          f"{', '.join(_categories(payload))}")
     runs = _run_count(payload)
     labels = _labels(_methods(payload))
-    rows = tuple((label, *(_cell(_entry(payload, method, category), column, runs) for column in SUMMARY_COLUMNS),
+    present = {name for entries in payload["summary"].values() for name in entries.get(category, {})}
+    columns = [c for c in SUMMARY_COLUMNS if c.metric not in CONTROLLER_METRICS or c.metric in present]
+    rows = tuple((label, *(_cell(_entry(payload, method, category), column, runs) for column in columns),
                   _lossless_status(payload, method)) for method, label in labels.items())
     notes = SUMMARY_NOTES + ((f"mean ± std over {runs} runs.",) if runs > 1 else ())
-    return Grid(f"{category} · {_target_line(payload)}", ("method", *(c.header for c in SUMMARY_COLUMNS),
-                                                           "lossless"), rows, notes)
+    if len(columns) > len(SUMMARY_COLUMNS) - len(CONTROLLER_METRICS):
+        notes += ("cost err: the cost model's mean absolute error on its predicted step times; ctl time: the "
+                  "controller's own share of the wall time; plain: the share of tokens made by plain runs.",)
+    return Grid(f"{category} · {_target_line(payload)}", ("method", *(c.header for c in columns), "lossless"),
+                rows, notes)
 
 
 def _category_grid(payload: dict, metric: str) -> Grid:
@@ -243,6 +252,21 @@ def _mismatch_grid(payload: dict) -> Grid:
 
 
 # ---------------------------------------------------------------------------------------------------- rendering
+
+
+def _controllers_grid(payload: dict) -> Grid:
+    from specdec.evals.controllers import comparison_rows
+
+    notes = ("vs best static: speedup / the mixed workload's best static speedup; worst category: the lowest, over "
+             "categories, of speedup / that category's own best static speedup (picked on the timed questions); "
+             "worst cat. speedup: the lowest category speedup over ar.",)
+    return Grid(f"controllers vs static budgets · {_target_line(payload)}",
+                ("drafter", "controller", "speedup", "vs best static", "worst category", "worst cat. speedup"),
+                tuple(comparison_rows(payload["controllers"])), notes, label_columns=2)
+
+
+def controllers_table(payload: dict) -> Table:
+    return _rich_table(_controllers_grid(payload))
 
 
 def _rich_table(grid: Grid) -> Table:
@@ -350,6 +374,8 @@ def markdown_report(payload: dict) -> str:
                 "## Speedup by category\n\n" + _markdown_table(_category_grid(payload, "speedup")),
                 "## τ by category\n\n" + _markdown_table(_category_grid(payload, "tau")),
                 _histogram_section(payload), _lossless_section(payload)]
+    if payload.get("controllers"):
+        sections.insert(6, "## Controllers against static budgets\n\n" + _markdown_table(_controllers_grid(payload)))
     return "\n\n".join(section for section in sections if section) + "\n"
 
 

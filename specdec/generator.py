@@ -46,6 +46,7 @@ class GenerationStats:
     wall_s: float = 0.0
     drafter_errors: int = 0
     stop_reason: str | None = None
+    controller: dict[str, Any] = field(default_factory=dict)  # the controller's `report()`, where it has one
 
     @property
     def tau(self) -> float:
@@ -60,7 +61,8 @@ class GenerationStats:
         return {"new_tokens": self.new_tokens, "target_forwards": self.target_forwards, "tau": self.tau,
                 "tokens_per_s": self.tokens_per_s, "drafted_nodes": self.drafted_nodes,
                 "accepted_hist": dict(sorted(self.accepted_hist.items())), "seconds": dict(self.seconds),
-                "wall_s": self.wall_s, "drafter_errors": self.drafter_errors, "stop_reason": self.stop_reason}
+                "wall_s": self.wall_s, "drafter_errors": self.drafter_errors, "stop_reason": self.stop_reason,
+                "controller": dict(self.controller)}
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,10 @@ class SpeculativeGenerator:
         text = _TextStream(self.tokenizer if stream_text else None)
         started = time.perf_counter()
         generator = make_generator(params, self.backend.device)
+        hooks = {name: getattr(self.controller, name, None) for name in ("prepare", "keep_drafting", "trim", "report")}
+        if hooks["prepare"] is not None:
+            with timer("prepare"):
+                hooks["prepare"](self.backend, prompt_ids)
         with timer("prefill"):
             state = self.backend.prefill(prompt_ids[:-1])
         self._drafter_call("reset", stats)
@@ -189,26 +195,41 @@ class SpeculativeGenerator:
         committed, generated, history = list(prompt_ids), [], []
         end = rule.cut(generated, 0)
         while end is None:
+            step_started = time.perf_counter()
             budget = self._clamp(self.controller.budget(history), len(committed), rule.limit - len(generated))
             spent_before = dict(timer.seconds)
-            with timer("draft"):
-                tree = self._propose(DraftContext(committed, budget, params, self.target_view, prefix_kv), budget,
-                                     stats)
-            result = verify(self.backend, state, committed[-1], tree, params, generator, timer)
-            start, new_tokens = len(generated), result.committed_tokens
+            if budget.max_nodes == 0:  # a plain run: the drafter is not called
+                new_tokens, result, tree, proposed = self._plain_run(state, committed[-1], budget.plain_steps,
+                                                                     params, generator, timer), None, _EMPTY_TREE, 0
+            else:
+                with timer("draft"):
+                    tree = self._propose(DraftContext(committed, budget, params, self.target_view, prefix_kv,
+                                                      hooks["keep_drafting"]), budget, stats)
+                    proposed = len(tree)
+                    if hooks["trim"] is not None and proposed:
+                        tree = hooks["trim"](tree, timer.seconds["draft"] - spent_before.get("draft", 0.0))
+                result = verify(self.backend, state, committed[-1], tree, params, generator, timer)
+                new_tokens = result.committed_tokens
+            start = len(generated)
             generated += new_tokens
             end = rule.cut(generated, start)
             committed = committed + new_tokens  # a new list (a drafter may keep the last one); unused once cut
             with timer("observe"):
+                if result is not None:
+                    self._drafter_call("observe", stats, result)
                 spent = {phase: timer.seconds[phase] - spent_before.get(phase, 0.0) for phase in timer.seconds}
-                step = StepStats(len(tree), max_depth(tree), result.accepted_len, draft_s=spent["draft"],
-                                 verify_s=sum(spent.get(phase, 0.0) for phase in ("verify", "accept", "commit")))
+                plain = len(new_tokens) if result is None else 0
+                step = StepStats(len(tree), max_depth(tree), result.accepted_len if result else 0,
+                                 draft_s=spent.get("draft", 0.0),
+                                 verify_s=sum(spent.get(phase, 0.0) for phase in ("verify", "accept", "commit")),
+                                 step_s=time.perf_counter() - step_started, tree=tree,
+                                 accepted_nodes=tuple(result.accepted_nodes) if result else (), plain_steps=plain,
+                                 proposed_nodes=proposed)
                 history.append(step)
                 self.controller.observe(step)
-                self._drafter_call("observe", stats, result)
-            stats.target_forwards += 1
+            stats.target_forwards += plain or 1
             stats.drafted_nodes += len(tree)
-            stats.accepted_hist[result.accepted_len] += 1
+            stats.accepted_hist[0 if result is None else result.accepted_len] += plain or 1
             yield StreamChunk(generated[start:end], text.push(generated, end))
         generated = generated[:end]
         tail = text.push(generated, final=True)
@@ -216,15 +237,32 @@ class SpeculativeGenerator:
             yield StreamChunk([], tail)
         stats.new_tokens, stats.stop_reason = len(generated), rule.reason
         stats.seconds, stats.wall_s = dict(timer.seconds), time.perf_counter() - started
+        if hooks["report"] is not None:
+            stats.controller = hooks["report"]()
         return GenerationOutput(list(prompt_ids), generated, self._decode(generated), stats)
+
+    def _plain_run(self, state, root: int, count: int, params: SamplingParams, generator,
+                   timer: PhaseTimer) -> list[int]:
+        """`count` plain autoregressive steps from `root` (a controller's budget 0): greedy on a backend that chains
+        them, one device run and one host read (the reference decoder's `greedy_decode`); else one at a time."""
+        if params.greedy and hasattr(self.backend, "greedy_decode"):
+            with timer("verify"):
+                return self.backend.greedy_decode(state, root, count)
+        tokens = []
+        for _ in range(count):
+            root = verify(self.backend, state, root, _EMPTY_TREE, params, generator, timer).bonus_token
+            tokens.append(root)
+        return tokens
 
     def _clamp(self, budget: Budget, committed_len: int, tokens_left: int) -> Budget:
         """No node past the context window, and no deeper than the tokens still wanted (the bonus comes free)."""
         depth = min(budget.max_depth, max(tokens_left - 1, 0))
+        plain = min(budget.plain_steps, max(tokens_left, 1))
         if self.backend.max_positions is not None:
-            depth = min(depth, self.backend.max_positions - committed_len)
+            room = self.backend.max_positions - committed_len
+            depth, plain = min(depth, room), max(min(plain, room), 1)
         return Budget(max_nodes=budget.max_nodes if depth else 0, max_depth=depth,
-                      min_confidence=budget.min_confidence)
+                      min_confidence=budget.min_confidence, plain_steps=plain if budget.max_nodes == 0 else 1)
 
     def _propose(self, ctx: DraftContext, budget: Budget, stats: GenerationStats) -> DraftTree:
         """The drafter's tree, checked; a drafter that raises or returns a bad tree costs one plain step. The tree

@@ -37,6 +37,7 @@ class DraftTree:
                  GPU sync per call). Filled from `parents` at construction; `.to()` carries it over.
     host_tokens: `tokens` as a tuple on the host where that costs no device read: filled at construction when
                  `tokens` is on the CPU (else None, unless given); `.to()` carries it over.
+    origin:      for a tree cut from a drafter's proposal (`subtree`): node i was node origin[i] there; else None.
     """
 
     tokens: torch.Tensor
@@ -45,6 +46,7 @@ class DraftTree:
     source: tuple[str, ...] | None = None
     host_parents: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
     host_tokens: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
+    origin: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         tokens, parents = self.tokens, self.parents
@@ -119,7 +121,31 @@ class DraftTree:
         probs = None if self.draft_probs is None else self.draft_probs.to(device)
         if tokens is self.tokens and parents is self.parents and probs is self.draft_probs:
             return self  # already there (like `Tensor.to`); a frozen tree is safe to share
-        return DraftTree(tokens, parents, probs, self.source, self.host_parents, self.host_tokens)
+        return DraftTree(tokens, parents, probs, self.source, self.host_parents, self.host_tokens, self.origin)
+
+
+def subtree(tree: DraftTree, keep: Sequence[int]) -> DraftTree:
+    """The nodes `keep` of `tree` (every kept node's parent kept too), renumbered in their order there; `origin`
+    maps each back. The tokens stay where they were (a host index, one copy to the device where they are not)."""
+    keep = sorted(keep)
+    if len(keep) == len(tree):
+        return tree
+    new_index = {old: new for new, old in enumerate(keep)}
+    old_parents = tree.host_parents
+    try:
+        parents = [-1 if old_parents[old] < 0 else new_index[old_parents[old]] for old in keep]
+    except KeyError:
+        raise ValueError(f"keep {keep} drops the parent of a kept node") from None
+    host_tokens = None if tree.host_tokens is None else tuple(tree.host_tokens[old] for old in keep)
+    if host_tokens is not None and tree.tokens.device.type == "cpu":
+        tokens = _long_tensor(list(host_tokens))
+    else:
+        tokens = tree.tokens[torch.tensor(keep, dtype=torch.long).to(tree.tokens.device)]
+    probs = None if tree.draft_probs is None else tree.draft_probs[torch.tensor(keep).to(tree.draft_probs.device)]
+    source = None if tree.source is None else tuple(tree.source[old] for old in keep)
+    origin = tuple(keep) if tree.origin is None else tuple(tree.origin[old] for old in keep)
+    return DraftTree(tokens, _long_tensor(parents).to(tree.parents.device), probs, source, tuple(parents),
+                     host_tokens, origin)
 
 
 def _long_tensor(values: list[int]) -> torch.Tensor:

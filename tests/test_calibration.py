@@ -56,7 +56,7 @@ def test_estimates_stay_in_zero_one_so_a_child_never_outscores_its_parent():
 
 def test_a_calibrated_tree_learns_from_its_own_trees_and_keeps_the_output():
     """Greedy output equals the reference with and without calibration; only the tree drafter's own verified trees
-    are counted (a chain has no calibration: its scores pick nothing)."""
+    are counted (a chain calibrates too, for confidence stops, unless calibrate=False)."""
     with single_thread():
         torch.manual_seed(0)
         target = fresh_tiny_model("llama", vocab=VOCAB, layers=2, init_range=0.1)
@@ -85,6 +85,7 @@ def test_a_calibrated_tree_learns_from_its_own_trees_and_keeps_the_output():
                 assert drafter.calibration.accepted.sum() == new - forwards  # every accepted draft token, once
             else:
                 assert drafter.calibration is None
-        assert ModelDrafter(draft, mode="chain").calibration is None
+        assert ModelDrafter(draft, mode="chain").calibration is not None
+        assert ModelDrafter(draft, mode="chain", calibrate=False).calibration is None
         print(f"tau calibrated {taus[True]:.2f}, uncalibrated {taus[False]:.2f}")
         assert min(taus.values()) > 1.3  # drafts were accepted: the calibration saw both outcomes

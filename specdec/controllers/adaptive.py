@@ -1,0 +1,271 @@
+"""Cost-aware controllers: each turns the measured cost of a step and the learnt acceptance into a draft budget.
+
+    goodput    (SmartSpec) every step, the budget that maximises expected committed tokens per second,
+               (1 + E[accepted]) / (t_draft + t_verify + t_rest), over depths and node counts -- and the plain step
+               (budget 0) when it is faster; after drafting, the subtree of the proposal with the best ratio
+    tree_size  (Sequoia) the node budget n* = argmax (1 + E(n)) / t(n) of the best tree under the learnt positional
+               acceptance and the profiled cost curve, re-solved as they drift; no per-step cut
+    threshold  (DISCO, Kangaroo) no node whose chance of acceptance is below the cut that makes it worth its cost:
+               cut = R * (marginal seconds of a node), R the measured tokens per second; applied between a model
+               drafter's depths and to the proposal
+
+Terms: E[accepted] of a tree = the sum of its nodes' values (`AcceptanceModel`); t_* from `CostModel` (profiled at
+the first `prepare`, refined from every step). A **plain run** is budget 0: `plain_steps` plain autoregressive
+steps (a chained greedy run where the backend has one). While plain runs win, a **probe** (one speculative step,
+not cut) is drafted after `probe_every` plain tokens, then after twice as many, up to `probe_max`: the acceptance
+model learns only from verified drafts. Decisions read host numbers only: no device sync is added."""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy
+
+from specdec.controllers.acceptance import RANKS, AcceptanceModel
+from specdec.controllers.base import Budget, Frontier, StepStats, register_controller
+from specdec.controllers.cost import CostModel
+from specdec.tree import DraftTree, subtree
+
+SOLVE_DEPTHS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)
+
+
+class CostAware:
+    """What the cost-aware controllers share: the models, the measured rate, plain runs and probes.
+
+    max_depth, max_nodes: the largest budget considered; profile_reps: runs per profiled size (median);
+    profile_seconds: the profile's time limit (None: 60 s on a GPU, 30 s on a CPU); probe_every / probe_max: the
+    plain tokens before the first / at most between probes; resolve_every: steps between re-solving the budget;
+    plain_chain: plain steps per plain run (greedy runs them as one device chain where the backend can)."""
+
+    plain_fallback = True
+
+    def __init__(self, max_depth: int = 16, max_nodes: int = 64, profile_reps: int = 10,
+                 profile_seconds: float | None = None, probe_every: int = 8, probe_max: int = 256,
+                 resolve_every: int = 16, plain_chain: int = 8):
+        for name, value in (("max_depth", max_depth), ("max_nodes", max_nodes), ("profile_reps", profile_reps),
+                            ("probe_every", probe_every), ("resolve_every", resolve_every),
+                            ("plain_chain", plain_chain)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if probe_max < probe_every:
+            raise ValueError(f"probe_max ({probe_max}) must be >= probe_every ({probe_every})")
+        if profile_seconds is not None and profile_seconds <= 0:
+            raise ValueError(f"profile_seconds must be > 0, got {profile_seconds}")
+        self.max_depth, self.max_nodes, self.plain_chain = max_depth, max_nodes, plain_chain
+        self.profile_reps, self.profile_seconds = profile_reps, profile_seconds
+        self.probe_every, self.probe_max, self.resolve_every = probe_every, probe_max, resolve_every
+        self.cost: CostModel | None = None
+        self.acceptance = AcceptanceModel(max(max_depth, 1))
+        self._backend, self._seen_tree = None, False
+        self._width = RANKS  # branching seen in proposals (max rank + 1); until the first, any
+        self._tokens = self._seconds = 0.0  # moving sums of committed tokens and step seconds: the rate R
+        self._since_draft, self._probe_gap, self._probing = 0, probe_every, False
+        self._choice: Budget | None = None
+        self._choice_rate = 0.0
+        self._steps_since_solve = 0
+        self._verify_table, self._verify_list = numpy.zeros(0), []
+        self._counters = dict(controller_s=0.0, plain_tokens=0, probes=0, trimmed_nodes=0)
+        self._mark = (0.0, 0)  # the cost model's error sums when this generation began
+
+    # ---- the generator's hooks ------------------------------------------------------------------------------------
+
+    def prepare(self, backend, prompt_ids: Sequence[int]) -> None:
+        """Profile the target on first use (or load the cached profile) and start a generation's counters."""
+        started = time.perf_counter()
+        if backend is not self._backend:
+            buckets = getattr(backend, "buckets", None)
+            if buckets:
+                self.max_nodes = min(self.max_nodes, max(buckets) - 1)
+            self.cost = CostModel.load_or_profile(backend, prompt_ids, self.max_nodes, self.profile_reps,
+                                                  self.profile_seconds)
+            self._backend, self._choice = backend, None
+        total, steps = self.cost._errors
+        self._mark = (total, steps)
+        self._counters = dict(controller_s=0.0, plain_tokens=0, probes=0, trimmed_nodes=0)
+        self._counters["profile_s"] = time.perf_counter() - started
+
+    def budget(self, history: Sequence[StepStats]) -> Budget:
+        started = time.perf_counter()
+        try:
+            return self._budget()
+        finally:
+            self._counters["controller_s"] += time.perf_counter() - started
+
+    def observe(self, step: StepStats) -> None:
+        started = time.perf_counter()
+        if self.cost is not None:
+            self.cost.observe(step)
+        if step.tree is not None and step.drafted_nodes:
+            parents = step.tree.host_parents
+            self.acceptance.observe(parents, step.accepted_nodes)
+            width = int(self.acceptance.shape(parents)[1].max()) + 1
+            self._width = width if not self._seen_tree else max(self._width, width)
+            self._seen_tree = True
+        tokens = step.plain_steps or step.accepted_len + 1
+        seconds = step.step_s or step.draft_s + step.verify_s
+        self._tokens, self._seconds = 0.9 * self._tokens + tokens, 0.9 * self._seconds + seconds
+        if step.plain_steps:
+            self._since_draft += step.plain_steps
+            self._counters["plain_tokens"] += step.plain_steps
+        else:
+            self._since_draft = 0
+        self._steps_since_solve += 1
+        self._counters["controller_s"] += time.perf_counter() - started
+
+    def keep_drafting(self, frontier: Frontier) -> bool:
+        """Expand the frontier iff its children's expected tokens are worth their draft and verify seconds at the
+        measured rate: Σ scores * rate(next depth) > R * (t_draft(d + 1) - t_draft(d) + t_verify increase)."""
+        if self.cost is None or not self._seconds or not frontier.scores:
+            return True
+        started = time.perf_counter()
+        depth, cost = frontier.depth, self.cost
+        rates = self.acceptance.rates()
+        gain = sum(frontier.scores) * rates[min(depth + 1, rates.shape[0] - 1), 0]
+        nodes = max(frontier.nodes, depth)
+        extra = (cost.draft_s(depth + 1) - cost.draft_s(depth)
+                 + cost.verify_s(nodes + len(frontier.scores)) - cost.verify_s(nodes))
+        self._counters["controller_s"] += time.perf_counter() - started
+        return gain > self.rate() * extra
+
+    def report(self) -> dict:
+        """This generation's numbers: the cost model's error on its steps, the controller's own seconds, ..."""
+        out = dict(self._counters)
+        if self.cost is not None:
+            total, steps = self.cost._errors
+            steps -= self._mark[1]
+            out["cost_steps"] = steps
+            out["cost_mape"] = (total - self._mark[0]) / steps if steps else 0.0
+        return out
+
+    def rate(self) -> float:
+        """R: committed tokens per second over the recent steps (moving sums)."""
+        return self._tokens / self._seconds if self._seconds else 0.0
+
+    # ---- shared decision parts --------------------------------------------------------------------------------
+
+    def _budget(self) -> Budget:
+        if self.cost is None:  # used without `prepare`: nothing measured, a generous draft
+            return Budget(self.max_nodes, self.max_depth)
+        if self._choice is None or self._steps_since_solve >= self.resolve_every or self._probing:
+            self._verify_table = numpy.array([self.cost.verify_s(n) for n in range(self.max_nodes + 1)])
+            self._verify_list = self._verify_table.tolist()
+            self._choice, self._choice_rate = self._solve()
+            self._steps_since_solve = 0
+        self._probing = False
+        if not self.plain_fallback:
+            return self._choice
+        plain_rate = self.plain_chain / self.cost.plain_s(self.plain_chain)
+        if self._choice_rate >= plain_rate or self._choice.max_nodes == 0:
+            self._probe_gap = self.probe_every
+            return self._choice
+        if self._since_draft >= self._probe_gap:  # probe: draft once, uncut, so the acceptance model learns
+            self._probe_gap = min(2 * self._probe_gap, self.probe_max)
+            self._probing = True
+            self._counters["probes"] += 1
+            return self._choice
+        return Budget(0, 0, plain_steps=min(self.plain_chain, self._probe_gap - self._since_draft))
+
+    def _solve(self) -> tuple[Budget, float]:
+        """(the best speculative budget, its expected tokens per second)."""
+        raise NotImplementedError
+
+    def _best_first(self) -> tuple[numpy.ndarray, numpy.ndarray]:
+        return self.acceptance.best_tree(self.max_nodes + self.max_depth, self.max_depth, min(self._width, RANKS))
+
+    def _ratios(self, values: numpy.ndarray, depth: int) -> numpy.ndarray:
+        """(1 + E(n)) / t(n) for n = 1..len(values): the best n nodes (values best first) within `depth`."""
+        n = min(len(values), self.max_nodes)
+        gains = 1.0 + numpy.cumsum(values[:n])
+        seconds = self._verify_table[1:n + 1] + self.cost.draft_s(depth) + self.cost.other
+        return gains / seconds
+
+    def _cut_to_ratio(self, tree: DraftTree, draft_s: float) -> DraftTree:
+        """The subtree of the highest-valued nodes whose count maximises (1 + E) / (t_draft + t_verify + t_rest).
+        Plain Python: for trees of tens of nodes it is several times faster than numpy's per-call overhead."""
+        values = self.acceptance.values(tree.host_parents).tolist()
+        order = sorted(range(len(values)), key=lambda node: -values[node])  # stable: parents, earlier siblings first
+        table, fixed = self._verify_table, draft_s + self.cost.other
+        verify_s = self._verify_list if len(tree) < len(table) else [self.cost.verify_s(n) for n in range(len(tree) + 1)]
+        gain, best, best_ratio = 1.0, 0, 1.0 / (verify_s[0] + fixed)
+        for count, node in enumerate(order, start=1):
+            gain += values[node]
+            ratio = gain / (verify_s[count] + fixed)
+            if ratio > best_ratio:
+                best, best_ratio = count, ratio
+        return self._keep(tree, order[:best])
+
+    def _keep(self, tree: DraftTree, keep) -> DraftTree:
+        if len(keep) == len(tree):
+            return tree
+        self._counters["trimmed_nodes"] += len(tree) - len(keep)
+        return subtree(tree, [int(node) for node in keep])
+
+
+@register_controller("goodput")
+class GoodputController(CostAware):
+    """SmartSpec's goodput, per step, over depths and node counts, with the plain step as an option (module
+    docstring); the proposal is then cut to its best-ratio subtree."""
+
+    def _solve(self) -> tuple[Budget, float]:
+        values, depths = self._best_first()
+        best, best_rate = Budget(1, 1), -1.0
+        for depth in SOLVE_DEPTHS:
+            if depth > self.max_depth:
+                break
+            within = values[depths <= depth]
+            if not len(within):
+                continue
+            ratios = self._ratios(within, depth)
+            n = int(numpy.argmax(ratios))
+            if ratios[n] > best_rate:
+                best, best_rate = Budget(n + 1, depth), float(ratios[n])
+        return best, best_rate
+
+    def trim(self, tree: DraftTree, draft_s: float) -> DraftTree:
+        if self.cost is None or not len(tree) or self._probing:
+            return tree
+        started = time.perf_counter()
+        cut = self._cut_to_ratio(tree, draft_s)
+        self._counters["controller_s"] += time.perf_counter() - started
+        return cut
+
+
+@register_controller("tree_size")
+class TreeSizeController(CostAware):
+    """Sequoia / PPD: the best tree's node budget under the positional acceptance and the cost curve, re-solved
+    every `resolve_every` steps; the drafter fills it, nothing is cut."""
+
+    def _solve(self) -> tuple[Budget, float]:
+        values, depths = self._best_first()
+        ratios = self._ratios(values, self.max_depth)
+        n = int(numpy.argmax(ratios)) + 1
+        return Budget(n, int(depths[:n].max())), float(ratios[n - 1])
+
+
+@register_controller("threshold")
+class ThresholdController(CostAware):
+    """DISCO / Kangaroo with the cut from the cost model: a node is drafted and verified only while its chance of
+    acceptance is at least R * (its marginal seconds). No plain runs: a proposal cut to nothing is a plain step."""
+
+    plain_fallback = False
+
+    def _solve(self) -> tuple[Budget, float]:
+        return Budget(self.max_nodes, self.max_depth, min_confidence=self._cut()), 0.0
+
+    def _cut(self) -> float:
+        """R * (one more node's verify seconds + a draft depth's seconds shared by the drafter's width)."""
+        table = self._verify_table
+        per_node = max((table[-1] - table[0]) / max(len(table) - 1, 1), 0.0)
+        per_depth = self.cost.draft_s(2) - self.cost.draft_s(1)
+        return min(self.rate() * (per_node + max(per_depth, 0.0) / self._width), 1.0)
+
+    def trim(self, tree: DraftTree, draft_s: float) -> DraftTree:
+        if self.cost is None or not len(tree):
+            return tree
+        started = time.perf_counter()
+        values = self.acceptance.values(tree.host_parents)
+        keep = numpy.flatnonzero(values >= self._cut())  # values fall along paths: a closed subtree
+        cut = self._keep(tree, keep)
+        self._counters["controller_s"] += time.perf_counter() - started
+        return cut

@@ -1,0 +1,346 @@
+"""Cost-aware controllers (goodput, tree_size, threshold): the cost and acceptance models on synthetic traces, the
+policies' decisions against brute force, bad options, the disk cache, and lossless generation through them."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import numpy
+import pytest
+import torch
+
+from specdec import SpeculativeGenerator
+from specdec.backends.hf import HFBackend
+from specdec.backends.static import StaticBackend
+from specdec.controllers import Budget, Frontier, StepStats, make_controller
+from specdec.controllers.acceptance import AcceptanceModel
+from specdec.controllers.adaptive import GoodputController, ThresholdController, TreeSizeController
+from specdec.controllers.cost import CostModel, OnlineLine, profile_verify
+from specdec.drafters.model import ModelDrafter
+from specdec.reference import reference_decode
+from specdec.sampling import SamplingParams
+from specdec.stopping import StopRule
+from specdec.tree import DraftTree, subtree
+
+from tiny_models import fresh_tiny_model, repetitive_prompt, single_thread, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def cost_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECDEC_COST_CACHE", str(tmp_path / "costs"))
+    return tmp_path / "costs"
+
+
+def linear_cost(base=0.010, per_node=0.001, sizes=(0, 1, 2, 4, 8, 16, 32, 64), stepwise=False) -> CostModel:
+    return CostModel({n: base + per_node * n for n in sizes}, stepwise=stepwise)
+
+
+def prepared(controller, cost: CostModel):
+    """A controller as `prepare` leaves it, with a given cost model (no backend, nothing profiled)."""
+    controller.cost, controller._backend = cost, object()
+    return controller
+
+
+def chain_step(depth: int, accepted: int, draft_s=0.0, verify_s=0.01, step_s=0.0) -> StepStats:
+    tree = DraftTree.chain(list(range(1, depth + 1)))
+    return StepStats(depth, depth, accepted, draft_s, verify_s, step_s, tree, tuple(range(accepted)))
+
+
+# ---- cost model -----------------------------------------------------------------------------------------------
+
+
+def test_cost_model_interpolates_steps_and_extrapolates():
+    cost = CostModel({0: 1.0, 4: 2.0, 8: 4.0})
+    assert cost.verify_s(0) == 1.0 and cost.verify_s(2) == 1.5 and cost.verify_s(6) == 3.0
+    assert cost.verify_s(12) == 6.0  # the last slope extended
+    stepwise = CostModel({0: 1.0, 4: 2.0, 8: 4.0}, stepwise=True)
+    assert stepwise.verify_s(1) == 2.0 and stepwise.verify_s(5) == 4.0  # the bucket that holds it
+    with pytest.raises(ValueError, match="plain step"):
+        CostModel({1: 1.0})
+    with pytest.raises(ValueError, match="finite and > 0"):
+        CostModel({0: 1.0, 2: -1.0})
+
+
+def test_online_line_fits_a_line_and_a_single_point_through_the_origin():
+    line = OnlineLine()
+    line.add(3, 6.5)
+    assert line(6) == pytest.approx(13.0)  # one distinct x: proportional
+    for x in (1, 2, 4, 8):
+        line.add(x, 0.5 + 2.0 * x)  # on the line 0.5 + 2x, as the first point
+    assert line(10) == pytest.approx(20.5, rel=1e-6)
+
+
+def test_cost_model_refines_toward_measured_steps_and_counts_its_error():
+    cost = CostModel({0: 0.010, 8: 0.020}, decay=0.5)
+    for _ in range(30):
+        cost.observe(StepStats(4, 4, 1, draft_s=0.002, verify_s=0.030, step_s=0.033))
+    assert cost.verify_s(4) == pytest.approx(0.030, rel=1e-3)
+    assert cost.draft_s(4) == pytest.approx(0.002, rel=1e-3) and cost.other == pytest.approx(0.001, rel=1e-3)
+    mape, steps = cost.error()
+    assert steps == 30 and 0 < mape < 0.5
+    first = CostModel({0: 0.010, 8: 0.020})
+    first.observe(StepStats(4, 4, 1, draft_s=0.0, verify_s=0.015, step_s=0.030))
+    assert first.error() == (pytest.approx(0.5), 1)  # predicted 0.015 (draft, rest unknown: 0), measured 0.030
+    cost.observe(StepStats(0, 0, 0, verify_s=0.016, step_s=0.016, plain_steps=8))
+    assert cost.plain_s(8) == pytest.approx(0.016)
+
+
+def test_profile_times_every_size_and_is_cached_on_disk(cost_cache):
+    model = tiny_model("llama")
+    backend = HFBackend(model)
+    prompt = repetitive_prompt(model.config.vocab_size, seed=1)
+    with single_thread():
+        points = profile_verify(backend, prompt, max_nodes=16, reps=3)
+        assert sorted(points) == [0, 1, 2, 3, 4, 6, 8, 12, 16] and all(s > 0 for s in points.values())
+        first = CostModel.load_or_profile(backend, prompt, max_nodes=16, reps=3)
+        files = list(cost_cache.glob("*.json"))
+        assert len(files) == 1
+        saved = json.loads(files[0].read_text())
+        assert saved["key"]["backend"] == "HFBackend" and saved["max_nodes"] == 16
+        second = CostModel.load_or_profile(backend, prompt, max_nodes=16, reps=3)
+        assert second.points == first.points  # read back, not profiled again
+        files[0].write_text("{not json")
+        third = CostModel.load_or_profile(backend, prompt, max_nodes=16, reps=3)  # corrupt: profiled anew
+        assert sorted(third.sizes) == sorted(first.sizes) and json.loads(files[0].read_text())["max_nodes"] == 16
+
+
+# ---- acceptance model -----------------------------------------------------------------------------------------
+
+
+def test_acceptance_model_learns_per_depth_rates_from_a_synthetic_chain_trace():
+    rng, model = random.Random(0), AcceptanceModel(max_depth=8, decay=1.0)
+    truth = [0.9, 0.7, 0.5, 0.3]
+    for _ in range(4000):
+        accepted = next((d for d, p in enumerate(truth) if rng.random() > p), len(truth))
+        model.observe(list(range(-1, len(truth) - 1)), list(range(accepted)))
+    assert numpy.allclose(model.rates()[1:5, 0], truth, atol=0.04)
+    values = model.values([-1, 0, 1, 2])
+    assert numpy.allclose(values, numpy.cumprod(truth), atol=0.04)
+
+
+def test_node_values_follow_the_docstring_example_and_ranks_never_outvalue_earlier_siblings():
+    model = AcceptanceModel(max_depth=4, prior=0.5, strength=1e-9, decay=1.0)
+    model.tested[1, 0], model.accepted[1, 0] = 10, 8
+    model.tested[2, 0], model.accepted[2, 0] = 10, 5
+    model.tested[1, 1], model.accepted[1, 1] = 10, 3
+    assert numpy.allclose(model.values([-1, 0, -1]), [0.8, 0.4, 0.3])
+    model.tested[1, 2], model.accepted[1, 2] = 10, 9  # a later rank measured higher: capped at rank 1's rate
+    assert model.rates()[1, 2] == pytest.approx(0.3)
+
+
+def test_best_tree_is_the_brute_force_best_set_of_nodes():
+    model = AcceptanceModel(max_depth=3, decay=1.0)
+    model.tested[1:4, :2] = 10
+    model.accepted[1:4, 0] = [9, 7, 5]
+    model.accepted[1:4, 1] = [4, 3, 2]
+    values, depths = model.best_tree(5, 3, width=2)
+    # every node of the width-2 tree to depth 3, valued; the best 5 (a closed set: values fall along paths)
+    everything = []
+    for depth in (1, 2, 3):
+        for ranks in itertools.product((0, 1), repeat=depth):
+            everything.append(numpy.prod([model.rates()[d + 1, r] for d, r in enumerate(ranks)]))
+    assert numpy.allclose(values, sorted(everything, reverse=True)[:5])
+    assert list(values) == sorted(values, reverse=True) and depths.max() <= 3
+
+
+# ---- policies -------------------------------------------------------------------------------------------------
+
+
+def test_goodput_goes_plain_when_drafts_fail_and_probes_with_doubling_gaps():
+    controller = prepared(GoodputController(probe_every=4, probe_max=16, plain_chain=4, resolve_every=1),
+                          linear_cost(per_node=0.004))
+    for _ in range(40):  # drafts of 4 that never get accepted
+        controller.observe(chain_step(4, 0, verify_s=0.026, step_s=0.026))
+    decisions = []
+    for _ in range(30):
+        budget = controller.budget([])
+        decisions.append(budget.max_nodes)
+        if budget.max_nodes:
+            controller.observe(chain_step(budget.max_depth, 0, verify_s=0.026, step_s=0.026))
+        else:
+            assert budget.plain_steps >= 1
+            controller.observe(StepStats(0, 0, 0, verify_s=0.010 * budget.plain_steps,
+                                         step_s=0.010 * budget.plain_steps, plain_steps=budget.plain_steps))
+    probes = [i for i, nodes in enumerate(decisions) if nodes]
+    assert decisions[0] == 0 and len(probes) >= 2
+    gaps = numpy.diff(probes)
+    assert all(later >= earlier for earlier, later in zip(gaps, gaps[1:]))  # the gaps grow (to probe_max)
+    assert controller.report()["probes"] == len(probes)
+
+
+def test_goodput_drafts_deep_when_verification_is_flat_and_drafts_are_accepted():
+    controller = prepared(GoodputController(resolve_every=1), linear_cost(per_node=0.00001))
+    for _ in range(60):
+        controller.observe(chain_step(8, 8, verify_s=0.0101, step_s=0.0101))
+    budget = controller.budget([])
+    assert budget.max_depth >= 8 and budget.max_nodes >= 8
+
+
+def test_goodput_trim_keeps_the_brute_force_best_closed_subtree():
+    controller = prepared(GoodputController(), linear_cost(per_node=0.002))
+    rng = random.Random(1)
+    for _ in range(200):  # a branching trace: rank 0 accepted 70% per depth, rank 1 20%
+        parents = [-1, -1, 0, 0, 2, 4]
+        accepted, node = [], -1
+        for _ in range(3):
+            children = [i for i, p in enumerate(parents) if p == node]
+            taken = next((c for c, p in zip(children, (0.7, 0.2)) if rng.random() < p), None)
+            if taken is None:
+                break
+            accepted.append(taken)
+            node = taken
+        controller.observe(StepStats(6, 4, len(accepted), 0.0, 0.02, 0.0, DraftTree.from_paths(
+            [[1, 2, 3, 4], [1, 5], [6]]), tuple(accepted)))
+    controller.budget([])
+    tree = DraftTree.from_paths([[1, 2, 3, 4], [1, 5], [6]])  # parents [-1, 0, 1, 2, 0, -1]
+    cut = controller.trim(tree, draft_s=0.001)
+    values = controller.acceptance.values(tree.host_parents)
+    best = max((subset for size in range(len(tree) + 1) for subset in itertools.combinations(range(len(tree)), size)
+                if all(tree.host_parents[n] in (-1, *subset) for n in subset)),
+               key=lambda s: (1 + values[list(s)].sum()) / (0.001 + controller.cost.verify_s(len(s))
+                                                            + controller.cost.other))
+    assert sorted(cut.origin or range(len(tree))) == sorted(best)
+    assert cut.host_tokens == tuple(tree.host_tokens[n] for n in sorted(best))
+
+
+def test_tree_size_solves_the_best_node_budget():
+    controller = prepared(TreeSizeController(resolve_every=1, max_nodes=32), linear_cost(per_node=0.0015))
+    for _ in range(100):
+        controller.observe(chain_step(6, 3, verify_s=0.019, step_s=0.019))
+    budget = controller.budget([])
+    values, _ = controller.acceptance.best_tree(32 + 16, 16, 1)
+    ratios = [(1 + values[:n].sum()) / (controller.cost.verify_s(n) + controller.cost.draft_s(16)
+                                        + controller.cost.other) for n in range(1, 33)]
+    assert budget.max_nodes == int(numpy.argmax(ratios)) + 1
+
+
+def test_threshold_cut_comes_from_the_cost_model_and_the_rate():
+    cheap, dear = (prepared(ThresholdController(resolve_every=1), linear_cost(per_node=per_node))
+                   for per_node in (0.0001, 0.003))
+    for controller in (cheap, dear):
+        for _ in range(20):
+            controller.observe(chain_step(4, 2, verify_s=0.012, step_s=0.012))
+    low, high = cheap.budget([]).min_confidence, dear.budget([]).min_confidence
+    assert 0 < low < high <= 1.0
+    values = dear.acceptance.values([-1, 0, 1, 2])
+    assert len(dear.trim(DraftTree.chain([5, 6, 7, 8]), 0.0)) == int((values >= high).sum())
+
+
+def test_keep_drafting_weighs_the_frontier_against_its_marginal_cost():
+    controller = prepared(GoodputController(), linear_cost(per_node=0.001))
+    for _ in range(20):
+        controller.observe(chain_step(4, 4, draft_s=0.004, verify_s=0.014, step_s=0.02))
+    assert controller.keep_drafting(Frontier(2, (0.9,), (0.9,), nodes=2))
+    assert not controller.keep_drafting(Frontier(2, (0.001,), (0.01,), nodes=2))
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("goodput:max_depth=0", "max_depth must be an integer >= 1"),
+    ("tree_size:max_nodes=-3", "max_nodes must be an integer >= 1"),
+    ("threshold:probe_every=8,probe_max=4", "probe_max"),
+    ("goodput:profile_seconds=0", "profile_seconds must be > 0"),
+    ("no_such_controller", "unknown controller 'no_such_controller'.*goodput.*static.*threshold.*tree_size"),
+])
+def test_bad_controller_options_are_clear_errors(spec, message):
+    with pytest.raises(ValueError, match=message):
+        make_controller(spec)
+
+
+def test_negative_budgets_and_plain_steps_are_refused():
+    with pytest.raises(ValueError, match="budget sizes must be >= 0"):
+        Budget(-1, 2)
+    with pytest.raises(ValueError, match="plain_steps must be >= 1"):
+        Budget(0, 0, plain_steps=0)
+
+
+def test_subtree_renumbers_and_refuses_an_orphan():
+    tree = DraftTree.from_paths([[1, 2, 3], [1, 4], [5]])  # parents [-1, 0, 1, 0, -1]
+    cut = subtree(tree, [0, 3, 4])
+    assert cut.host_tokens == (1, 4, 5) and cut.host_parents == (-1, 0, -1) and cut.origin == (0, 3, 4)
+    with pytest.raises(ValueError, match="drops the parent"):
+        subtree(tree, [2])
+
+
+# ---- lossless through the generator ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("controller", ["goodput", "tree_size", "threshold"])
+@pytest.mark.parametrize("drafter", ["ngram", "recycling", "fused:drafters=ngram+copyspec"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_greedy_output_equals_the_reference(controller, drafter, arch):
+    model = tiny_model(arch)
+    prompt = repetitive_prompt(model.config.vocab_size, seed=5)
+    with single_thread():
+        truth = reference_decode(HFBackend(model), prompt, SamplingParams(), StopRule(60))
+        generator = SpeculativeGenerator(model, drafter=drafter, controller=f"{controller}:profile_reps=2")
+        for _ in range(2):  # the second generation starts from what the first learnt
+            out = generator.generate(prompt, max_new_tokens=60)
+            assert out.token_ids == truth and out.stats.drafter_errors == 0
+    assert out.stats.controller["cost_steps"] > 0
+
+
+def test_plain_runs_on_a_static_backend_and_a_failing_drafter_stay_lossless():
+    """Drafts that are never accepted: goodput switches to plain runs (no drafter calls between probes)."""
+    model = tiny_model("llama")
+    prompt = repetitive_prompt(model.config.vocab_size, seed=2)
+
+    class Wrong:
+        vocab_size, calls = None, 0
+
+        def propose(self, ctx):
+            Wrong.calls += 1
+            size = min(6, ctx.budget.max_depth, ctx.budget.max_nodes)
+            return DraftTree.chain([(ctx.token_ids[-1] + 1) % 7] * size)
+
+        def observe(self, result):
+            pass
+
+        def reset(self):
+            pass
+
+    with single_thread():
+        truth = reference_decode(StaticBackend(model), prompt, SamplingParams(), StopRule(120))
+        controller = GoodputController(profile_reps=2, probe_every=4)
+        generator = SpeculativeGenerator(model, drafter=Wrong(), controller=controller, backend="static")
+        out = generator.generate(prompt, max_new_tokens=120)
+    assert out.token_ids == truth
+    assert out.stats.controller["plain_tokens"] > 60 and Wrong.calls < 40
+
+
+def test_model_drafter_keeps_its_cache_through_trimmed_trees():
+    """A trimmed tree (`origin`) is still recognised by the model drafter: its calibration learns and the output is
+    the reference's."""
+    with single_thread():
+        torch.manual_seed(0)
+        target = fresh_tiny_model("llama", layers=2, init_range=0.1)
+        draft = fresh_tiny_model("llama", layers=1, init_range=0.1)
+        prompt = repetitive_prompt(target.config.vocab_size, seed=4)
+        truth = reference_decode(HFBackend(target), prompt, SamplingParams(), StopRule(40))
+        drafter = ModelDrafter(draft, mode="tree", topk=3)
+        controller = GoodputController(profile_reps=2, max_nodes=24, max_depth=6)
+        generator = SpeculativeGenerator(target, drafter=drafter, controller=controller)
+        out = generator.generate(prompt, max_new_tokens=40)
+    assert out.token_ids == truth and out.stats.drafter_errors == 0
+    assert drafter.calibration.tested.sum() > 0
+
+
+def test_sampling_through_goodput_matches_the_target_distribution():
+    """Temperature 1: the first sampled token's frequencies over many seeds match the target's probabilities
+    (trims and plain runs never bias a draw)."""
+    model = tiny_model("llama")
+    prompt = repetitive_prompt(model.config.vocab_size, seed=7)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1].double()
+    probs = torch.softmax(logits, -1)
+    top = probs.topk(3)
+    generator = SpeculativeGenerator(model, drafter="ngram", controller="goodput:profile_reps=2")
+    counts = torch.zeros_like(probs)
+    trials = 300
+    with single_thread():
+        for seed in range(trials):
+            out = generator.generate(prompt, max_new_tokens=4, temperature=1.0, seed=seed)
+            counts[out.token_ids[0]] += 1
+    for token, p in zip(top.indices.tolist(), top.values.tolist()):
+        assert abs(counts[token] / trials - p) < 4 * (p * (1 - p) / trials) ** 0.5 + 1e-3
