@@ -104,13 +104,15 @@ def _datastore_parser(sub) -> None:
 
 def _train_parser(sub) -> None:
     """`specdec train early-exit ...` (and the other trainers as they land): each adds its own subcommand."""
+    from specdec.train.acceptance_head import add_acceptance_head_parser
     from specdec.train.distill import add_distill_parser
     from specdec.train.early_exit import add_early_exit_parser
 
-    parser = sub.add_parser("train", help="train drafters: distill a draft model, or an early-exit head")
+    parser = sub.add_parser("train", help="train drafters: distill a draft model, an early-exit or acceptance head")
     trainers = parser.add_subparsers(dest="trainer", required=True)
     add_distill_parser(trainers)
     add_early_exit_parser(trainers)
+    add_acceptance_head_parser(trainers)
 
 
 def _bench_step_parser(sub) -> None:

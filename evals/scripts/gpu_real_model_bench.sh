@@ -9,22 +9,7 @@
 #           -> bash evals/scripts/gpu_real_model_bench.sh bench
 # LIMIT questions per Spec-Bench category (default 6), EXIT_LAYER (default 8; 0 = no early-exit head).
 set -euo pipefail
-stage=${1:?stash or bench}
-stash=/tmp/specdec_gguf
-mkdir -p "$stash"
-cp .gguf_parts/smollm2.part* "$stash"/
-if [ "$stage" = stash ]; then ls -la "$stash"; exit 0; fi
-python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .whl/gguf-*.whl
-export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-source "$(dirname "$0")/device_env.sh"
-name=smollm2-135m-instruct
-gguf=$SPECDEC_CACHE/gguf/$name.gguf
-mkdir -p "$(dirname "$gguf")"
-cat "$stash"/smollm2.part00 "$stash"/smollm2.part01 > "$gguf.tmp"
-sha=$(sha256sum "$gguf.tmp" | cut -d' ' -f1)
-python3 -c "from specdec.models import CATALOGUE; assert CATALOGUE['$name'].sha256 == '$sha', 'checksum mismatch'"
-mv "$gguf.tmp" "$gguf"
-specdec models pull "$name"   # the GGUF is in place: this converts it (once) and caches the folder
+source "$(dirname "$0")/gpu_smollm2_setup.sh"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 methods="ar,ngram,recycling,copyspec,retrieval,fused:drafters=copyspec+recycling"
 layer=${EXIT_LAYER:-8}
