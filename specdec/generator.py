@@ -194,8 +194,8 @@ class SpeculativeGenerator:
         prefix_kv = None if offer is None else functools.partial(offer, state)
         committed, generated, history = list(prompt_ids), [], []
         end = rule.cut(generated, 0)
+        step_started = time.perf_counter()  # then: when the last step's stats were taken
         while end is None:
-            step_started = time.perf_counter()
             budget = self._clamp(self.controller.budget(history), len(committed), rule.limit - len(generated))
             spent_before = dict(timer.seconds)
             if budget.max_nodes == 0:  # a plain run: the drafter is not called
@@ -219,14 +219,16 @@ class SpeculativeGenerator:
                     self._drafter_call("observe", stats, result)
                 spent = {phase: timer.seconds[phase] - spent_before.get(phase, 0.0) for phase in timer.seconds}
                 plain = len(new_tokens) if result is None else 0
+                now = time.perf_counter()  # the step ran since the last one's stats: the loop's every cost counted
                 step = StepStats(len(tree), max_depth(tree), result.accepted_len if result else 0,
                                  draft_s=spent.get("draft", 0.0),
                                  verify_s=sum(spent.get(phase, 0.0) for phase in ("verify", "accept", "commit")),
-                                 step_s=time.perf_counter() - step_started, tree=tree,
+                                 step_s=now - step_started, tree=tree,
                                  accepted_nodes=tuple(result.accepted_nodes) if result else (), plain_steps=plain,
                                  proposed_nodes=proposed)
                 history.append(step)
                 self.controller.observe(step)
+                step_started = now
             stats.target_forwards += plain or 1
             stats.drafted_nodes += len(tree)
             stats.accepted_hist[0 if result is None else result.accepted_len] += plain or 1

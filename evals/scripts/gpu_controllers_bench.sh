@@ -7,10 +7,11 @@
 set -euo pipefail
 source "$(dirname "$0")/gpu_smollm2_setup.sh"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+methods=${METHODS:-ar,ngram,fused:drafters=copyspec+recycling,recycling,copyspec@goodput,retrieval@goodput}
 set +e
-specdec bench --target "$name" --backend native --data spec_bench --limit "${LIMIT:-4}" --dev-limit "${DEV:-2}" \
-  --warmup 2 --methods "${METHODS:-ar,ngram,fused:drafters=copyspec+recycling,recycling}" \
-  --controllers "${CONTROLLERS:-goodput,heuristic,tree_size,threshold}" --static-sweep "${SWEEP:-1,2,4,8,12}" \
+specdec bench --target "$name" --backend native --data spec_bench --limit "${LIMIT:-4}" --dev-limit "${DEV-2}" \
+  --warmup 2 --methods "$methods" \
+  --controllers "${CONTROLLERS-goodput,heuristic,tree_size,threshold}" --static-sweep "${SWEEP-1,2,4,8,12}" \
   --max-new-tokens 128 --out "$out/controllers" 2>&1 | grep -v "━" | tail -60
 echo "bench exit code ${PIPESTATUS[0]}"
 rm -f "$out"/controllers/chart.png

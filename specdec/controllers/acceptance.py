@@ -6,7 +6,8 @@ estimates the chance that a tested node is accepted as (accepted + strength * pr
 **value** is the product of those chances along its path: its chance of lying on the accepted path, so the expected
 number of accepted tokens of a tree is the sum of its nodes' values.
 
-Rates are made non-increasing in the rank (a later sibling is never worth more than an earlier one), so keeping the
+A cell seldom tested leans on its neighbours (`rates`). Rates are made non-increasing in the rank (a later sibling
+is never worth more than an earlier one), so keeping the
 highest-valued nodes keeps every kept node's parent and earlier siblings: what recursive rejection sampling needs
 of a trimmed sampled tree (siblings are successive draws, verified in order).
 
@@ -21,6 +22,7 @@ from typing import Sequence
 import numpy
 
 RANKS = 4  # ranks 0, 1, 2 and 3+
+DECAY_EVERY = 8  # trees between applications of the forgetting (decay ** 8 at once)
 
 
 class AcceptanceModel:
@@ -35,31 +37,59 @@ class AcceptanceModel:
         self.accepted = numpy.zeros((max_depth + 1, RANKS))
         self._shapes: dict[tuple[int, ...], tuple[numpy.ndarray, numpy.ndarray]] = {}
         self._rates: numpy.ndarray | None = None
+        self._observed = 0
+        self._flat = (self.tested.reshape(-1), self.accepted.reshape(-1))  # views: counts by flat cell
+        self._cell_lists: dict[tuple[int, ...], list[int]] = {}
 
     def rates(self) -> numpy.ndarray:
-        """(max_depth + 1, RANKS) chance a tested node is accepted, non-increasing in the rank; row 0 unused."""
+        """(max_depth + 1, RANKS) chance a tested node is accepted, non-increasing in the rank; row 0 unused.
+
+        A cell's prior is its neighbour's estimate, not a constant: depth d's is depth d - 1's (same rank), and at
+        depth 1 rank r's is half of rank r - 1's (rank 0: `prior`). Cells that are rarely tested (deep nodes,
+        late siblings) so inherit what was measured nearby instead of an optimistic constant."""
         if self._rates is None:
-            raw = (self.accepted + self.strength * self.prior) / (self.tested + self.strength)
-            self._rates = numpy.minimum.accumulate(numpy.clip(raw, 1e-6, 1.0), axis=1)
+            rates = numpy.empty_like(self.tested)
+            rates[0] = 1.0
+            for depth in range(1, rates.shape[0]):
+                for rank in range(RANKS):
+                    if depth > 1:
+                        prior = rates[depth - 1, rank]
+                    else:
+                        prior = self.prior if rank == 0 else 0.5 * rates[1, rank - 1]
+                    rate = (self.accepted[depth, rank] + self.strength * prior) / (self.tested[depth, rank]
+                                                                                  + self.strength)
+                    rates[depth, rank] = min(max(rate, 1e-6), 1.0, rates[depth, rank - 1] if rank else 1.0)
+            self._rates = rates
         return self._rates
 
     def observe(self, parents: Sequence[int], accepted_nodes: Sequence[int]) -> None:
-        """One verified tree: its parents (host) and accepted path."""
+        """One verified tree: its parents (host) and accepted path. Plain Python: a tree tests few nodes (the
+        accepted path's children and the root's), and numpy's per-call cost would dominate."""
         if not parents:
             return
-        depth, rank = self.shape(parents)
-        accepted = numpy.zeros(len(parents) + 1, dtype=bool)  # accepted[1 + node]; [0]: the root
-        accepted[0] = True
-        if len(accepted_nodes):
-            accepted[numpy.asarray(accepted_nodes) + 1] = True
-        tested = accepted[numpy.asarray(parents) + 1]
-        self.tested *= self.decay
-        self.accepted *= self.decay
-        cells = depth[tested] * RANKS + rank[tested]  # flat (depth, rank) cells
-        size = self.tested.size
-        self.tested += numpy.bincount(cells, minlength=size).reshape(self.tested.shape)
-        self.accepted += numpy.bincount(cells, accepted[1:][tested], minlength=size).reshape(self.tested.shape)
+        cells = self._cells(parents)
+        accepted = set(accepted_nodes)
+        tested, hits = self._flat
+        for node, parent in enumerate(parents):
+            if parent < 0 or parent in accepted:  # the target scored this node's position
+                tested[cells[node]] += 1.0
+                if node in accepted:
+                    hits[cells[node]] += 1.0
+        self._observed += 1
+        if self._observed % DECAY_EVERY == 0:  # forgetting in batches: one pair of array products per 8 trees
+            self.tested *= self.decay ** DECAY_EVERY
+            self.accepted *= self.decay ** DECAY_EVERY
         self._rates = None
+
+    def _cells(self, parents: Sequence[int]) -> list[int]:
+        """Each node's flat (depth, rank) index into the count arrays."""
+        key = tuple(parents)
+        cells = self._cell_lists.get(key)
+        if cells is None:
+            depth, rank = self.shape(key)
+            cells = (depth * RANKS + rank).tolist()
+            self._cell_lists[key] = cells
+        return cells
 
     def values(self, parents: Sequence[int]) -> numpy.ndarray:
         """(N,) each node's chance of lying on the accepted path (the module docstring)."""
@@ -104,5 +134,6 @@ class AcceptanceModel:
             found = (numpy.minimum(depth, self.tested.shape[0] - 1), numpy.asarray(rank, dtype=int))
             if len(self._shapes) > 512:
                 self._shapes.clear()
+                self._cell_lists.clear()
             self._shapes[key] = found
         return found

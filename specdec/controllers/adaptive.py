@@ -24,10 +24,12 @@ import numpy
 
 from specdec.controllers.acceptance import RANKS, AcceptanceModel
 from specdec.controllers.base import Budget, Frontier, StepStats, register_controller
-from specdec.controllers.cost import CostModel
+from specdec.controllers.cost import CostModel, profile_plain
 from specdec.tree import DraftTree, subtree
 
 SOLVE_DEPTHS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)
+SOLVE_SHARE = 0.005  # re-solving may cost at most this share of the steps' time
+TRIM_SAVING = 0.10  # cut a proposal only where a smaller tree can save this share of a step (flat curves: never)
 
 
 class CostAware:
@@ -36,7 +38,9 @@ class CostAware:
     max_depth, max_nodes: the largest budget considered; profile_reps: runs per profiled size (median);
     profile_seconds: the profile's time limit (None: 60 s on a GPU, 30 s on a CPU); probe_every / probe_max: the
     plain tokens before the first / at most between probes; resolve_every: steps between re-solving the budget;
-    plain_chain: plain steps per plain run (greedy runs them as one device chain where the backend can)."""
+    plain_chain: the most plain steps per plain run (greedy runs them as one device chain where the backend can:
+    one host round trip for all, as the `ar` baseline's chains of 8; runs are powers of two, each a graph captured
+    at `prepare`; a run past the answer's end wastes at most plain_chain - 1 steps)."""
 
     plain_fallback = True
 
@@ -63,7 +67,8 @@ class CostAware:
         self._since_draft, self._probe_gap, self._probing = 0, probe_every, False
         self._choice: Budget | None = None
         self._choice_rate = 0.0
-        self._steps_since_solve = 0
+        self._steps_since_solve, self._solve_gap, self._trim_from, self._steps_weight = 0, 1, 0, 0.0
+        self._solves = 0
         self._verify_table, self._verify_list = numpy.zeros(0), []
         self._counters = dict(controller_s=0.0, plain_tokens=0, probes=0, trimmed_nodes=0)
         self._mark = (0.0, 0)  # the cost model's error sums when this generation began
@@ -79,6 +84,7 @@ class CostAware:
                 self.max_nodes = min(self.max_nodes, max(buckets) - 1)
             self.cost = CostModel.load_or_profile(backend, prompt_ids, self.max_nodes, self.profile_reps,
                                                   self.profile_seconds)
+            self.cost.seed_plain(profile_plain(backend, prompt_ids, self.plain_chain))
             self._backend, self._choice = backend, None
         total, steps = self.cost._errors
         self._mark = (total, steps)
@@ -99,12 +105,14 @@ class CostAware:
         if step.tree is not None and step.drafted_nodes:
             parents = step.tree.host_parents
             self.acceptance.observe(parents, step.accepted_nodes)
-            width = int(self.acceptance.shape(parents)[1].max()) + 1
-            self._width = width if not self._seen_tree else max(self._width, width)
-            self._seen_tree = True
+            if not self._seen_tree or self._width < RANKS:
+                width = int(self.acceptance.shape(parents)[1].max()) + 1
+                self._width = width if not self._seen_tree else max(self._width, width)
+                self._seen_tree = True
         tokens = step.plain_steps or step.accepted_len + 1
         seconds = step.step_s or step.draft_s + step.verify_s
         self._tokens, self._seconds = 0.9 * self._tokens + tokens, 0.9 * self._seconds + seconds
+        self._steps_weight = 0.9 * self._steps_weight + 1.0
         if step.plain_steps:
             self._since_draft += step.plain_steps
             self._counters["plain_tokens"] += step.plain_steps
@@ -147,11 +155,8 @@ class CostAware:
     def _budget(self) -> Budget:
         if self.cost is None:  # used without `prepare`: nothing measured, a generous draft
             return Budget(self.max_nodes, self.max_depth)
-        if self._choice is None or self._steps_since_solve >= self.resolve_every or self._probing:
-            self._verify_table = numpy.array([self.cost.verify_s(n) for n in range(self.max_nodes + 1)])
-            self._verify_list = self._verify_table.tolist()
-            self._choice, self._choice_rate = self._solve()
-            self._steps_since_solve = 0
+        if self._choice is None or self._steps_since_solve >= self._solve_gap or self._probing:
+            self._resolve()
         self._probing = False
         if not self.plain_fallback:
             return self._choice
@@ -164,7 +169,26 @@ class CostAware:
             self._probing = True
             self._counters["probes"] += 1
             return self._choice
-        return Budget(0, 0, plain_steps=min(self.plain_chain, self._probe_gap - self._since_draft))
+        steps = min(self.plain_chain, self._probe_gap - self._since_draft)
+        return Budget(0, 0, plain_steps=1 << (steps.bit_length() - 1))  # a power of two: few device chains to capture
+
+    def _resolve(self) -> None:
+        """Re-solve the budget; the next solve waits 1, 2, ... up to `resolve_every` steps, or longer where solving
+        would cost more than SOLVE_SHARE of the steps' time; trees smaller than `_trim_from` are not worth cutting
+        (on a flat cost curve, a GPU's, none is: the cut would cost more host time than it saves)."""
+        started = time.perf_counter()
+        self._verify_table = self.cost.verify_table(self.max_nodes)
+        self._verify_list = self._verify_table.tolist()
+        self._choice, self._choice_rate = self._solve()
+        self._steps_since_solve = 0
+        step_s = self._seconds / max(self._steps_weight, 1e-9) if self._seconds else 0.0
+        spent = time.perf_counter() - started
+        self._solves += 1  # early on (little evidence yet) re-solve sooner: after 1, 2, 3, ... steps
+        self._solve_gap = max(min(self._solves, self.resolve_every),
+                              int(spent / (SOLVE_SHARE * step_s)) if step_s else 0)
+        saving, base = TRIM_SAVING * (step_s or self._verify_list[-1]), self._verify_list[1 if self.max_nodes else 0]
+        self._trim_from = next((n for n, t in enumerate(self._verify_list) if n > 1 and t - base > saving),
+                               self.max_nodes + 1)
 
     def _solve(self) -> tuple[Budget, float]:
         """(the best speculative budget, its expected tokens per second)."""
@@ -223,7 +247,7 @@ class GoodputController(CostAware):
         return best, best_rate
 
     def trim(self, tree: DraftTree, draft_s: float) -> DraftTree:
-        if self.cost is None or not len(tree) or self._probing:
+        if self.cost is None or len(tree) < max(self._trim_from, 1) or self._probing:
             return tree
         started = time.perf_counter()
         cut = self._cut_to_ratio(tree, draft_s)
@@ -261,7 +285,7 @@ class ThresholdController(CostAware):
         return min(self.rate() * (per_node + max(per_depth, 0.0) / self._width), 1.0)
 
     def trim(self, tree: DraftTree, draft_s: float) -> DraftTree:
-        if self.cost is None or not len(tree):
+        if self.cost is None or len(tree) < max(self._trim_from, 1):
             return tree
         started = time.perf_counter()
         values = self.acceptance.values(tree.host_parents)

@@ -46,7 +46,8 @@ class StepStats:
 
     drafted_nodes: nodes in the verified tree;  draft_depth: its deepest path;  accepted_len: draft tokens accepted
     draft_s / verify_s: wall seconds of the two phases (verify: verify + accept + commit; a plain run: all of it)
-    step_s:        wall seconds of the whole step, from the budget call to the end of `observe` (0 = not measured)
+    step_s:        wall seconds of the whole step: since the last step's stats were taken (the loop's every cost:
+                   the budget, draft, verify, observe, stopping, streaming); 0 = not measured
     tree / accepted_nodes: the verified tree and its accepted path (node indices), for per-node statistics
     plain_steps:   target forwards of a plain run (budget 0); 0 for a speculative step
     proposed_nodes: nodes the drafter proposed before a controller's `trim`"""

@@ -4,6 +4,7 @@
     cost.verify_s(12)            # seconds of one verification of a 12-node tree (root + 12 queries)
     cost.step_s(12, depth=4)     # + the drafter's time for 4 depths + the step's other host work
     cost.plain_s(8)              # seconds of 8 plain autoregressive steps run as one chain
+    cost.seed_plain(profile_plain(backend, prompt_ids))      # greedy chains timed (graph backends: captured)
     cost.observe(step)           # refine from a measured `StepStats` (moving averages; no device sync)
 
 **Profile.** `profile_verify` times `verify` (the step's real path: the tree-mask forward, acceptance, compaction)
@@ -35,6 +36,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+import numpy
 import torch
 
 PROFILE_NODES = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -76,7 +78,7 @@ class CostModel:
         if any(seconds <= 0 or not math.isfinite(seconds) for seconds in verify_points.values()):
             raise ValueError(f"verification times must be finite and > 0, got {verify_points}")
         self.sizes = sorted(verify_points)
-        self.points = [float(verify_points[n]) for n in self.sizes]
+        self.points = nondecreasing([float(verify_points[n]) for n in self.sizes])
         self.stepwise, self.decay = stepwise, decay
         self.draft = OnlineLine()
         self.plain = OnlineLine()
@@ -99,13 +101,28 @@ class CostModel:
         low, high = sizes[at - 1], sizes[at]
         return points[at - 1] + (points[at] - points[at - 1]) * (nodes - low) / (high - low)
 
+    def verify_table(self, max_nodes: int) -> numpy.ndarray:
+        """(max_nodes + 1,) `verify_s(n)` for n = 0..max_nodes, vectorised."""
+        nodes = numpy.arange(max_nodes + 1)
+        sizes, points = numpy.asarray(self.sizes), numpy.asarray(self.points)
+        if self.stepwise:
+            table = points[numpy.minimum(numpy.searchsorted(sizes, nodes), len(sizes) - 1)]
+        else:
+            table = numpy.interp(nodes, sizes, points)
+        beyond = nodes > sizes[-1]
+        if beyond.any():
+            table[beyond] = [self.verify_s(int(n)) for n in nodes[beyond]]
+        return table
+
     def draft_s(self, depth: int) -> float:
         """The drafter's seconds for a draft of `depth` depths (0 before any step was measured)."""
         return self.draft(depth) if depth > 0 else 0.0
 
     def plain_s(self, steps: int) -> float:
-        """Seconds of `steps` plain steps run as one chain (profiled plain step * steps until measured)."""
-        return self.plain(steps) if self.plain.seen else self.points[0] * steps
+        """Seconds of `steps` plain steps run as one chain: the measured line, at most what `steps` single plain
+        steps and one step's other work cost (the line is extrapolated from few runs; a chain is never slower)."""
+        single = self.points[0] * steps + self.other
+        return min(self.plain(steps), single) if self.plain.seen else single
 
     def step_s(self, nodes: int, depth: int) -> float:
         """Predicted seconds of a whole speculative step: draft + verify + the rest."""
@@ -124,6 +141,11 @@ class CostModel:
         if step.draft_depth:
             self.draft.add(step.draft_depth, step.draft_s)
         self._refine(step.drafted_nodes, step.verify_s)
+
+    def seed_plain(self, points: dict[int, float]) -> None:
+        """Start the plain-run line from profiled runs ({steps: seconds}, `profile_plain`)."""
+        for steps, seconds in sorted(points.items()):
+            self.plain.add(steps, seconds)
 
     def error(self) -> tuple[float, int]:
         """(mean absolute percentage error of the predicted step times, steps counted)."""
@@ -148,12 +170,20 @@ class CostModel:
             at = len(sizes) - 1
         if self.stepwise or sizes[at] == nodes or at == 0:
             points[at] = self._average(points[at], seconds)
-            return
-        low, high = sizes[at - 1], sizes[at]
-        share = (nodes - low) / (high - low)  # how much of the interpolation the upper point carries
-        miss = (1.0 - self.decay) * (seconds - self.verify_s(nodes))
-        points[at - 1] = max(points[at - 1] + miss * (1.0 - share), 1e-9)
-        points[at] = max(points[at] + miss * share, 1e-9)
+        else:
+            low, high = sizes[at - 1], sizes[at]
+            share = (nodes - low) / (high - low)  # how much of the interpolation the upper point carries
+            miss = (1.0 - self.decay) * (seconds - self.verify_s(nodes))
+            points[at - 1] = max(points[at - 1] + miss * (1.0 - share), 1e-9)
+            points[at] = max(points[at] + miss * share, 1e-9)
+        for i in range(at + 1, len(points)):  # a larger tree never costs less: push the neighbours along
+            if points[i] >= points[i - 1]:
+                break
+            points[i] = points[i - 1]
+        for i in range(max(at - 2, 0), -1, -1):
+            if points[i] <= points[i + 1]:
+                break
+            points[i] = points[i + 1]
 
     # ---- profile and disk cache -------------------------------------------------------------------------------
 
@@ -172,6 +202,18 @@ class CostModel:
         return cls(points, stepwise=stepwise, decay=decay)
 
 
+def nondecreasing(values: list[float]) -> list[float]:
+    """The closest non-decreasing sequence in least squares (pool adjacent violators): a profile timed on a busy
+    machine can say 8 nodes cost less than 4; the fit says they cost the same."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for value in values:
+        blocks.append([value, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (mean_a, count_a), (mean_b, count_b) = blocks.pop(-2), blocks.pop()
+            blocks.append([(mean_a * count_a + mean_b * count_b) / (count_a + count_b), count_a + count_b])
+    return [mean for mean, count in blocks for _ in range(int(count))]
+
+
 def default_cache_dir() -> Path:
     """`$SPECDEC_COST_CACHE`, else `<specdec cache>/costs`."""
     from specdec.models import cache_root
@@ -186,7 +228,7 @@ def profile_nodes(max_nodes: int, backend) -> list[int]:
     return sorted({0, *(n for n in sizes if 0 <= n <= max_nodes)})
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: a graph backend's static tensors made here are reused outside it
 def profile_verify(backend, prompt_ids: Sequence[int], max_nodes: int = 64, reps: int = 10,
                    seconds: float = 30.0) -> dict[int, float]:
     """{nodes: median seconds of `verify`} on a throw-away sequence of the prompt (see the module docstring)."""
@@ -220,6 +262,33 @@ def profile_verify(backend, prompt_ids: Sequence[int], max_nodes: int = 64, reps
     if 0 not in points:
         raise ValueError(f"the prompt ({len(prompt)} tokens) leaves no room in the context window ({limit}) to "
                          f"profile a step")
+    return points
+
+
+@torch.no_grad()
+def profile_plain(backend, prompt_ids: Sequence[int], longest: int = 8, reps: int = 5) -> dict[int, float]:
+    """{steps: median seconds of a greedy plain run of that many steps} for the powers of two up to `longest`, on a
+    backend that chains plain steps (`greedy_decode`); {} elsewhere. Timed on every new backend, not cached: the
+    runs also capture the backend's chain graphs, so no timed plain run pays for a capture."""
+    if not hasattr(backend, "greedy_decode"):
+        return {}
+    prompt, points = list(prompt_ids), {}
+    state, root = backend.prefill(prompt[:-1]), prompt[-1]
+    limit = backend.max_positions
+    steps = 1
+    while steps <= longest:
+        times = []
+        for rep in range(reps + 1):
+            if limit is not None and state.length + steps + 1 > limit:
+                if len(prompt) + steps + 1 > limit:
+                    return points
+                state, root = backend.prefill(prompt[:-1]), prompt[-1]
+            begin = time.perf_counter()
+            root = backend.greedy_decode(state, root, steps)[-1]
+            if rep:
+                times.append(time.perf_counter() - begin)
+        points[steps] = statistics.median(times)
+        steps *= 2
     return points
 
 
