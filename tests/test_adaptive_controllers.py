@@ -203,6 +203,25 @@ def test_goodput_goes_plain_when_drafts_fail_and_probes_with_doubling_gaps():
     assert controller.report()["probes"] == len(probes)
 
 
+def test_goodput_gates_speculation_on_measured_rates_not_on_the_models_alone():
+    """The models promise a good draft (flat verify cost, full acceptance), but the measured speculative steps make
+    fewer tokens per second than the measured plain runs: plain runs win; when the probes measure speculation
+    faster again, it resumes."""
+    controller = prepared(GoodputController(resolve_every=1, probe_every=2, plain_chain=4), linear_cost(0.010, 1e-5))
+    for _ in range(10):
+        controller.observe(chain_step(4, 4, verify_s=0.0101, step_s=0.100))  # 5 tokens in 100 ms: 50 tok/s
+        controller.observe(StepStats(0, 0, 0, verify_s=0.04, step_s=0.040, plain_steps=4))  # 100 tok/s
+    decisions = []
+    for _ in range(20):
+        budget = controller.budget([])
+        decisions.append(budget.max_nodes)
+        if budget.max_nodes:  # a probe, now fast: 5 tokens in 20 ms
+            controller.observe(chain_step(4, 4, verify_s=0.0101, step_s=0.020))
+        else:
+            controller.observe(StepStats(0, 0, 0, verify_s=0.04, step_s=0.040, plain_steps=budget.plain_steps))
+    assert decisions[1] == 0 and decisions[-5:] == [decisions[-1]] * 5 and decisions[-1] > 0
+
+
 def test_goodput_drafts_deep_when_verification_is_flat_and_drafts_are_accepted():
     controller = prepared(GoodputController(resolve_every=1), linear_cost(per_node=0.00001))
     for _ in range(60):

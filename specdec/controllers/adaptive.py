@@ -11,9 +11,12 @@
 
 Terms: E[accepted] of a tree = the sum of its nodes' values (`AcceptanceModel`); t_* from `CostModel` (profiled at
 the first `prepare`, refined from every step). A **plain run** is budget 0: `plain_steps` plain autoregressive
-steps (a chained greedy run where the backend has one). While plain runs win, a **probe** (one speculative step,
-not cut) is drafted after `probe_every` plain tokens, then after twice as many, up to `probe_max`: the acceptance
-model learns only from verified drafts. Decisions read host numbers only: no device sync is added."""
+steps (a chained greedy run where the backend has one). Whether to speculate at all is decided on *measured*
+rates: tokens per second of the recent speculative steps (all their costs, steps whose drafter found nothing
+included) against that of the recent plain runs; the models pick the budget, and stand in for a rate not yet
+measured. (The models' predictions err by 10-20% per step, as much as the margin between the two on a GPU.) While
+plain runs win, a **probe** (one speculative step, not cut) is drafted after `probe_every` plain tokens, then after
+twice as many, up to `probe_max`. Decisions read host numbers only: no device sync is added."""
 
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from specdec.tree import DraftTree, subtree
 
 SOLVE_DEPTHS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)
 SOLVE_SHARE = 0.005  # re-solving may cost at most this share of the steps' time
+MEASURE_DECAY = 0.8  # the measured speculative / plain rates: moving sums over about the last 5 steps or runs
 TRIM_SAVING = 0.10  # cut a proposal only where a smaller tree can save this share of a step (flat curves: never)
 
 
@@ -69,6 +73,7 @@ class CostAware:
         self._choice_rate = 0.0
         self._steps_since_solve, self._solve_gap, self._trim_from, self._steps_weight = 0, 1, 0, 0.0
         self._solves = 0
+        self._measured = {"spec": (0.0, 0.0), "plain": (0.0, 0.0)}  # moving sums of (tokens, seconds)
         self._verify_table, self._verify_list = numpy.zeros(0), []
         self._counters = dict(controller_s=0.0, plain_tokens=0, probes=0, trimmed_nodes=0)
         self._mark = (0.0, 0)  # the cost model's error sums when this generation began
@@ -116,7 +121,9 @@ class CostAware:
         if step.plain_steps:
             self._since_draft += step.plain_steps
             self._counters["plain_tokens"] += step.plain_steps
-        else:
+            self._measure("plain", tokens, seconds, MEASURE_DECAY)
+        else:  # a probe's step weighs more: it is the only news of speculation while plain runs win
+            self._measure("spec", tokens, seconds, 0.5 if self._since_draft else MEASURE_DECAY)
             self._since_draft = 0
         self._steps_since_solve += 1
         self._counters["controller_s"] += time.perf_counter() - started
@@ -160,8 +167,7 @@ class CostAware:
         self._probing = False
         if not self.plain_fallback:
             return self._choice
-        plain_rate = self.plain_chain / self.cost.plain_s(self.plain_chain)
-        if self._choice_rate >= plain_rate or self._choice.max_nodes == 0:
+        if self._spec_rate() >= self._plain_rate() or self._choice.max_nodes == 0:
             self._probe_gap = self.probe_every
             return self._choice
         if self._since_draft >= self._probe_gap:  # probe: draft once, uncut, so the acceptance model learns
@@ -171,6 +177,21 @@ class CostAware:
             return self._choice
         steps = min(self.plain_chain, self._probe_gap - self._since_draft)
         return Budget(0, 0, plain_steps=1 << (steps.bit_length() - 1))  # a power of two: few device chains to capture
+
+    def _spec_rate(self) -> float:
+        """Tokens per second of speculative steps: as measured over the recent ones (their every cost, steps that
+        drafted nothing included), else the solved budget's expected rate."""
+        tokens, seconds = self._measured["spec"]
+        return tokens / seconds if seconds else self._choice_rate
+
+    def _plain_rate(self) -> float:
+        """Tokens per second of plain runs: measured, else the cost model's."""
+        tokens, seconds = self._measured["plain"]
+        return tokens / seconds if seconds else self.plain_chain / self.cost.plain_s(self.plain_chain)
+
+    def _measure(self, kind: str, tokens: float, seconds: float, decay: float) -> None:
+        old_tokens, old_seconds = self._measured[kind]
+        self._measured[kind] = (decay * old_tokens + tokens, decay * old_seconds + seconds)
 
     def _resolve(self) -> None:
         """Re-solve the budget; the next solve waits 1, 2, ... up to `resolve_every` steps, or longer where solving
