@@ -39,7 +39,6 @@ class AcceptanceModel:
         self._rates: numpy.ndarray | None = None
         self._observed = 0
         self._flat = (self.tested.reshape(-1), self.accepted.reshape(-1))  # views: counts by flat cell
-        self._cell_lists: dict[tuple[int, ...], list[int]] = {}
 
     def rates(self) -> numpy.ndarray:
         """(max_depth + 1, RANKS) chance a tested node is accepted, non-increasing in the rank; row 0 unused.
@@ -63,33 +62,31 @@ class AcceptanceModel:
         return self._rates
 
     def observe(self, parents: Sequence[int], accepted_nodes: Sequence[int]) -> None:
-        """One verified tree: its parents (host) and accepted path. Plain Python: a tree tests few nodes (the
-        accepted path's children and the root's), and numpy's per-call cost would dominate."""
+        """One verified tree: its parents (host) and accepted path (root's child first). One pass in plain
+        Python over the parents, looking only at the tested nodes (the children of the root and of the accepted
+        path): numpy's per-call cost would dominate for trees of tens of nodes, and so would a full shape."""
         if not parents:
             return
-        cells = self._cells(parents)
-        accepted = set(accepted_nodes)
+        depth_below = {-1: 1}  # a tested node's depth, by its parent
+        for depth, node in enumerate(accepted_nodes, start=2):
+            depth_below[node] = depth
+        accepted, siblings, last = set(accepted_nodes), {}, self.tested.shape[0] - 1
         tested, hits = self._flat
         for node, parent in enumerate(parents):
-            if parent < 0 or parent in accepted:  # the target scored this node's position
-                tested[cells[node]] += 1.0
-                if node in accepted:
-                    hits[cells[node]] += 1.0
+            depth = depth_below.get(parent)
+            if depth is None:
+                continue
+            rank = siblings.get(parent, 0)
+            siblings[parent] = rank + 1
+            cell = min(depth, last) * RANKS + min(rank, RANKS - 1)
+            tested[cell] += 1.0
+            if node in accepted:
+                hits[cell] += 1.0
         self._observed += 1
         if self._observed % DECAY_EVERY == 0:  # forgetting in batches: one pair of array products per 8 trees
             self.tested *= self.decay ** DECAY_EVERY
             self.accepted *= self.decay ** DECAY_EVERY
         self._rates = None
-
-    def _cells(self, parents: Sequence[int]) -> list[int]:
-        """Each node's flat (depth, rank) index into the count arrays."""
-        key = tuple(parents)
-        cells = self._cell_lists.get(key)
-        if cells is None:
-            depth, rank = self.shape(key)
-            cells = (depth * RANKS + rank).tolist()
-            self._cell_lists[key] = cells
-        return cells
 
     def values(self, parents: Sequence[int]) -> numpy.ndarray:
         """(N,) each node's chance of lying on the accepted path (the module docstring)."""
@@ -134,6 +131,5 @@ class AcceptanceModel:
             found = (numpy.minimum(depth, self.tested.shape[0] - 1), numpy.asarray(rank, dtype=int))
             if len(self._shapes) > 512:
                 self._shapes.clear()
-                self._cell_lists.clear()
             self._shapes[key] = found
         return found

@@ -16,7 +16,9 @@ rates: tokens per second of the recent speculative steps (all their costs, steps
 included) against that of the recent plain runs; the models pick the budget, and stand in for a rate not yet
 measured. (The models' predictions err by 10-20% per step, as much as the margin between the two on a GPU.) While
 plain runs win, a **probe** (one speculative step, not cut) is drafted after `probe_every` plain tokens, then after
-twice as many, up to `probe_max`. Decisions read host numbers only: no device sync is added."""
+twice as many, up to `probe_max`; it drafts twice, and only the second step is measured (the first pays the
+drafter's catch-up on what it missed -- a draft model's prefill -- as a sequence's first draft does, which is not
+measured either). Decisions read host numbers only: no device sync is added."""
 
 from __future__ import annotations
 
@@ -74,6 +76,7 @@ class CostAware:
         self._steps_since_solve, self._solve_gap, self._trim_from, self._steps_weight = 0, 1, 0, 0.0
         self._solves = 0
         self._measured = {"spec": (0.0, 0.0), "plain": (0.0, 0.0)}  # moving sums of (tokens, seconds)
+        self._unmeasured, self._follow_up, self._probe_measure = True, False, False
         self._verify_table, self._verify_list = numpy.zeros(0), []
         self._counters = dict(controller_s=0.0, plain_tokens=0, probes=0, trimmed_nodes=0)
         self._mark = (0.0, 0)  # the cost model's error sums when this generation began
@@ -93,6 +96,7 @@ class CostAware:
             self._backend, self._choice = backend, None
         total, steps = self.cost._errors
         self._mark = (total, steps)
+        self._unmeasured = True  # a new sequence: the drafter's first draft includes its prefill
         self._counters = dict(controller_s=0.0, plain_tokens=0, probes=0, trimmed_nodes=0)
         self._counters["profile_s"] = time.perf_counter() - started
 
@@ -122,9 +126,14 @@ class CostAware:
             self._since_draft += step.plain_steps
             self._counters["plain_tokens"] += step.plain_steps
             self._measure("plain", tokens, seconds, MEASURE_DECAY)
-        else:  # a probe's step weighs more: it is the only news of speculation while plain runs win
-            self._measure("spec", tokens, seconds, 0.5 if self._since_draft else MEASURE_DECAY)
+            self._unmeasured = True
+        elif self._unmeasured:  # a sequence's first draft, or the first after plain runs: it pays the drafter's
+            self._unmeasured = False  # catch-up (a draft model's prefill of what it missed), not a step's cost
+            self._follow_up = self._since_draft > 0  # a probe: its second step is the measured one
             self._since_draft = 0
+        else:  # a probe's measured step weighs more: it is the only news of speculation while plain runs win
+            self._measure("spec", tokens, seconds, 0.5 if self._probe_measure else MEASURE_DECAY)
+            self._probe_measure = False
         self._steps_since_solve += 1
         self._counters["controller_s"] += time.perf_counter() - started
 
@@ -166,6 +175,9 @@ class CostAware:
             self._resolve()
         self._probing = False
         if not self.plain_fallback:
+            return self._choice
+        if self._follow_up:  # the probe's second, measured step
+            self._follow_up, self._probing, self._probe_measure = False, True, True
             return self._choice
         if self._spec_rate() >= self._plain_rate() or self._choice.max_nodes == 0:
             self._probe_gap = self.probe_every
