@@ -120,7 +120,7 @@ def test_profile_times_every_size_and_is_cached_on_disk(cost_cache):
 
 
 def test_plain_chains_are_profiled_where_the_backend_chains_them():
-    model = tiny_model("llama").float()
+    model = fresh_tiny_model("llama").float()
     prompt = repetitive_prompt(model.config.vocab_size, seed=1)
     with single_thread():
         points = profile_plain(GraphBackend(model), prompt, longest=8, reps=2)

@@ -74,10 +74,18 @@ def fresh_tiny_model(arch: str, vocab: int = VOCAB, seed: int = 0, init_range: f
 
 
 @functools.lru_cache(maxsize=None)
+def _cached_tiny_model(arch: str, vocab: int, seed: int, init_range: float, layers: int) -> transformers.PreTrainedModel:
+    return fresh_tiny_model(arch, vocab, seed, init_range, layers)
+
+
 def tiny_model(arch: str, vocab: int = VOCAB, seed: int = 0, init_range: float = 0.02,
                layers: int = 2) -> transformers.PreTrainedModel:
-    """`fresh_tiny_model`, cached per arguments: shared between tests, so never change it."""
-    return fresh_tiny_model(arch, vocab, seed, init_range, layers)
+    """`fresh_tiny_model`, cached per arguments: shared between tests, so never change it (cast a
+    `fresh_tiny_model` instead). A cached model some earlier test cast in place fails here, naming the cause."""
+    model = _cached_tiny_model(arch, vocab, seed, init_range, layers)
+    dtype = next(model.parameters()).dtype
+    assert dtype == torch.float64, f"the shared tiny_model({arch!r}) was cast to {dtype} in place by an earlier test"
+    return model
 
 
 def repetitive_prompt(vocab: int, seed: int = 0, length: int = 24, motif_len: int = 5) -> list[int]:
