@@ -107,4 +107,10 @@ def make_drafter(spec: str | Drafter, **options) -> Drafter:
     known = registered_drafters()
     if name not in known:
         raise ValueError(f"unknown drafter {name!r}; registered drafters: {', '.join(sorted(known))}")
-    return known[name](**{**spec_options, **options})
+    options = {**spec_options, **options}
+    learning = [key for key in options if key == "online" or key.startswith("online_")]
+    if learning and options.get("online", True) and not getattr(known[name], "learns_online", False):
+        able = sorted(n for n, factory in known.items() if getattr(factory, "learns_online", False))
+        raise ValueError(f"drafter {name!r} cannot learn online ({', '.join(learning)} given); drafters that can: "
+                         f"{', '.join(able)}")
+    return known[name](**options)

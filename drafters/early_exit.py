@@ -51,8 +51,12 @@ class EarlyExitDrafter(ModelDrafter):
 
     def __init__(self, head: ExitHead | str | os.PathLike, threshold: float = 0.6, mode: str = "chain",
                  topk: int = 4, graphs: bool = False, share_kv: bool = True, native: bool | None = None,
-                 calibrate: bool = True, cost_stop: bool = False):
+                 calibrate: bool = True, cost_stop: bool = False, online: bool = False, online_lr: float = 1e-3,
+                 online_every: int = 2048, online_loss: str = "fkl", online_background: bool | None = None,
+                 online_checkpoint: str | None = None):
         self._set_drafting(mode, topk, calibrate, cost_stop)
+        self._set_online(online, lr=online_lr, every=online_every, loss=online_loss, background=online_background,
+                         checkpoint=online_checkpoint)
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         self.head = head if isinstance(head, ExitHead) else ExitHead.load(head)
@@ -75,7 +79,7 @@ class EarlyExitDrafter(ModelDrafter):
 
     def observe(self, result) -> None:
         if self._shared:  # the target's cache now holds the accepted tokens: nothing of ours to keep
-            self._learn(result)
+            self._teach(result, self._learn(result))
             self.kv, self.cached, self._shared = None, [], False
             return
         super().observe(result)
@@ -98,7 +102,14 @@ class EarlyExitDrafter(ModelDrafter):
         self.head.config.check_target(model)
         self.head = self.head.to(model.device, next(model.parameters()).dtype).eval()
         self.model, self.kv = model, None
+        self._start_learning()
         self.reset()
+
+    def _start_learning(self) -> None:
+        from specdec.train.online import HeadStudent, OnlineLearner
+
+        if self.online_config is not None and self.learner is None:  # the head learns; the target's layers do not
+            self.learner = OnlineLearner(HeadStudent(self), self.online_config)
 
     def _forward(self, token_ids: list[int], positions: list[int], mask: torch.Tensor | None, cache,
                  last_only: bool = False) -> torch.Tensor:
@@ -110,6 +121,14 @@ class EarlyExitDrafter(ModelDrafter):
     def run_layers(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None, cache,
                    last_only: bool = False) -> torch.Tensor:
         """(1, T) ids -> (1, T, V) draft logits through the first L layers over `cache` (any HF `Cache`)."""
+        hidden = self.hidden_after(input_ids, position_ids, mask, cache)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return draft_logits(self.model, self.head, hidden)
+
+    def hidden_after(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
+                     cache) -> torch.Tensor:
+        """(1, T) ids -> (1, T, H) h_L: the target's first L layers over `cache` (appending their KV to it)."""
         inner = self.model.model
         hidden = inner.embed_tokens(input_ids)
         attention = create_causal_mask(config=self.model.config, inputs_embeds=hidden, attention_mask=mask,
@@ -119,9 +138,7 @@ class EarlyExitDrafter(ModelDrafter):
         for decoder_layer in inner.layers[: self.layer]:
             hidden = decoder_layer(hidden, attention_mask=attention, position_embeddings=rotary,
                                    position_ids=position_ids, use_cache=True, **layer_cache)
-        if last_only:
-            hidden = hidden[:, -1:]
-        return draft_logits(self.model, self.head, hidden)
+        return hidden
 
     def _new_kv(self):
         if self.graphs:  # an L-layer static cache; native: specdec's forward of those layers, then the exit head

@@ -73,14 +73,23 @@ class ModelDrafter:
     instead of the draft's probabilities (False: probabilities, EAGLE-2's score); a chain's scores only matter to a
     confidence stop (`budget.min_confidence`, a controller's `keep_drafting`, the cost stop).
     cost_stop: stop drafting deeper once a draft forward is expected to cost more time than it saves (`cost_stop`;
-    within the controller's budget; a greedy chain on graphs, drafted in one replay, is never cut)."""
+    within the controller's budget; a greedy chain on graphs, drafted in one replay, is never cut).
+    online: learn from the target's verdicts while serving (`specdec.train.online`; the served weights change only
+    between generations): online_lr, online_every (buffered positions per update), online_loss ("fkl", "tvd",
+    "jsd"), online_background (train in a thread; None: on CUDA), online_checkpoint (a file, saved after each update
+    and resumed from); `version` counts the weights published so far."""
 
+    learns_online = True  # make_drafter refuses online=True for drafters without it
     threshold = 0.0  # expand a node only while its own slot probability reaches this (early_exit raises it)
     device_chain = True  # greedy chains on GraphKV: `_greedy_chain` (one graph, one read); False: `_grow`'s loop
 
     def __init__(self, model=None, path: str | None = None, mode: str = "tree", topk: int = 4, graphs: bool = False,
-                 calibrate: bool = True, cost_stop: bool = False):
+                 calibrate: bool = True, cost_stop: bool = False, online: bool = False, online_lr: float = 3e-4,
+                 online_every: int = 2048, online_loss: str = "fkl", online_background: bool | None = None,
+                 online_checkpoint: str | None = None):
         self._set_drafting(mode, topk, calibrate, cost_stop)
+        self._set_online(online, lr=online_lr, every=online_every, loss=online_loss, background=online_background,
+                         checkpoint=online_checkpoint)
         source = path if model is None else model
         if source is None:
             raise ValueError("the model drafter needs a draft model: pass model=<PreTrainedModel> or path=<dir>")
@@ -95,7 +104,37 @@ class ModelDrafter:
             self.model, self.path = source.eval(), None
             self.vocab_size = source.get_output_embeddings().weight.shape[0]
         self.graphs, self.kv = bool(graphs), None
+        if self.model is not None:
+            self._start_learning()
         self.reset()
+
+    def _set_online(self, online: bool, **options) -> None:
+        """Check the online-learning options now (bad ones fail at construction); the learner starts once the
+        drafter has its model (`_start_learning`)."""
+        from specdec.train.online import OnlineConfig
+
+        self.learner = None
+        self.online_config = OnlineConfig(**options) if online else None
+
+    def _start_learning(self) -> None:
+        from specdec.train.online import ModelStudent, OnlineLearner
+
+        if self.online_config is not None and self.learner is None:
+            self.learner = OnlineLearner(ModelStudent(self.model), self.online_config)
+
+    @property
+    def version(self) -> int:
+        """The weights serving now: 0 = as loaded, n = the n-th published by online learning."""
+        return 0 if self.learner is None else self.learner.version
+
+    def _teach(self, result, learnt) -> None:
+        """Hand the learner this step's verified draft (ours) with its context: the committed tokens to the root."""
+        if self.learner is None or learnt is None:
+            return
+        tree = result.tree
+        tokens = tree.host_tokens if tree.host_tokens is not None else tree.tokens.tolist()
+        self.learner.record(self.cached, tokens, tree.host_parents, result.accepted_nodes, result.bonus_token,
+                            result.logits)
 
     def _set_drafting(self, mode: str, topk: int, calibrate: bool, cost_stop: bool) -> None:
         """Check and set how the draft grows: its width, the tree scores' calibration, the cost stop."""
@@ -108,6 +147,9 @@ class ModelDrafter:
         self.cost = CostStop() if cost_stop else None
 
     def reset(self) -> None:
+        """A new sequence (a request boundary: where an online learner publishes new weights)."""
+        if getattr(self, "learner", None) is not None:
+            self.learner.end_sequence()
         if self.kv is not None:
             self.kv.keep(0)
         self.cached: list[int] = []   # the committed tokens whose KV `kv` holds (its first rows)
@@ -161,6 +203,7 @@ class ModelDrafter:
         """Learn from the verified tree; move the accepted path's tree KV (where it ran) behind the committed tokens;
         drop the rest."""
         learnt = self._learn(result)
+        self._teach(result, learnt)
         if learnt is not None:
             (tokens, _, slots, _), accepted = learnt
             path = list(itertools.takewhile(lambda node: slots[node] >= 0, accepted))
@@ -212,6 +255,7 @@ class ModelDrafter:
 
         dtype = getattr(target.model, "dtype", None) or "auto"
         self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).to(target.device).eval()
+        self._start_learning()
 
     def _new_kv(self):
         """The draft KV store (`draft_kv`): a DynamicCache, or with graphs=True a GraphBackend's static cache."""

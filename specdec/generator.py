@@ -47,6 +47,7 @@ class GenerationStats:
     drafter_errors: int = 0
     stop_reason: str | None = None
     controller: dict[str, Any] = field(default_factory=dict)  # the controller's `report()`, where it has one
+    drafter_version: int | None = None  # the drafter's weights that served it (online learning), where versioned
 
     @property
     def tau(self) -> float:
@@ -62,7 +63,7 @@ class GenerationStats:
                 "tokens_per_s": self.tokens_per_s, "drafted_nodes": self.drafted_nodes,
                 "accepted_hist": dict(sorted(self.accepted_hist.items())), "seconds": dict(self.seconds),
                 "wall_s": self.wall_s, "drafter_errors": self.drafter_errors, "stop_reason": self.stop_reason,
-                "controller": dict(self.controller)}
+                "controller": dict(self.controller), "drafter_version": self.drafter_version}
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,8 @@ class SpeculativeGenerator:
                 hooks["prepare"](self.backend, prompt_ids)
         with timer("prefill"):
             state = self.backend.prefill(prompt_ids[:-1])
-        self._drafter_call("reset", stats)
+        self._drafter_call("reset", stats)  # a request boundary: an online drafter may publish new weights here
+        stats.drafter_version = getattr(self.drafter, "version", None)
         offer = getattr(self.backend, "prefix_kv", None)  # the target's cached layers, for drafters that share them
         prefix_kv = None if offer is None else functools.partial(offer, state)
         committed, generated, history = list(prompt_ids), [], []
