@@ -17,7 +17,8 @@ import torch
 from specdec import SpeculativeGenerator
 from specdec.sampling import SamplingParams, target_probs
 from specdec.tree import DraftTree
-from tiny_models import chi_square_p_value, distorted, single_thread, tiny_model
+from specdec.drafters.model import ModelDrafter
+from tiny_models import chi_square_p_value, distorted, fresh_tiny_model, single_thread, tiny_model
 
 VOCAB = 8
 STEPS = 3  # tokens per generation whose joint distribution is tested
@@ -107,6 +108,11 @@ CASES = {
     "top_k-sampled-no-replacement": (lambda: SampledTreeDrafter(replace=False, seed=1),
                                      dict(temperature=1.0, top_k=3), 1500),
     "top_p-sampled": (lambda: SampledTreeDrafter(replace=True, seed=2), dict(temperature=0.9, top_p=0.8), 1500),
+    # a model drafter that learns online, its weights swapped between generations (~50 times here; the gate refuses the rest)
+    "t0.7-model-learning-online": (lambda: ModelDrafter(fresh_tiny_model("llama", vocab=VOCAB, init_range=0.2,
+                                                                         layers=1, seed=5).float(),
+                                                        topk=2, online=True, online_every=96, online_lr=2e-3,
+                                                        online_background=False), dict(temperature=0.7), 2000),
     # the fast path's bucketed static steps (CUDA graphs on a GPU, the same code here) under the same test
     "t0.7-sampled-graph-backend": (lambda: SampledTreeDrafter(replace=True, seed=3), dict(temperature=0.7), 2000,
                                    "graph"),
@@ -128,6 +134,8 @@ def test_first_tokens_follow_the_target_distribution(case):
         assert out.stats.drafter_errors == 0
     # drafts were rejected and accepted, down to depth 2: the test exercised the acceptance rule, not just sampling
     assert {0, 1, 2} <= set(accepted_hist) and drafted >= 3 * generations
+    if getattr(generator.drafter, "learner", None) is not None:  # the weights did change, many times
+        assert generator.drafter.version >= 30, generator.drafter.learner.report()
     assert_target_distribution(counts, exact_joint(SamplingParams(**options)))
 
 

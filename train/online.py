@@ -27,7 +27,9 @@ boundary (deterministic: tests, CPUs with no core to spare). Either way `train_s
 
 **Checkpoints.** `save(path)`: shadow and served weights, AdamW state, fresh/reservoir/held-out records, the
 learner's RNG and counters, and the caller's `extra` (a stream cursor) in one safetensors file (JSON metadata),
-written to a temp file and renamed into place. `load(path)` checks that the file belongs to this student.
+written to a temp file and renamed into place; with `checkpoint` set, after each update's verdict, at the request
+boundary (on the serving thread, so nothing changes while it is written; its time counts in `train_s`).
+`load(path)` checks that the file belongs to this student.
 
     learner = OnlineLearner(ModelStudent(draft), OnlineConfig(every=2048))
     learner.record(context, tree_tokens, tree_parents, accepted_nodes, logits)   # after each verification
@@ -402,9 +404,13 @@ class OnlineLearner:
         if self._error is not None:
             error, self._error = self._error, None
             raise RuntimeError(f"the online learner's update failed: {error}") from error
-        if self._ready:
+        verdict, self._ready = self._ready, None
+        if verdict:
             self._publish()
-        self._ready = None
+        if verdict is not None and self.config.checkpoint:  # here, not in the worker: nothing changes under it
+            started = time.perf_counter()
+            self.save(self.config.checkpoint)
+            self.train_s += time.perf_counter() - started
 
     # ---- learning
 
@@ -441,8 +447,6 @@ class OnlineLearner:
         if not passed:
             self._roll_back()
         self.train_s += time.perf_counter() - started
-        if self.config.checkpoint:
-            self.save(self.config.checkpoint)
         return passed
 
     def _train(self, batch: list[Record]) -> None:
