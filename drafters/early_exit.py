@@ -37,7 +37,7 @@ from specdec.backends.hf import cache_keyword
 from specdec.drafters.base import DraftContext, TargetView, register_drafter
 from specdec.drafters.draft_kv import DynamicKV, GraphKV
 from specdec.drafters.model import ModelDrafter
-from specdec.train.early_exit import ExitHead, draft_logits
+from specdec.train.early_exit import ExitHead, ExitHeadConfig, draft_logits
 from specdec.tree import DraftTree
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # decoder layers called as LlamaModel calls them
@@ -45,23 +45,28 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # decoder layers
 
 @register_drafter("early_exit")
 class EarlyExitDrafter(ModelDrafter):
-    """head: an `ExitHead` or the path of a saved one. threshold: expand a node only while its slot probability is
+    """head: an `ExitHead` or the path of a saved one; or none and `layer`: an untrained head (the identity: a plain
+    early exit at that layer, `head_kind` "linear" or "mlp"), for a drafter that learns online from nothing. threshold: expand a node only while its slot probability is
     at least this. mode: "chain" or "tree"; topk: children per expanded node in tree mode; calibrate: tree scores
     from learnt acceptance rates; cost_stop: stop a depth that costs more than it saves (both as `ModelDrafter`)."""
 
-    def __init__(self, head: ExitHead | str | os.PathLike, threshold: float = 0.6, mode: str = "chain",
+    def __init__(self, head: ExitHead | str | os.PathLike | None = None, threshold: float = 0.6, mode: str = "chain",
                  topk: int = 4, graphs: bool = False, share_kv: bool = True, native: bool | None = None,
                  calibrate: bool = True, cost_stop: bool = False, online: bool = False, online_lr: float = 1e-3,
-                 online_every: int = 2048, online_loss: str = "fkl", online_background: bool | None = None,
-                 online_checkpoint: str | None = None):
+                 online_every: int = 2048, online_loss: str = "fkl", online_epochs: int = 1,
+                 online_background: bool | None = None, online_checkpoint: str | None = None, layer: int | None = None, head_kind: str = "linear"):
         self._set_drafting(mode, topk, calibrate, cost_stop)
-        self._set_online(online, lr=online_lr, every=online_every, loss=online_loss, background=online_background,
-                         checkpoint=online_checkpoint)
+        self._set_online(online, lr=online_lr, every=online_every, loss=online_loss, epochs=online_epochs,
+                         background=online_background, checkpoint=online_checkpoint)
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-        self.head = head if isinstance(head, ExitHead) else ExitHead.load(head)
-        self.layer, self.threshold = self.head.config.layer, float(threshold)
-        self.vocab_size = self.head.config.vocab_size
+        if head is None and (not isinstance(layer, int) or layer < 1):
+            raise ValueError(f"the early_exit drafter needs an exit head: head=<file> (specdec train early-exit), or "
+                             f"layer=<L >= 1> for an untrained one (to learn online), got layer={layer!r}")
+        self.head = None if head is None else head if isinstance(head, ExitHead) else ExitHead.load(head)
+        self.head_kind, self.threshold = head_kind, float(threshold)
+        self.layer = layer if self.head is None else self.head.config.layer
+        self.vocab_size = None if self.head is None else self.head.config.vocab_size  # untrained: the target's
         self.model, self.path = None, None  # the target, bound at the first propose
         self.graphs, self.kv = bool(graphs), None  # graphs: the L layers' KV in a static cache (`draft_kv`)
         self.native = native  # graphs: the L layers through `NativeLlama` (None: where it can run, on CUDA)
@@ -99,6 +104,8 @@ class EarlyExitDrafter(ModelDrafter):
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"the early_exit drafter runs the decoder layers of {', '.join(SUPPORTED_MODEL_TYPES)} "
                              f"models; the target is {model_type!r}")
+        if self.head is None:
+            self.head = ExitHead(ExitHeadConfig.for_target(model, self.layer, self.head_kind))
         self.head.config.check_target(model)
         self.head = self.head.to(model.device, next(model.parameters()).dtype).eval()
         self.model, self.kv = model, None
@@ -109,7 +116,8 @@ class EarlyExitDrafter(ModelDrafter):
         from specdec.train.online import HeadStudent, OnlineLearner
 
         if self.online_config is not None and self.learner is None:  # the head learns; the target's layers do not
-            self.learner = OnlineLearner(HeadStudent(self), self.online_config)
+            with torch.inference_mode(False):
+                self.learner = OnlineLearner(HeadStudent(self), self.online_config)
 
     def _forward(self, token_ids: list[int], positions: list[int], mask: torch.Tensor | None, cache,
                  last_only: bool = False) -> torch.Tensor:

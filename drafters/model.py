@@ -76,7 +76,7 @@ class ModelDrafter:
     within the controller's budget; a greedy chain on graphs, drafted in one replay, is never cut).
     online: learn from the target's verdicts while serving (`specdec.train.online`; the served weights change only
     between generations): online_lr, online_every (buffered positions per update), online_loss ("fkl", "tvd",
-    "jsd"), online_background (train in a thread; None: on CUDA), online_checkpoint (a file, saved after each update
+    "jsd"), online_epochs (passes over each update's data), online_background (train in a thread; None: on CUDA), online_checkpoint (a file, saved after each update
     and resumed from); `version` counts the weights published so far."""
 
     learns_online = True  # make_drafter refuses online=True for drafters without it
@@ -85,11 +85,11 @@ class ModelDrafter:
 
     def __init__(self, model=None, path: str | None = None, mode: str = "tree", topk: int = 4, graphs: bool = False,
                  calibrate: bool = True, cost_stop: bool = False, online: bool = False, online_lr: float = 3e-4,
-                 online_every: int = 2048, online_loss: str = "fkl", online_background: bool | None = None,
-                 online_checkpoint: str | None = None):
+                 online_every: int = 2048, online_loss: str = "fkl", online_epochs: int = 1,
+                 online_background: bool | None = None, online_checkpoint: str | None = None):
         self._set_drafting(mode, topk, calibrate, cost_stop)
-        self._set_online(online, lr=online_lr, every=online_every, loss=online_loss, background=online_background,
-                         checkpoint=online_checkpoint)
+        self._set_online(online, lr=online_lr, every=online_every, loss=online_loss, epochs=online_epochs,
+                         background=online_background, checkpoint=online_checkpoint)
         source = path if model is None else model
         if source is None:
             raise ValueError("the model drafter needs a draft model: pass model=<PreTrainedModel> or path=<dir>")
@@ -120,7 +120,8 @@ class ModelDrafter:
         from specdec.train.online import ModelStudent, OnlineLearner
 
         if self.online_config is not None and self.learner is None:
-            self.learner = OnlineLearner(ModelStudent(self.model), self.online_config)
+            with torch.inference_mode(False):  # propose() may bind the model: the shadow must be a normal tensor
+                self.learner = OnlineLearner(ModelStudent(self.model), self.online_config)
 
     @property
     def version(self) -> int:
@@ -254,7 +255,8 @@ class ModelDrafter:
         from transformers import AutoModelForCausalLM
 
         dtype = getattr(target.model, "dtype", None) or "auto"
-        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).to(target.device).eval()
+        with torch.inference_mode(False):  # weights an online learner may update in place later
+            self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).to(target.device).eval()
         self._start_learning()
 
     def _new_kv(self):

@@ -73,6 +73,9 @@ class BenchConfig:
     tie_tolerance: float = option(0.0, "a mismatch whose logit gap is within this is a near-tie flip (default 0: "
                                        "by the dtype, two ulps at the logits' magnitude, at least 0.125 on "
                                        "bf16/fp16 and 1e-4 on fp32)")
+    stream: bool = option(False, "prequential: the questions once, in order (--data a+b: a shift), each answered "
+                                 "before a learning drafter (online=True) learns from it; tau and tokens/s per window")
+    window: int = option(25, "--stream: questions per window")
     out: str | None = option(None, "write results.json, results.md and chart.png here")
     num_processes: int = option(1, "shard the questions over this many processes (GPUs) via accelerate launch")
 
@@ -272,7 +275,46 @@ def bench_command(args, argv: list[str]) -> int:
     config = config_from_arguments(BenchConfig, args, BENCH_PRESETS)
     if config.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         return _launch(config.num_processes, argv)
+    if config.stream:
+        return stream_command(config, argv)
     payload, code = run(config, argv)
     if payload:
         report(payload, config.out)
     return code
+
+
+def stream_command(config: BenchConfig, argv: list[str]) -> int:
+    """`specdec bench --stream`: one process, the questions in order, learning drafters beside frozen ones."""
+    import json
+
+    from specdec.backends.hf import context_window
+    from specdec.evals import stream
+
+    if config.num_processes > 1:
+        raise ValueError("--stream runs in one process: a stream's order is the experiment")
+    model, tokenizer, target, dtype_note = load_target(config)
+    console.print(f"target {target}: {dtype_note}")
+    params = SamplingParams(config.temperature, config.top_k, config.top_p, config.seed)
+    context = BenchContext(model, tokenizer, params, config.controller, None, config.backend)
+    questions = stream.load_stream(config.data, config.categories, config.limit, config.field)
+    window = context_window(model.config)
+    result = stream.run_stream(context, questions, split_methods(config.methods), config.max_new_tokens,
+                               config.template, config.window, prompt_room=window and window - config.max_new_tokens)
+    console.print(stream.window_table(result, "tau"))
+    console.print(stream.window_table(result, "tokens_per_s"))
+    lossless = result["lossless"]
+    bad = [m for m in lossless["mismatches"] if m["kind"] == "algorithmic"]
+    console.print(f"lossless: {lossless['checked'] - len(lossless['mismatches'])}/{lossless['checked']} answers "
+                  f"identical to {lossless['reference']} ({len(lossless['mismatches']) - len(bad)} near-tie flips, "
+                  f"{len(bad)} algorithmic)")
+    if config.out:
+        out = Path(config.out)
+        out.mkdir(parents=True, exist_ok=True)
+        payload = {"schema": "specdec.stream/1", "command": " ".join(["specdec bench", *argv]),
+                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   "env": environment(model, target), "config": dataclasses.asdict(config), **result}
+        (out / "stream.json").write_text(json.dumps(payload, indent=1) + "\n")
+        (out / "stream.md").write_text(stream.markdown(result))
+        stream.write_chart(result, out / "stream.png")
+        console.print(f"wrote {out / 'stream.json'}, stream.md, stream.png")
+    return EXIT_ALGORITHMIC if bad else EXIT_NEAR_TIE if lossless["mismatches"] else 0

@@ -161,20 +161,22 @@ def near_tie_tolerance(dtype: torch.dtype, scale: float, given: float = 0.0) -> 
     return max(floor, 2 * ulp)
 
 
-def check_lossless(records: Sequence[TurnRecord], model, tie_tolerance: float = 0.0) -> tuple[int, list[Mismatch]]:
-    """Compare each method's tokens with `ar`'s (same run, question, turn). Returns (turns compared, mismatches).
+def check_lossless(records: Sequence[TurnRecord], model, tie_tolerance: float = 0.0,
+                   reference: str = "ar") -> tuple[int, list[Mismatch]]:
+    """Compare each method's tokens with `reference`'s (`ar`; same run, question, turn). Returns (turns compared,
+    mismatches).
     `tie_tolerance`: a fixed near-tie tolerance; 0 = `near_tie_tolerance`'s rule for the model's dtype, widened in
     bfloat16 / float16 to twice the rounding error of the gap measured at that very position (the gap recomputed by a
     float32 copy of the target): after 30 layers a half-precision logit can be off by more than an ulp or two.
 
     A question whose earlier turn already differed is not compared again (its later prompts differ anyway)."""
-    baseline = {(r.run, r.question_id, r.turn): r for r in records if r.method == "ar"}
+    baseline = {(r.run, r.question_id, r.turn): r for r in records if r.method == reference}
     compared, mismatches, diverged = 0, [], set()
     half = model.dtype in (torch.bfloat16, torch.float16) and not tie_tolerance
     exact = functools.cache(lambda: copy.deepcopy(model).float()) if half else None
     for record in records:
         key = (record.run, record.question_id, record.turn)
-        if record.method == "ar" or key not in baseline or (record.method, record.run, record.question_id) in diverged:
+        if record.method == reference or key not in baseline or (record.method, record.run, record.question_id) in diverged:
             continue
         compared += 1
         expected, got = baseline[key].result.token_ids, record.result.token_ids

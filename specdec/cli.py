@@ -107,12 +107,14 @@ def _train_parser(sub) -> None:
     from specdec.train.acceptance_head import add_acceptance_head_parser
     from specdec.train.distill import add_distill_parser
     from specdec.train.early_exit import add_early_exit_parser
+    from specdec.train.online import add_online_parser
 
-    parser = sub.add_parser("train", help="train drafters: distill a draft model, an early-exit or acceptance head")
+    parser = sub.add_parser("train", help="train drafters: distill a draft model, an early-exit or acceptance head, online")
     trainers = parser.add_subparsers(dest="trainer", required=True)
     add_distill_parser(trainers)
     add_early_exit_parser(trainers)
     add_acceptance_head_parser(trainers)
+    add_online_parser(trainers)
 
 
 def _bench_step_parser(sub) -> None:

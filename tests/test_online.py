@@ -75,7 +75,7 @@ def test_the_record_forward_gives_each_item_the_logits_of_its_own_context():
     learner.record([5, 6, 7, 10, 20], [14], [-1], [], 21, torch.randn(2, VOCAB))
     record = learner.current
     with torch.no_grad():
-        tree_logits = learner.student.logits(*record.inputs(), served=True)
+        tree_logits = learner.student.logits(record, torch.arange(len(record.tokens) + len(record.extra)), served=True)
         contexts = {record.index(-1): [5, 6, 7, 10, 11], record.index(-2): [5, 6, 7, 12],
                     record.index(-3): [5, 6, 7, 12, 13], record.index(-4): [5, 6, 7, 10, 20, 14],
                     4: [5, 6, 7, 10, 20]}
@@ -211,3 +211,83 @@ def test_bad_checkpoints_and_options_are_refused_clearly(tmp_path):
         with pytest.raises(ValueError, match=message):
             ModelDrafter(weak_draft(), online=True, **options)
     ModelDrafter(weak_draft(), online=False, online_lr=-1.0)  # options of a drafter that does not learn: unused
+
+
+# ---- the command: a stream killed mid-way resumes where its checkpoint stopped
+
+
+def test_specdec_train_online_resumes_after_sigkill_without_losing_or_repeating_a_prompt(tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tiny_models import ALPHABET, tiny_tokenizer
+
+    target_dir, draft_dir = tmp_path / "target", tmp_path / "draft"
+    target = target_model().float()
+    target.save_pretrained(target_dir)
+    tiny_tokenizer().save_pretrained(target_dir)
+    weak_draft().save_pretrained(draft_dir)
+    prompts = ["".join(ALPHABET[t // 16] + ALPHABET[t % 16] for t in prompt) for prompt in stream(30)]
+    data = tmp_path / "stream.jsonl"
+    data.write_text("".join(json.dumps({"question_id": f"q{i}", "category": "letters", "turns": [text]}) + "\n"
+                            for i, text in enumerate(prompts)))
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "specdec", "train", "online", "--target", str(target_dir), "--draft",
+               str(draft_dir), "--data", str(data), "--out", str(out), "--max-new-tokens", "16", "--every", "48",
+               "--lr", "3e-3", "--template", "none", "--dtype", "float32", "--device", "cpu"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log, checkpoint = out / "stream.jsonl", out / "online.safetensors"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:  # kill it once a checkpoint exists and it went on
+        if checkpoint.exists() and log.exists() and len(log.read_text().splitlines()) >= 12:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the stream finished before it could be killed: lengthen it"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    served_before = len(log.read_text().splitlines())
+    finished = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "resumed at prompt" in finished.stderr
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [line["index"] for line in lines] == list(range(30)) and served_before >= 12
+    for line, prompt in zip(lines, stream(30)):  # every answer, before and after the kill, is the target's own
+        assert line["token_ids"] == greedy_truth(target, tuple(prompt), 16)
+    versions = [line["version"] for line in lines]
+    assert versions == sorted(versions) and versions[-1] >= 3
+
+
+# ---- specdec bench --stream
+
+
+def test_the_prequential_stream_reports_windows_learning_time_and_the_lossless_check(tmp_path):
+    from specdec.evals.data import Question
+    from specdec.evals.methods import BenchContext
+    from specdec.evals.stream import markdown, run_stream, write_chart
+    from specdec.sampling import SamplingParams
+    from tiny_models import ALPHABET, tiny_tokenizer
+
+    target = target_model()
+    draft_dir = tmp_path / "draft"
+    weak_draft().save_pretrained(draft_dir)
+    questions = [Question(f"q{i}", "letters" if i < 12 else "shifted",
+                          ("".join(ALPHABET[t // 16] + ALPHABET[t % 16] for t in prompt),))
+                 for i, prompt in enumerate(stream(12) + stream(8, seeds=3))]
+    learning = f"model:path={draft_dir},mode=chain,online=True,online_every=48,online_lr=3e-3,online_background=False"
+    frozen = f"model:path={draft_dir},mode=chain"
+    context = BenchContext(target, tiny_tokenizer(), SamplingParams(), "static:max_depth=4,max_nodes=4")
+    result = run_stream(context, questions, ["ar", learning, frozen], 16, "none", window=5, show_progress=False)
+    assert [(w["start"], w["end"]) for w in result["windows"]] == [(0, 5), (5, 10), (10, 15), (15, 20)]
+    assert result["windows"][-1][learning]["version"] >= 5 and result["windows"][-1][frozen]["version"] == 0
+    assert result["lossless"]["checked"] == 2 * len(questions) and not result["lossless"]["mismatches"]
+    assert result["totals"][learning]["learn_s"] > 0 and result["totals"][frozen]["learn_s"] == 0
+    assert result["learners"][learning]["updates"] >= 5
+    last = result["windows"][-1]
+    assert last[learning]["tau"] > last[frozen]["tau"] and last["ar"]["speedup"] == 1.0
+    assert markdown(result).count("\n") == 2 + len(result["windows"]) + 1
+    assert write_chart(result, tmp_path / "stream.png").stat().st_size > 0

@@ -64,7 +64,7 @@ class OnlineConfig:
     "jsd" (beta: JSD's mixture weight of the target). topk: target probabilities kept per row. batch_positions:
     positions per optimizer step. replay: records the reservoir keeps. reject_weight: weight of rows at and after
     the first rejection. holdout_every: every n-th sequence is held out for the promotion gate (0: no gate).
-    holdout_records: held-out records kept (the most recent). background: train in a worker thread (None: on CUDA).
+    holdout_records: held-out records kept (the most recent). epochs: passes over an update's data. background: train in a worker thread (None: on CUDA).
     checkpoint: a file saved after every update and resumed from at start when it exists. seed: replay sampling."""
 
     lr: float = 3e-4
@@ -77,6 +77,7 @@ class OnlineConfig:
     reject_weight: float = 2.0
     holdout_every: int = 8
     holdout_records: int = 16
+    epochs: int = 1
     background: bool | None = None
     checkpoint: str | None = None
     seed: int = 0
@@ -84,7 +85,7 @@ class OnlineConfig:
     def __post_init__(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"online_lr must be a positive number, got {self.lr}")
-        for name in ("every", "topk", "batch_positions"):
+        for name in ("every", "topk", "batch_positions", "epochs"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"online_{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if self.loss not in LOSSES:
@@ -119,6 +120,7 @@ class Record:
     row_ids: list[torch.Tensor] = field(default_factory=list)
     row_probs: list[torch.Tensor] = field(default_factory=list)
     row_weight: list[float] = field(default_factory=list)
+    features: torch.Tensor | None = None  # a student's frozen inputs at the rows, computed once (not saved)
 
     @property
     def rows(self) -> int:
@@ -202,13 +204,14 @@ class ModelStudent:
     def served_parameters(self) -> dict[str, torch.nn.Parameter]:
         return dict(self.served.named_parameters())
 
-    def logits(self, ids: list[int], positions: list[int], allowed: torch.Tensor, served: bool = False) -> torch.Tensor:
-        """(L, V) logits of the shadow (or the served model) over one record's items."""
+    def logits(self, record: Record, items: torch.Tensor, served: bool = False) -> torch.Tensor:
+        """(R, V) logits of the shadow (or the served model) at `items` of one record's tree-masked forward (the LM
+        head runs on those rows only)."""
         model = self.served if served else self.shadow
-        device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-        out = model(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions], device=device),
-                    attention_mask=mask[None, None].to(device), use_cache=False)
+        parameter = next(model.parameters())
+        ids, positions, mask = _tree_inputs(record, parameter.device, parameter.dtype)
+        out = model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False,
+                    logits_to_keep=items.to(parameter.device))
         return out.logits[0]
 
 
@@ -233,20 +236,29 @@ class HeadStudent:
     def served_parameters(self) -> dict[str, torch.nn.Parameter]:
         return dict(self.drafter.head.named_parameters())
 
-    def logits(self, ids: list[int], positions: list[int], allowed: torch.Tensor, served: bool = False) -> torch.Tensor:
+    def logits(self, record: Record, items: torch.Tensor, served: bool = False) -> torch.Tensor:
+        """(R, V) draft logits at `items`: h_L there comes from the frozen layers once per record (cached on it),
+        then only the head and the LM head run (with gradients to the head)."""
         from transformers import DynamicCache
 
         from specdec.train.early_exit import draft_logits
 
-        target = self.drafter.model
-        device, dtype = target.device, next(target.parameters()).dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-        with torch.no_grad():
-            hidden = self.drafter.hidden_after(torch.tensor([ids], device=device),
-                                               torch.tensor([positions], device=device),
-                                               mask[None, None].to(device), DynamicCache())
+        if record.features is None:
+            target = self.drafter.model
+            parameter = next(target.parameters())
+            with torch.no_grad():
+                hidden = self.drafter.hidden_after(*_tree_inputs(record, parameter.device, parameter.dtype),
+                                                   DynamicCache())
+            record.features = hidden[0, items.to(parameter.device)]
         head = self.drafter.head if served else self.shadow
-        return draft_logits(target, head, hidden.to(next(head.parameters()).dtype))[0]
+        return draft_logits(self.drafter.model, head, record.features.to(next(head.parameters()).dtype))
+
+
+def _tree_inputs(record: Record, device: torch.device, dtype: torch.dtype):
+    """One record's forward inputs on `device`: (1, L) ids, (1, L) position ids, (1, 1, L, L) float mask."""
+    ids, positions, allowed = record.inputs()
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+    return (torch.tensor([ids], device=device), torch.tensor([positions], device=device), mask.to(device))
 
 
 def _signature(student) -> str:
@@ -437,9 +449,10 @@ class OnlineLearner:
         """Train on `fresh` + replay; gate; True = publish, False = rolled back."""
         started = time.perf_counter()
         replay = self.rng.sample(self.reservoir, min(len(fresh), len(self.reservoir)))
-        batch = fresh + replay
-        self.rng.shuffle(batch)
-        self._train(batch)
+        for _ in range(self.config.epochs):
+            batch = fresh + replay
+            self.rng.shuffle(batch)
+            self._train(batch)
         for record in fresh:
             self._remember(record)
         self.counts["updates"] += 1
@@ -455,10 +468,9 @@ class OnlineLearner:
         losses = []
         for record in batch:
             items, ids, probs, weights = record.targets()
-            logits = self.student.logits(*record.inputs())
+            logits = self.student.logits(record, items)
             device = logits.device
-            per_row = bucket_loss(logits[items.to(device)], ids.to(device), probs.to(device), self.config.loss,
-                                  self.config.beta)
+            per_row = bucket_loss(logits, ids.to(device), probs.to(device), self.config.loss, self.config.beta)
             losses.append((per_row * weights.to(device)).sum())
             pending += record.rows
             weight_sum += float(weights.sum())
@@ -491,9 +503,9 @@ class OnlineLearner:
         total, rows = 0.0, 0
         for record in records:
             items, ids, probs, _ = record.targets()
-            logits = self.student.logits(*record.inputs(), served=served)
+            logits = self.student.logits(record, items, served=served)
             device = logits.device
-            total += float(expected_acceptance(logits[items.to(device)], ids.to(device), probs.to(device)).sum())
+            total += float(expected_acceptance(logits, ids.to(device), probs.to(device)).sum())
             rows += record.rows
         return total / rows if rows else float("nan")
 
@@ -594,3 +606,89 @@ def _rng_state(rng: random.Random) -> list:
 
 def _rng_from_json(state: list) -> tuple:
     return state[0], tuple(state[1]), state[2]
+
+
+# ------------------------------------------------------------------------------------------------ the command
+
+
+def add_online_parser(subparsers):
+    """Add `online` to the subparsers of `specdec train`."""
+    parser = subparsers.add_parser("online", help="serve a stream of prompts with a drafter that learns online "
+                                                  "(checkpointed, resumable)", description=__doc__.splitlines()[0])
+    parser.add_argument("--target", required=True, help="a catalogue name, a .gguf file, zoo:<preset>, an HF folder")
+    parser.add_argument("--draft", help="a draft model (any source --target takes): the `model` drafter")
+    parser.add_argument("--drafter", help="or a drafter spec, e.g. early_exit:layer=8 (online=True is added)")
+    parser.add_argument("--data", required=True, help="the stream: what `specdec bench --data` takes (a+b: one "
+                                                      "source after the other)")
+    parser.add_argument("--out", required=True, type=Path, help="a folder: online.safetensors (the checkpoint, "
+                                                                "resumed from when present) and stream.jsonl")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many prompts per category")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--controller", default="static:max_depth=4,max_nodes=4")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--every", type=int, default=None, help="buffered positions per update")
+    parser.add_argument("--loss", choices=LOSSES, default=None)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--backend", default="hf")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--template", default="auto", help="prompt format, as specdec bench's --template")
+    parser.set_defaults(run=online_command)
+    return parser
+
+
+def online_drafter_spec(args) -> str:
+    if bool(args.draft) == bool(args.drafter):
+        raise ValueError("give one of --draft (a draft model) or --drafter (a drafter spec)")
+    spec = f"model:path={args.draft}" if args.draft else args.drafter
+    options = {"online": True, "online_checkpoint": str(args.out / "online.safetensors"), "online_background": False,
+               "online_lr": args.lr, "online_every": args.every, "online_loss": args.loss,
+               "online_epochs": args.epochs}
+    extra = ",".join(f"{key}={value}" for key, value in options.items() if value is not None)
+    return f"{spec}{',' if ':' in spec else ':'}{extra}"
+
+
+def online_command(args) -> int:
+    """Serve the stream in order; after each prompt append its line to stream.jsonl. A resumed run (the checkpoint
+    exists) drops the lines past the checkpoint's cursor and serves from there: nothing is lost or served twice."""
+    from rich.console import Console
+
+    from specdec.evals.data import load_questions
+    from specdec.evals.runner import encode_turn
+    from specdec.generator import SpeculativeGenerator
+
+    console = Console(stderr=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    spec = online_drafter_spec(args)
+    generator = SpeculativeGenerator(args.target, drafter=spec, controller=args.controller, backend=args.backend,
+                                     dtype=args.dtype, device=args.device)
+    questions = [q for part in args.data.split("+") for q in load_questions(part, limit=args.limit)]
+    drafter = generator.drafter
+    if getattr(drafter, "learner", None) is None:  # a path-loaded draft binds its model (and learner) at first use
+        drafter._load(generator.target_view)
+    learner = drafter.learner
+    start = int(learner.extra.get("served", 0))
+    log = args.out / "stream.jsonl"
+    kept = [line for line in (log.read_text().splitlines() if log.exists() else [])
+            if json.loads(line)["index"] < start]
+    log.write_text("".join(line + "\n" for line in kept))
+    if start:
+        console.print(f"resumed at prompt {start} (drafter version {learner.version})")
+    with log.open("a") as sink:
+        for index in range(start, len(questions)):
+            question = questions[index]
+            raw = question.category.startswith("code") and args.template == "auto"
+            prompt = encode_turn(generator.tokenizer, [{"role": "user", "content": question.turns[0]}],
+                                 "none" if raw else args.template)
+            out = generator.generate(prompt, max_new_tokens=args.max_new_tokens)
+            learner.extra["served"] = index + 1  # the next boundary's checkpoint covers this prompt
+            sink.write(json.dumps({"index": index, "question_id": question.question_id, "version":
+                                   out.stats.drafter_version, "tau": out.stats.tau, "new_tokens": out.stats.new_tokens,
+                                   "seconds": out.stats.wall_s, "token_ids": out.token_ids}) + "\n")
+            sink.flush()
+            console.print(f"{index}: tau {out.stats.tau:.2f}, drafter v{out.stats.drafter_version}")
+    learner.end_sequence()
+    learner.wait()
+    learner.save(args.out / "online.safetensors")
+    console.print(f"stream done: {len(questions)} prompts, drafter v{learner.version}, learning {learner.train_s:.1f} s")
+    return 0
