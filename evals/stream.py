@@ -65,10 +65,11 @@ class StreamMethod:
 
 
 def load_stream(data: str, categories, limit: int | None, field: str) -> list[Question]:
-    """`a+b+...`: each source's questions in their order, one after another."""
+    """`a+b+...`: each source's questions in their order, one after another; `limit` (per category) applies to the
+    parts that give no count of their own (`code:200` keeps its 200)."""
     questions = []
     for part in data.split("+"):
-        questions += load_questions(part, categories, limit, None, field)
+        questions += load_questions(part, categories, None if ":" in part else limit, None, field)
     if not questions:
         raise ValueError(f"--data {data!r} gave no questions")
     return questions
