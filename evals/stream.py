@@ -150,12 +150,20 @@ def totals(rows: list[dict], methods: list[str], finish: dict[str, float]) -> di
     return out
 
 
+def short_label(spec: str) -> str:
+    """A method's spec without its online-learning options: `early_exit:layer=8 (learning)`."""
+    head, _, tail = spec.partition(":")
+    kept = [part for part in tail.split(",") if part and not part.startswith("online")]
+    learning = any(part.replace(" ", "") == "online=True" for part in tail.split(","))
+    return head + (":" + ",".join(kept) if kept else "") + (" (learning)" if learning else "")
+
+
 def window_table(result: dict, metric: str = "tau") -> Table:
     methods = list(result["totals"])
     table = Table(title=f"stream: {metric} per window of questions")
     table.add_column("questions")
     for method in methods:
-        table.add_column(method, justify="right")
+        table.add_column(short_label(method), justify="right")
     for entry in result["windows"]:
         cells = [f"{entry[m][metric]:.2f}" + (f" v{entry[m]['version']}" if entry[m].get("version") else "")
                  for m in methods]
@@ -168,7 +176,8 @@ def window_table(result: dict, metric: str = "tau") -> Table:
 
 def markdown(result: dict) -> str:
     methods = list(result["totals"])
-    lines = [f"| questions | {' | '.join(f'{m} τ' for m in methods)} | {' | '.join(f'{m} tok/s' for m in methods)} |",
+    labels = [short_label(m) for m in methods]
+    lines = [f"| questions | {' | '.join(f'{m} τ' for m in labels)} | {' | '.join(f'{m} tok/s' for m in labels)} |",
              "|---" * (1 + 2 * len(methods)) + "|"]
     for entry in result["windows"]:
         lines.append(f"| {entry['start']}-{entry['end'] - 1} | "
@@ -189,12 +198,12 @@ def write_chart(result: dict, path: Path) -> Path:
     figure, (left, right) = pyplot.subplots(1, 2, figsize=(11, 4))
     starts = [entry["start"] for entry in result["windows"]]
     for method in methods:
-        left.plot(starts, [entry[method]["tau"] for entry in result["windows"]], marker="o", label=method)
-        right.plot(starts, [entry[method]["tokens_per_s"] for entry in result["windows"]], marker="o", label=method)
+        left.plot(starts, [entry[method]["tau"] for entry in result["windows"]], marker="o", label=short_label(method))
+        right.plot(starts, [entry[method]["tokens_per_s"] for entry in result["windows"]], marker="o")
     left.set(title="tau per window", xlabel="question index (window start)", ylabel="tokens per target forward")
     right.set(title="tokens/s per window (learning included)", xlabel="question index (window start)")
-    left.legend(fontsize=7)
-    figure.tight_layout()
+    figure.legend(loc="lower center", ncol=min(len(methods), 2), fontsize=7)
+    figure.tight_layout(rect=(0, 0.1, 1, 1))
     figure.savefig(path, dpi=110)
     pyplot.close(figure)
     return path

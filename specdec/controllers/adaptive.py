@@ -22,6 +22,8 @@ measured either). Decisions read host numbers only: no device sync is added."""
 
 from __future__ import annotations
 
+import abc
+
 import time
 from typing import Sequence
 
@@ -38,7 +40,7 @@ MEASURE_DECAY = 0.8  # the measured speculative / plain rates: moving sums over 
 TRIM_SAVING = 0.10  # cut a proposal only where a smaller tree can save this share of a step (flat curves: never)
 
 
-class CostAware:
+class CostAware(abc.ABC):
     """What the cost-aware controllers share: the models, the measured rate, plain runs and probes.
 
     max_depth, max_nodes: the largest budget considered; profile_reps: runs per profiled size (median);
@@ -223,9 +225,9 @@ class CostAware:
         self._trim_from = next((n for n, t in enumerate(self._verify_list) if n > 1 and t - base > saving),
                                self.max_nodes + 1)
 
+    @abc.abstractmethod
     def _solve(self) -> tuple[Budget, float]:
         """(the best speculative budget, its expected tokens per second)."""
-        raise NotImplementedError
 
     def _best_first(self) -> tuple[numpy.ndarray, numpy.ndarray]:
         return self.acceptance.best_tree(self.max_nodes + self.max_depth, self.max_depth, min(self._width, RANKS))
