@@ -140,6 +140,9 @@ class SpeculativeGenerator:
         self.phase_sync = False  # PhaseTimer(cuda_sync): benchmarks set it to charge GPU work to its phase
         self.drafter = make_drafter(drafter)
         self.controller = make_controller(controller)
+        # batched decoding makes a drafter and a controller per row from these (None: objects were given)
+        self._drafter_spec = drafter if isinstance(drafter, str) else None
+        self._controller_spec = controller if isinstance(controller, str) else None
         vocab = getattr(self.drafter, "vocab_size", None)
         if vocab is not None and vocab != self.backend.vocab_size:
             raise ValueError(f"drafter vocab {vocab} != target vocab {self.backend.vocab_size}; "
@@ -147,13 +150,21 @@ class SpeculativeGenerator:
         self.target_view = TargetView(self.backend.vocab_size, self.backend.device, self.backend.model)
 
     def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int | None = 0, stop: Sequence[str] = (), chat: bool = False):
+                 top_k: int = 0, seed: int | None = 0, stop: Sequence[str] = (), chat: bool = False,
+                 batch_size: int = 1):
         """One prompt (str, list of token ids, 1-D tensor) -> a `GenerationOutput`; a list of strings or a 2-D
-        tensor -> a list of them, generated one after another."""
+        tensor -> a list of them, generated one after another, or with `batch_size` B > 1 up to B at once (a list
+        of prompts of one kind: strings, token-id lists or 1-D tensors; `specdec.batch`)."""
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                        seed=seed, stop=stop, chat=chat)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if batch_size > 1:
+            from specdec.batch import decode_batch
+
+            return decode_batch(self, _prompt_list(prompt), batch_size, options)
         if _is_batch(prompt):
-            return [self.generate(one, **options) for one in prompt]
+            return [self.generate(one, **options) for one in _prompt_list(prompt)]
         # the steps' streamed text would go unread: decoding the whole text each step costs O(length) host time
         steps = self._decode_loop(*self._prepare(prompt, **options), stream_text=False)
         while True:
@@ -371,7 +382,28 @@ class SpeculativeGenerator:
         return None if self.tokenizer is None else self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
+def _prompt_list(prompts) -> list:
+    """A batch's prompts as a list, all of one kind (str, token-id list, 1-D tensor): else a ValueError naming the
+    first prompt of another kind."""
+    if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
+        return list(prompts.unbind(0))
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("batch_size > 1 needs a non-empty list of prompts")
+
+    def kind(prompt) -> str:
+        return ("a string" if isinstance(prompt, str) else "a tensor" if isinstance(prompt, torch.Tensor)
+                else "a list of token ids" if isinstance(prompt, (list, tuple)) else type(prompt).__name__)
+
+    first = kind(prompts[0])
+    for number, prompt in enumerate(prompts):
+        if kind(prompt) != first:
+            raise ValueError(f"prompt {number} is {kind(prompt)} but prompt 0 is {first}: give prompts of one kind")
+    return list(prompts)
+
+
 def _is_batch(prompt) -> bool:
+    """A 2-D tensor, or a list of prompts (strings, token-id lists, tensors) rather than one list of token ids."""
     if isinstance(prompt, torch.Tensor):
         return prompt.dim() == 2
-    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(p, str) for p in prompt)
+    return (isinstance(prompt, (list, tuple)) and bool(prompt)
+            and all(isinstance(p, (str, list, tuple, torch.Tensor)) for p in prompt))

@@ -1,0 +1,325 @@
+"""Batched speculative decoding: B sequences at once, each with its own tree, lossless per row.
+
+`BatchedStaticBackend` keeps the target's KV of B rows in one preallocated buffer (L, 2, B, Hkv, S, D) with a
+length per row. One verify step scores every active row's [root + tree] in one forward of shape (B, T), T = the
+largest row's N + 1 (rows with fewer nodes are padded; a padding query sees only itself, is never committed):
+
+    row b, query i (its root at i = 0, node j at i = 1 + j):
+      position id   length[b] + depth(i)                         (depth-based, per row)
+      writes slot   length[b] + i                                 (past the row's committed slots)
+      sees          slots [0, length[b]) + its ancestors' slots + itself
+
+so a row's logits never depend on its neighbours (the mask hides everything of theirs: they live in other rows of
+the buffer). `commit` then moves each row's accepted path right behind its root in every layer with one gather and
+one scatter for all rows (no Python loop over rows; a row's unused index entries move its root onto itself).
+
+`decode_batch` runs the loop: rows that finish (EOS, stop string, length) leave and the next prompt takes the row
+(a batch-1 prefill into that row of the buffer); each row has its own drafter and controller (made from their specs),
+its own sampling generator (prompt i samples with seed + i) and stopping rule. Model-free drafters propose per row on the host; model drafters run
+their own forwards per row (not yet batched across rows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from specdec.accept import accept, greedy_walk
+from specdec.backends.hf import cache_keyword, context_window
+from specdec.tree import DraftTree, depth_list, path_to
+
+
+class _RowSlots:
+    """Where the current forward writes: (R, T) int64 slots, one row per sequence of the forward."""
+
+    def __init__(self):
+        self.write_slots: torch.Tensor | None = None
+
+
+class _BatchLayer(CacheLayerMixin):
+    """Layer `index` of the buffer over the rows `rows` (a slice): `update` writes each row's keys at its own slots."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, buffer: torch.Tensor, index: int, rows: slice, slots: _RowSlots):
+        super().__init__()
+        self.keys, self.values = buffer[index, 0, rows], buffer[index, 1, rows]
+        self.slots, self.is_initialized = slots, True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        rows, heads, count, dim = key_states.shape
+        where = self.slots.write_slots[:, None, :, None].expand(rows, heads, count, dim)
+        self.keys.scatter_(2, where, key_states)
+        self.values.scatter_(2, where, value_states)
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.keys.shape[-2], 0
+
+    def get_seq_length(self) -> int:
+        raise RuntimeError("the batched backend always passes position ids")
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[-2]
+
+
+class BatchedStaticBackend:
+    """The target's KV for `batch_size` rows; `lengths[b]` = committed tokens cached in row b (its root's position)."""
+
+    def __init__(self, model: PreTrainedModel, batch_size: int, max_len: int | None = None):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self.model, self.batch_size = model, batch_size
+        self.device, self.dtype = model.device, next(model.parameters()).dtype
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.max_positions = context_window(model.config)
+        self.max_len = max_len or self.max_positions
+        if not self.max_len:
+            raise ValueError("the model states no context window; pass max_len=... to size the batched cache")
+        config = model.config.get_text_config()
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        self.buffer = torch.zeros((config.num_hidden_layers, 2, batch_size, kv_heads, self.max_len, head_dim),
+                                  dtype=self.dtype, device=self.device)
+        self.lengths = [0] * batch_size
+
+    def _cache(self, rows: slice, slots: _RowSlots) -> Cache:
+        return Cache(layers=[_BatchLayer(self.buffer, index, rows, slots) for index in range(self.buffer.shape[0])])
+
+    def _forward(self, rows: slice, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                 visible: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """ids / positions / slots (R, T); visible (R, T, S) bool -> (R, T or 1, V) logits."""
+        where = _RowSlots()
+        where.write_slots = slots
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+        out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask[:, None],
+                         **{cache_keyword(self.model.forward): self._cache(rows, where)}, use_cache=True,
+                         **({"logits_to_keep": 1} if last_only else {}))
+        return out.logits
+
+    @torch.inference_mode()
+    def prefill_row(self, row: int, token_ids: Sequence[int]) -> None:
+        """Row `row` now holds `token_ids` (a prompt but its last token, the first root); its stale tail stays."""
+        count = len(token_ids)
+        if count + 1 > self.max_len:
+            raise ValueError(f"row {row}: the prompt has {count + 1} tokens; the cache holds {self.max_len}")
+        self.lengths[row] = count
+        if not count:
+            return
+        span = torch.arange(count, device=self.device)
+        visible = torch.zeros(1, count, self.max_len, dtype=torch.bool, device=self.device)
+        visible[0, :, :count] = torch.ones(count, count, dtype=torch.bool, device=self.device).tril()
+        ids = torch.tensor([list(token_ids)], device=self.device)
+        self._forward(slice(row, row + 1), ids, span[None], span[None], visible, last_only=True)
+
+    @torch.inference_mode()
+    def score(self, roots: Sequence[int | None], trees: Sequence[DraftTree | None]) -> list[torch.Tensor | None]:
+        """One forward over every active row's [root + tree] (None: an idle row) -> per row (N_b + 1, V) logits."""
+        active = [b for b, root in enumerate(roots) if root is not None]
+        width = max(len(trees[b]) + 1 for b in active)
+        batch, size = self.batch_size, self.max_len
+        ids = torch.zeros(batch, width, dtype=torch.long)
+        positions = torch.zeros(batch, width, dtype=torch.long)
+        slots = torch.zeros(batch, width, dtype=torch.long)
+        visible = torch.zeros(batch, width, size, dtype=torch.bool)
+        for b in range(batch):  # host-side inputs; the forward and its mask see each row alone
+            start = self.lengths[b]
+            if start + width > size:
+                if b in active:
+                    raise ValueError(f"row {b}: the cache holds {size} tokens; this step needs {start + width}")
+                start = 0  # an idle row writes at its start (its slots are rewritten by its next prefill)
+            slots[b] = torch.arange(start, start + width)
+            positions[b] = start
+            visible[b, torch.arange(width), slots[b]] = True  # every query (padding too) sees itself
+            if b not in active:
+                continue
+            tree = trees[b]
+            count = len(tree) + 1
+            ids[b, 0], ids[b, 1:count] = roots[b], torch.as_tensor(tree.host_tokens or tree.tokens.tolist())
+            positions[b, 1:count] = start + torch.tensor(depth_list(tree), dtype=torch.long)
+            visible[b, :count, :start] = True
+            visible[b, 1:count, start] = True  # every node sees the root
+            for node, parent in enumerate(tree.host_parents):
+                if parent >= 0:
+                    visible[b, 1 + node] |= visible[b, 1 + parent]
+        logits = self._forward(slice(None), ids.to(self.device), positions.to(self.device), slots.to(self.device),
+                               visible.to(self.device))
+        return [logits[b, : len(trees[b]) + 1] if b in active else None for b in range(batch)]
+
+    @torch.inference_mode()
+    def commit(self, paths: Sequence[Sequence[int] | None]) -> None:
+        """Per active row, its accepted nodes (path order): their KV moves behind the row's root in every layer (one
+        gather, one scatter for all rows) and the row's length grows by 1 + len(path). None: an idle row."""
+        longest = max((len(p) for p in paths if p is not None), default=0)
+        if longest:
+            source = torch.zeros(self.batch_size, longest, dtype=torch.long)
+            target = torch.zeros(self.batch_size, longest, dtype=torch.long)
+            for b, path in enumerate(paths):
+                root = self.lengths[b] if path is not None and self.lengths[b] < self.max_len else 0
+                source[b], target[b] = root, root  # unused entries: the root onto itself
+                for k, node in enumerate(path or ()):
+                    source[b, k], target[b, k] = root + 1 + node, root + 1 + k
+            layers, _, batch, heads, _, dim = self.buffer.shape
+            shape = (layers, 2, batch, heads, longest, dim)
+            source = source.to(self.device)[None, None, :, None, :, None].expand(shape)
+            target = target.to(self.device)[None, None, :, None, :, None].expand(shape)
+            self.buffer.scatter_(4, target, self.buffer.gather(4, source))
+        for b, path in enumerate(paths):
+            if path is not None:
+                self.lengths[b] += 1 + len(path)
+
+
+@dataclass
+class RowOutcome:
+    """One row's verification: the accepted nodes, their tokens and the bonus token."""
+
+    accepted_nodes: list[int]
+    accepted_tokens: list[int]
+    bonus_token: int
+    logits: torch.Tensor = field(repr=False)
+
+
+def accept_row(tree: DraftTree, logits: torch.Tensor, params, generator) -> RowOutcome:
+    """Greedy: the argmax walk; else recursive rejection sampling (`accept`) with the row's own generator."""
+    if params.greedy:
+        best = logits.argmax(-1).tolist()
+        tokens = tree.host_tokens if tree.host_tokens is not None else tree.tokens.tolist()
+        deepest, bonus = greedy_walk(tree.host_parents, tokens, best)
+    else:
+        tree = tree.to(logits.device)
+        outcome = accept(tree, logits, params, generator)
+        deepest, bonus = int(outcome.deepest_node), int(outcome.bonus_token)
+        tokens = tree.tokens.tolist()
+    nodes = path_to(tree, deepest)
+    return RowOutcome(nodes, [tokens[node] for node in nodes], bonus, logits)
+
+
+@dataclass
+class _Row:
+    """One sequence in a row of the batch."""
+
+    index: int              # its place in the caller's list of prompts
+    prompt_ids: list[int]
+    params: object
+    rule: object
+    drafter: object
+    controller: object
+    generator: torch.Generator | None
+    committed: list[int]
+    generated: list[int] = field(default_factory=list)
+    history: list = field(default_factory=list)
+    stats: object = None
+    started: float = 0.0
+
+
+def decode_batch(gen, prompts: Sequence, batch_size: int, options: dict) -> list:
+    """`SpeculativeGenerator.generate(prompts, batch_size=B)`: up to B rows at once (module docstring); returns
+    one `GenerationOutput` per prompt, in order. Every prompt is checked before any is decoded (errors name it)."""
+    import time
+
+    from specdec.controllers import StepStats, make_controller
+    from specdec.drafters import DraftContext, make_drafter
+    from specdec.generator import GenerationOutput, GenerationStats
+    from specdec.sampling import make_generator
+    from specdec.tree import max_depth
+    from specdec.verify import VerifyResult
+
+    if gen._drafter_spec is None or gen._controller_spec is None:
+        raise ValueError("batched decoding gives every row its own drafter and controller: pass them by name or "
+                         "spec (drafter='ngram', controller='heuristic'), not as objects")
+    prepared = []
+    for number, prompt in enumerate(prompts):
+        try:
+            prepared.append(gen._prepare(prompt, **options))
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"prompt {number}: {error}") from None
+    backend = BatchedStaticBackend(gen.backend.model, min(batch_size, len(prepared)))
+    rows: list[_Row | None] = [None] * backend.batch_size
+    outputs: list = [None] * len(prepared)
+    waiting = list(range(len(prepared)))[::-1]
+
+    def start(slot: int, index: int) -> _Row:
+        prompt_ids, params, rule = prepared[index]
+        if params.seed is not None:  # prompt i samples with seed + i: a batch of one prompt gives different samples
+            params = dataclasses.replace(params, seed=params.seed + index)
+        drafter, controller = make_drafter(gen._drafter_spec), make_controller(gen._controller_spec)
+        row = _Row(index, prompt_ids, params, rule, drafter, controller, make_generator(params, backend.device),
+                   list(prompt_ids), stats=GenerationStats(), started=time.perf_counter())
+        backend.prefill_row(slot, prompt_ids[:-1])
+        _call(row, "reset")
+        row.stats.drafter_version = getattr(drafter, "version", None)
+        return row
+
+    def finish(row: _Row, end: int) -> None:
+        generated = row.generated[:end]
+        row.stats.new_tokens, row.stats.stop_reason = len(generated), row.rule.reason
+        row.stats.wall_s = time.perf_counter() - row.started
+        outputs[row.index] = GenerationOutput(list(row.prompt_ids), generated, gen._decode(generated), row.stats)
+
+    def _failed(row: _Row, error: Exception) -> None:
+        if row.stats.drafter_errors == 0:
+            import warnings
+
+            warnings.warn(f"prompt {row.index}: drafter {type(row.drafter).__name__} failed "
+                          f"({type(error).__name__}: {error}); a plain step instead", RuntimeWarning, stacklevel=3)
+        row.stats.drafter_errors += 1
+
+    def _call(row: _Row, method: str, *args):
+        try:
+            return getattr(row.drafter, method)(*args)
+        except Exception as error:  # noqa: BLE001 - a drafter failure costs its row one plain step
+            _failed(row, error)
+            return None
+
+    def propose(row: _Row) -> DraftTree:
+        budget = gen._clamp(row.controller.budget(row.history), len(row.committed),
+                            row.rule.limit - len(row.generated))
+        if budget.max_nodes == 0 or budget.max_depth == 0:
+            return DraftTree.empty()
+        tree = _call(row, "propose", DraftContext(row.committed, budget, row.params, gen.target_view))
+        problem = None if tree is None else gen._tree_problem(tree, budget)
+        if problem:
+            _failed(row, ValueError(problem))
+        return DraftTree.empty() if tree is None or problem else tree
+
+    while waiting or any(rows):
+        for slot in range(backend.batch_size):
+            if rows[slot] is None and waiting:
+                rows[slot] = start(slot, waiting.pop())
+        trees = [None if row is None else propose(row) for row in rows]
+        logits = backend.score([None if row is None else row.committed[-1] for row in rows], trees)
+        outcomes = [None if row is None else accept_row(trees[b], logits[b], row.params, row.generator)
+                    for b, row in enumerate(rows)]
+        backend.commit([None if outcome is None else outcome.accepted_nodes for outcome in outcomes])
+        for slot, (row, tree, outcome) in enumerate(zip(rows, trees, outcomes)):
+            if row is None:
+                continue
+            new_tokens = outcome.accepted_tokens + [outcome.bonus_token]
+            _call(row, "observe", VerifyResult(tree, outcome.accepted_nodes, outcome.accepted_tokens,
+                                               outcome.bonus_token, outcome.logits))
+            step = StepStats(len(tree), max_depth(tree), len(outcome.accepted_nodes), tree=tree,
+                             accepted_nodes=tuple(outcome.accepted_nodes), proposed_nodes=len(tree))
+            row.history.append(step)
+            row.controller.observe(step)
+            row.stats.target_forwards += 1
+            row.stats.drafted_nodes += len(tree)
+            row.stats.accepted_hist[len(outcome.accepted_nodes)] += 1
+            before = len(row.generated)
+            row.generated += new_tokens
+            row.committed = row.committed + new_tokens
+            end = row.rule.cut(row.generated, before)
+            if end is not None:
+                finish(row, end)
+                rows[slot] = None
+    return outputs

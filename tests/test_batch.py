@@ -1,0 +1,171 @@
+"""Batched speculative decoding (`specdec.batch`): every row's output equals its batch-1 plain decoding, whatever
+the batch size, the prompts' lengths and order, rows finishing early, drafters right, wrong or random; each row's
+samples follow the target's distribution; bad batches are refused naming the prompt."""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from specdec import SpeculativeGenerator
+from specdec.batch import BatchedStaticBackend
+from specdec.drafters import register_drafter
+from specdec.tree import DraftTree, subtree
+from tiny_models import (chi_square_p_value, distorted, fresh_tiny_model, greedy_truth, repetitive_prompt, single_thread,
+                         tiny_model)
+
+VOCAB = 256
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with single_thread():
+        yield
+
+
+@register_drafter("test_batch_oracle")
+class OracleDrafter:
+    """Proposes the target's own greedy continuation (a chain), read from `TRUTH[prompt]`: always accepted."""
+
+    vocab_size = None
+    truth: dict = {}
+
+    def propose(self, ctx):
+        prompt = next(p for p in self.truth if list(ctx.token_ids[: len(p)]) == list(p))
+        done = len(ctx.token_ids) - len(prompt)
+        chain = self.truth[prompt][done: done + ctx.budget.max_depth]
+        return DraftTree.chain(chain) if chain else DraftTree.empty()
+
+    def observe(self, result):
+        pass
+
+    def reset(self):
+        pass
+
+
+@register_drafter("test_batch_noise")
+class NoiseDrafter:
+    """always_wrong=True: tokens the target never picks next (a tree of 3); else random trees of random tokens."""
+
+    vocab_size = None
+
+    def __init__(self, always_wrong: bool = False, seed: int = 0):
+        self.always_wrong, self.rng = always_wrong, random.Random(seed)
+
+    def propose(self, ctx):
+        size = min(ctx.budget.max_nodes, 3 if self.always_wrong else self.rng.randint(1, 6))
+        tokens = [VOCAB - 1 - i for i in range(size)] if self.always_wrong else \
+            [self.rng.randrange(VOCAB) for _ in range(size)]
+        parents = [-1] + [self.rng.randrange(i) - (0 if self.always_wrong else 1) for i in range(1, size)]
+        parents = [max(p, -1) for p in parents]
+        depth = []
+        for parent in parents:
+            depth.append(1 if parent < 0 else depth[parent] + 1)
+        keep = [node for node in range(size) if depth[node] <= ctx.budget.max_depth]
+        return subtree(DraftTree(torch.tensor(tokens), torch.tensor(parents)), keep)
+
+    def observe(self, result):
+        pass
+
+    def reset(self):
+        pass
+
+
+@functools.cache
+def eos_model():
+    """A model whose EOS is a token its greedy answers reach mid-way now and then: some rows end early."""
+    model = fresh_tiny_model("llama", init_range=0.1)
+    counts = Counter(token for p in prompts(12, seed=99) for token in greedy_truth(model, tuple(p), 24)[4:])
+    model.generation_config.eos_token_id = counts.most_common(1)[0][0]
+    return model
+
+
+def prompts(count: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [repetitive_prompt(VOCAB, seed=seed * 100 + i, length=rng.randint(3, 30)) for i in range(count)]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8, 17])
+@pytest.mark.parametrize("drafter", ["ngram", "test_batch_oracle", "test_batch_noise:always_wrong=True",
+                                     "test_batch_noise:seed=3"])
+def test_every_row_equals_its_batch_one_plain_decoding(batch_size, drafter):
+    model = eos_model()
+    batch = prompts(20, seed=batch_size)
+    truth = {tuple(p): greedy_truth(model, tuple(p), 24, model.generation_config.eos_token_id) for p in batch}
+    OracleDrafter.truth = truth
+    generator = SpeculativeGenerator(model, drafter=drafter, controller="static:max_depth=4,max_nodes=6")
+    outputs = generator.generate(batch, max_new_tokens=24, batch_size=batch_size)
+    assert [out.token_ids for out in outputs] == [truth[tuple(p)] for p in batch]
+    assert all(out.stats.drafter_errors == 0 for out in outputs)
+    assert any(len(out.token_ids) < 24 for out in outputs), "no row ended early: the test would not refill rows"
+    if drafter == "test_batch_oracle":
+        assert all(out.stats.tau > 2 for out in outputs if len(out.token_ids) > 8)
+    # the same prompts in another order: the same answer per prompt
+    order = list(range(len(batch)))
+    random.Random(batch_size).shuffle(order)
+    shuffled = generator.generate([batch[i] for i in order], max_new_tokens=24, batch_size=batch_size)
+    assert [out.token_ids for out in shuffled] == [truth[tuple(batch[i])] for i in order]
+
+
+def test_stale_kv_past_each_rows_length_changes_nothing():
+    """After every commit, the slots past each row's length are overwritten with huge values: never read."""
+    model = eos_model()
+    batch = prompts(9, seed=5)
+    original = BatchedStaticBackend.commit
+
+    def commit_then_poison(self, paths):
+        original(self, paths)
+        for row, length in enumerate(self.lengths):
+            self.buffer[:, :, row, :, length:, :] = 1e4
+
+    generator = SpeculativeGenerator(model, drafter="test_batch_noise:seed=1",
+                                     controller="static:max_depth=3,max_nodes=5")
+    BatchedStaticBackend.commit = commit_then_poison
+    try:
+        outputs = generator.generate(batch, max_new_tokens=20, batch_size=4)
+    finally:
+        BatchedStaticBackend.commit = original
+    assert [out.token_ids for out in outputs] == [greedy_truth(model, tuple(p), 20, model.generation_config.eos_token_id) for p in batch]
+
+
+def test_each_row_samples_from_the_target_distribution():
+    """One prompt in every row of batches of 5; the first two tokens' joint over 1,200 rows (prompt i samples with
+    seed + i) against the exact joint of the target."""
+    vocab = 8
+    model = tiny_model("llama", vocab=vocab, init_range=0.2, layers=1)
+    prompt = [0, 1, 1, 5, 0, 1, 5, 1, 0, 1]
+    pairs = torch.cartesian_prod(torch.arange(vocab), torch.arange(vocab))
+    with torch.no_grad():
+        logits = model(torch.cat([torch.tensor(prompt).expand(len(pairs), -1), pairs], 1)).logits
+    probs = logits[:, len(prompt) - 1: len(prompt) + 1].double().div(0.8).softmax(-1)
+    joint = probs[0, 0][:, None] * probs[::vocab, 1]  # p(x1) p(x2 | x1): rows x1 * V + x2, any x2 gives x1's
+    generator = SpeculativeGenerator(model, drafter="ngram:max_n=2,max_matches=3",
+                                     controller="static:max_depth=2,max_nodes=4")
+    outputs = generator.generate([prompt] * 1200, max_new_tokens=2, temperature=0.8, seed=0, batch_size=5)
+    counts = torch.zeros(vocab, vocab, dtype=torch.long)
+    for out in outputs:
+        counts[tuple(out.token_ids)] += 1
+    assert chi_square_p_value(counts, joint) > 1e-4
+    assert chi_square_p_value(counts, distorted(joint, 0.1)) < 1e-4  # the test could see a 10% distortion
+    assert sum(out.stats.accepted_hist.get(1, 0) + out.stats.accepted_hist.get(2, 0) for out in outputs) > 100
+
+
+def test_bad_batches_are_refused_naming_the_prompt():
+    model = tiny_model("llama")
+    generator = SpeculativeGenerator(model, drafter="ngram")
+    for bad in (0, -2, True, 1.5):
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+            generator.generate([[1, 2, 3]], batch_size=bad)
+    with pytest.raises(ValueError, match="prompt 1 is a string but prompt 0 is a list of token ids"):
+        generator.generate([[1, 2, 3], "abab"], batch_size=2)
+    window = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match="prompt 2: the prompt has .* context window"):
+        generator.generate([[1, 2], [3, 4], [5] * (window + 1)], batch_size=2)
+    with pytest.raises(ValueError, match="prompt 1: token ids .* outside the target's vocabulary"):
+        generator.generate([[1, 2], [3, VOCAB + 4]], batch_size=2)
+    with pytest.raises(ValueError, match="pass them by name or spec"):
+        SpeculativeGenerator(model, drafter=NoiseDrafter()).generate([[1, 2], [3, 4]], batch_size=2)
