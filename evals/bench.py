@@ -76,6 +76,8 @@ class BenchConfig:
     stream: bool = option(False, "prequential: the questions once, in order (--data a+b: a shift), each answered "
                                  "before a learning drafter (online=True) learns from it; tau and tokens/s per window")
     window: int = option(25, "--stream: questions per window")
+    batch_size: str | None = option(None, "batched decoding at these batch sizes (e.g. 1,4,16): each method over "
+                                          "the questions' first turns, speedup over batched ar at the same size")
     out: str | None = option(None, "write results.json, results.md and chart.png here")
     num_processes: int = option(1, "shard the questions over this many processes (GPUs) via accelerate launch")
 
@@ -277,10 +279,53 @@ def bench_command(args, argv: list[str]) -> int:
         return _launch(config.num_processes, argv)
     if config.stream:
         return stream_command(config, argv)
+    if config.batch_size:
+        return batch_command(config, argv)
     payload, code = run(config, argv)
     if payload:
         report(payload, config.out)
     return code
+
+
+def batch_command(config: BenchConfig, argv: list[str]) -> int:
+    """`specdec bench --batch-size 1,4,16`: every method at every batch size (`specdec.evals.batch_bench`)."""
+    import json
+
+    from specdec.backends.hf import context_window
+    from specdec.evals import batch_bench
+    from specdec.evals.runner import BenchSettings, encode_turn
+
+    try:
+        sizes = [int(size) for size in config.batch_size.split(",")]
+    except ValueError:
+        raise ValueError(f"--batch-size takes comma-separated integers, got {config.batch_size!r}") from None
+    model, tokenizer, target, dtype_note = load_target(config)
+    console.print(f"target {target}: {dtype_note}")
+    params = SamplingParams(config.temperature, config.top_k, config.top_p, config.seed)
+    context = BenchContext(model, tokenizer, params, config.controller, None, "hf")
+    questions = load_questions(config.data, config.categories, config.limit, config.shuffle_seed, config.field)
+    window = context_window(model.config)
+    room = window - config.max_new_tokens if window else None
+    template = BenchSettings(["ar"], template=config.template).template
+    prompts = []
+    for question in questions:
+        raw = question.category.startswith("code") and template == "auto"
+        ids = encode_turn(tokenizer, [{"role": "user", "content": question.turns[0]}], "none" if raw else template)
+        prompts.append(ids[-room:] if room else ids)
+    result = batch_bench.run_batches(context, prompts, split_methods(config.methods), sizes, config.max_new_tokens)
+    console.print(batch_bench.batch_table(result))
+    if config.out:
+        out = Path(config.out)
+        out.mkdir(parents=True, exist_ok=True)
+        payload = {"schema": "specdec.batch/1", "command": " ".join(["specdec bench", *argv]),
+                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   "env": environment(model, target), "config": dataclasses.asdict(config), **result}
+        (out / "batch.json").write_text(json.dumps(payload, indent=1) + "\n")
+        (out / "batch.md").write_text(batch_bench.markdown(result))
+        console.print(f"wrote {out / 'batch.json'}, batch.md")
+    speculative = [r for r in result["rows"] if r["method"] not in ("ar", "hf")]
+    return EXIT_ALGORITHMIC if result["greedy"] and any(r["identical_to_ar"] < result["prompts"]
+                                                         for r in speculative) else 0
 
 
 def stream_command(config: BenchConfig, argv: list[str]) -> int:

@@ -35,10 +35,11 @@ from specdec.tree import DraftTree, depth_list, path_to
 
 
 class _RowSlots:
-    """Where the current forward writes: (R, T) int64 slots, one row per sequence of the forward."""
+    """Where the current forward writes: (R, T) int64 slots, one row per sequence of the forward; `limit`: the
+    slots it reads (every row's [0, limit): the longest row's length + T, not the whole buffer)."""
 
-    def __init__(self):
-        self.write_slots: torch.Tensor | None = None
+    def __init__(self, write_slots: torch.Tensor, limit: int):
+        self.write_slots, self.limit = write_slots, limit
 
 
 class _BatchLayer(CacheLayerMixin):
@@ -60,7 +61,8 @@ class _BatchLayer(CacheLayerMixin):
         where = self.slots.write_slots[:, None, :, None].expand(rows, heads, count, dim)
         self.keys.scatter_(2, where, key_states)
         self.values.scatter_(2, where, value_states)
-        return self.keys, self.values
+        limit = self.slots.limit
+        return self.keys[:, :, :limit], self.values[:, :, :limit]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.keys.shape[-2], 0
@@ -98,9 +100,8 @@ class BatchedStaticBackend:
 
     def _forward(self, rows: slice, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                  visible: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """ids / positions / slots (R, T); visible (R, T, S) bool -> (R, T or 1, V) logits."""
-        where = _RowSlots()
-        where.write_slots = slots
+        """ids / positions / slots (R, T); visible (R, T, limit) bool -> (R, T or 1, V) logits."""
+        where = _RowSlots(slots, visible.shape[-1])
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
         out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask[:, None],
@@ -118,7 +119,7 @@ class BatchedStaticBackend:
         if not count:
             return
         span = torch.arange(count, device=self.device)
-        visible = torch.zeros(1, count, self.max_len, dtype=torch.bool, device=self.device)
+        visible = torch.zeros(1, count, count, dtype=torch.bool, device=self.device)
         visible[0, :, :count] = torch.ones(count, count, dtype=torch.bool, device=self.device).tril()
         ids = torch.tensor([list(token_ids)], device=self.device)
         self._forward(slice(row, row + 1), ids, span[None], span[None], visible, last_only=True)
@@ -129,16 +130,16 @@ class BatchedStaticBackend:
         active = [b for b, root in enumerate(roots) if root is not None]
         width = max(len(trees[b]) + 1 for b in active)
         batch, size = self.batch_size, self.max_len
+        for b in active:
+            if self.lengths[b] + width > size:
+                raise ValueError(f"row {b}: the cache holds {size} tokens; this step needs {self.lengths[b] + width}")
+        limit = max(self.lengths[b] for b in active) + width  # idle rows write at [0, width)
         ids = torch.zeros(batch, width, dtype=torch.long)
         positions = torch.zeros(batch, width, dtype=torch.long)
         slots = torch.zeros(batch, width, dtype=torch.long)
-        visible = torch.zeros(batch, width, size, dtype=torch.bool)
+        visible = torch.zeros(batch, width, limit, dtype=torch.bool)
         for b in range(batch):  # host-side inputs; the forward and its mask see each row alone
-            start = self.lengths[b]
-            if start + width > size:
-                if b in active:
-                    raise ValueError(f"row {b}: the cache holds {size} tokens; this step needs {start + width}")
-                start = 0  # an idle row writes at its start (its slots are rewritten by its next prefill)
+            start = self.lengths[b] if b in active else 0  # an idle row's slots are rewritten by its next prefill
             slots[b] = torch.arange(start, start + width)
             positions[b] = start
             visible[b, torch.arange(width), slots[b]] = True  # every query (padding too) sees itself
@@ -223,9 +224,10 @@ class _Row:
     started: float = 0.0
 
 
-def decode_batch(gen, prompts: Sequence, batch_size: int, options: dict) -> list:
+def decode_batch(gen, prompts: Sequence, batch_size: int, options: dict, plain: bool = False) -> list:
     """`SpeculativeGenerator.generate(prompts, batch_size=B)`: up to B rows at once (module docstring); returns
-    one `GenerationOutput` per prompt, in order. Every prompt is checked before any is decoded (errors name it)."""
+    one `GenerationOutput` per prompt, in order. Every prompt is checked before any is decoded (errors name it).
+    plain: batched autoregressive decoding (no drafter: every step one token per row), the baseline."""
     import time
 
     from specdec.controllers import StepStats, make_controller
@@ -235,7 +237,7 @@ def decode_batch(gen, prompts: Sequence, batch_size: int, options: dict) -> list
     from specdec.tree import max_depth
     from specdec.verify import VerifyResult
 
-    if gen._drafter_spec is None or gen._controller_spec is None:
+    if not plain and (gen._drafter_spec is None or gen._controller_spec is None):
         raise ValueError("batched decoding gives every row its own drafter and controller: pass them by name or "
                          "spec (drafter='ngram', controller='heuristic'), not as objects")
     prepared = []
@@ -253,11 +255,13 @@ def decode_batch(gen, prompts: Sequence, batch_size: int, options: dict) -> list
         prompt_ids, params, rule = prepared[index]
         if params.seed is not None:  # prompt i samples with seed + i: a batch of one prompt gives different samples
             params = dataclasses.replace(params, seed=params.seed + index)
-        drafter, controller = make_drafter(gen._drafter_spec), make_controller(gen._controller_spec)
+        drafter, controller = ((None, make_controller("static:max_depth=0,max_nodes=0")) if plain else
+                               (make_drafter(gen._drafter_spec), make_controller(gen._controller_spec)))
         row = _Row(index, prompt_ids, params, rule, drafter, controller, make_generator(params, backend.device),
                    list(prompt_ids), stats=GenerationStats(), started=time.perf_counter())
         backend.prefill_row(slot, prompt_ids[:-1])
-        _call(row, "reset")
+        if not plain:
+            _call(row, "reset")
         row.stats.drafter_version = getattr(drafter, "version", None)
         return row
 
@@ -306,8 +310,9 @@ def decode_batch(gen, prompts: Sequence, batch_size: int, options: dict) -> list
             if row is None:
                 continue
             new_tokens = outcome.accepted_tokens + [outcome.bonus_token]
-            _call(row, "observe", VerifyResult(tree, outcome.accepted_nodes, outcome.accepted_tokens,
-                                               outcome.bonus_token, outcome.logits))
+            if not plain:
+                _call(row, "observe", VerifyResult(tree, outcome.accepted_nodes, outcome.accepted_tokens,
+                                                   outcome.bonus_token, outcome.logits))
             step = StepStats(len(tree), max_depth(tree), len(outcome.accepted_nodes), tree=tree,
                              accepted_nodes=tuple(outcome.accepted_nodes), proposed_nodes=len(tree))
             row.history.append(step)

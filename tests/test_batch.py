@@ -169,3 +169,22 @@ def test_bad_batches_are_refused_naming_the_prompt():
         generator.generate([[1, 2], [3, VOCAB + 4]], batch_size=2)
     with pytest.raises(ValueError, match="pass them by name or spec"):
         SpeculativeGenerator(model, drafter=NoiseDrafter()).generate([[1, 2], [3, 4]], batch_size=2)
+
+
+def test_the_batch_benchmark_measures_each_method_against_batched_ar_at_the_same_size():
+    from specdec.evals.batch_bench import markdown, run_batches
+    from specdec.evals.methods import BenchContext
+    from specdec.sampling import SamplingParams
+
+    model = eos_model()
+    context = BenchContext(model, None, SamplingParams(), "static:max_depth=4,max_nodes=6")
+    OracleDrafter.truth = {tuple(p): greedy_truth(model, tuple(p), 12, model.generation_config.eos_token_id)
+                           for p in prompts(7, seed=4)}
+    result = run_batches(context, prompts(7, seed=4), ["ar", "ngram", "test_batch_oracle"], [1, 3], 12)
+    assert [(r["batch_size"], r["method"]) for r in result["rows"]] == [
+        (1, "ar"), (1, "ngram"), (1, "test_batch_oracle"), (3, "ar"), (3, "ngram"), (3, "test_batch_oracle")]
+    assert all(r["identical_to_ar"] == 7 for r in result["rows"])
+    assert all(r["speedup"] == 1.0 for r in result["rows"] if r["method"] == "ar")
+    assert markdown(result).count("\n") == 2 + 6
+    with pytest.raises(ValueError, match="needs 'ar'"):
+        run_batches(context, prompts(2), ["ngram"], [1], 4)

@@ -1,0 +1,105 @@
+"""`specdec bench --batch-size 1,4,16`: batched decoding, each method at each batch size over the same prompts.
+
+Methods: `ar` (batched plain decoding on specdec's batched cache: the baseline at each batch size, never batch-1
+decoding), drafter specs (`ngram`, ...: `generate(prompts, batch_size=B)`), and `hf` (HF's batched greedy
+`generate`, left-padded, as the peer). Per batch size and method: tokens/s, milliseconds per output token per
+sequence (the wall time a sequence waits per token: seconds x B / tokens), speedup over `ar` at the same batch size,
+and at temperature 0 how many answers equal batch-1 `ar`'s (HF's padded batches may differ by rounding)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from rich.table import Table
+
+from specdec.evals.methods import BenchContext, split_controller
+from specdec.generator import SpeculativeGenerator
+
+
+def _synced(fn):
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    started = time.perf_counter()
+    result = fn()
+    sync()
+    return result, time.perf_counter() - started
+
+
+def hf_batched(context: BenchContext, prompts: list[list[int]], batch_size: int, max_new_tokens: int) -> list:
+    """HF `generate` (greedy), `batch_size` prompts at a time, left-padded -> new token ids per prompt."""
+    model, tokenizer = context.model, context.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    eos = model.generation_config.eos_token_id
+    eos_ids = set([eos] if isinstance(eos, int) else eos or [])
+    answers = []
+    for first in range(0, len(prompts), batch_size):
+        chunk = prompts[first: first + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=pad)
+        for row in out[:, width:].tolist():
+            cut = next((i + 1 for i, token in enumerate(row) if token in eos_ids), len(row))
+            answers.append(row[:cut])
+    return answers
+
+
+def run_batches(context: BenchContext, prompts: list[list[int]], methods: list[str], batch_sizes: list[int],
+                max_new_tokens: int) -> dict:
+    """Every method at every batch size; returns rows of measurements and the lossless counts."""
+    if "ar" not in methods:
+        raise ValueError("--batch-size needs 'ar' among the methods: the baseline at each batch size")
+    if any(size < 1 for size in batch_sizes):
+        raise ValueError(f"--batch-size takes sizes >= 1, got {batch_sizes}")
+    base = SpeculativeGenerator(context.model, tokenizer=context.tokenizer, drafter="ngram",
+                                controller=context.controller)
+    from specdec.batch import decode_batch
+
+    options = dict(max_new_tokens=max_new_tokens, temperature=context.params.temperature, top_p=context.params.top_p,
+                   top_k=context.params.top_k, seed=context.params.seed, stop=(), chat=False)
+    reference = [out.token_ids for out in decode_batch(base, prompts, 1, options, plain=True)]
+    rows = []
+    for size in batch_sizes:
+        for method in methods:
+            if method == "ar":
+                run = lambda: [o.token_ids for o in decode_batch(base, prompts, size, options, plain=True)]  # noqa: E731
+            elif method == "hf":
+                run = lambda: hf_batched(context, prompts, size, max_new_tokens)  # noqa: E731
+            else:
+                drafter, controller = split_controller(method)
+                generator = SpeculativeGenerator(context.model, tokenizer=context.tokenizer, drafter=drafter,
+                                                 controller=controller or context.controller)
+                run = lambda: [o.token_ids for o in generator.generate(prompts, batch_size=size, **{  # noqa: E731
+                    k: v for k, v in options.items() if k not in ("stop", "chat")})]
+            answers, seconds = _synced(run)
+            tokens = sum(map(len, answers))
+            rows.append({"batch_size": size, "method": method, "tokens": tokens, "seconds": seconds,
+                         "tokens_per_s": tokens / seconds, "ms_per_token_per_seq": 1000 * seconds * min(size, len(
+                             prompts)) / tokens, "identical_to_ar": sum(a == r for a, r in zip(answers, reference))})
+    for row in rows:
+        ar = next(r for r in rows if r["batch_size"] == row["batch_size"] and r["method"] == "ar")
+        row["speedup"] = row["tokens_per_s"] / ar["tokens_per_s"]
+    return {"rows": rows, "prompts": len(prompts), "greedy": context.params.greedy}
+
+
+def batch_table(result: dict) -> Table:
+    table = Table(title=f"batched decoding: {result['prompts']} prompts")
+    for column in ("batch", "method", "tok/s", "ms/token/seq", "speedup vs ar (same batch)", "= batch-1 ar"):
+        table.add_column(column, justify="right")
+    for row in result["rows"]:
+        table.add_row(str(row["batch_size"]), row["method"], f"{row['tokens_per_s']:.1f}",
+                      f"{row['ms_per_token_per_seq']:.1f}", f"{row['speedup']:.2f}x",
+                      f"{row['identical_to_ar']}/{result['prompts']}" if result["greedy"] else "-")
+    return table
+
+
+def markdown(result: dict) -> str:
+    lines = ["| batch | method | tok/s | ms/token/seq | speedup vs ar (same batch) | = batch-1 ar |", "|---" * 6 + "|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['batch_size']} | {row['method']} | {row['tokens_per_s']:.1f} | "
+                     f"{row['ms_per_token_per_seq']:.1f} | {row['speedup']:.2f}x | "
+                     f"{row['identical_to_ar']}/{result['prompts']} |")
+    return "\n".join(lines) + "\n"
