@@ -82,6 +82,11 @@ class EarlyExitDrafter(ModelDrafter):
         tree = super().propose(ctx)
         return dataclasses.replace(tree, source=("early_exit",) * len(tree))
 
+    def bind(self, target: TargetView) -> None:
+        """Bind the target now (its layers, the head's checks, the learner) instead of at the first `propose`."""
+        if target.model is not self.model:
+            self._load(target)
+
     def observe(self, result) -> None:
         if self._shared:  # the target's cache now holds the accepted tokens: nothing of ours to keep
             self._teach(result, self._learn(result))

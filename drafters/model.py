@@ -123,6 +123,11 @@ class ModelDrafter:
             with torch.inference_mode(False):  # propose() may bind the model: the shadow must be a normal tensor
                 self.learner = OnlineLearner(ModelStudent(self.model), self.online_config)
 
+    def bind(self, target: TargetView) -> None:
+        """Load the draft model now (and start its learner) instead of at the first `propose`."""
+        if self.model is None:
+            self._load(target)
+
     @property
     def version(self) -> int:
         """The weights serving now: 0 = as loaded, n = the n-th published by online learning."""

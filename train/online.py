@@ -664,8 +664,7 @@ def online_command(args) -> int:
                                      dtype=args.dtype, device=args.device)
     questions = [q for part in args.data.split("+") for q in load_questions(part, limit=args.limit)]
     drafter = generator.drafter
-    if getattr(drafter, "learner", None) is None:  # a path-loaded draft binds its model (and learner) at first use
-        drafter._load(generator.target_view)
+    drafter.bind(generator.target_view)  # a path-loaded draft would bind its model (and learner) at first use
     learner = drafter.learner
     start = int(learner.extra.get("served", 0))
     log = args.out / "stream.jsonl"
