@@ -15,7 +15,8 @@ one scatter for all rows (no Python loop over rows; a row's unused index entries
 
 `decode_batch` runs the loop: rows that finish (EOS, stop string, length) leave and the next prompt takes the row
 (a batch-1 prefill into that row of the buffer); each row has its own drafter and controller (made from their specs),
-its own sampling generator (prompt i samples with seed + i) and stopping rule. Model-free drafters propose per row on the host; model drafters run
+its own sampling generator (prompt i samples with seed + i) and stopping rule. A `BatchGate` decides each step
+whether the batch speculates or steps plainly, on the tokens per second it measures of each. Model-free drafters propose per row on the host; model drafters run
 their own forwards per row (not yet batched across rows).
 """
 
@@ -206,6 +207,43 @@ def accept_row(tree: DraftTree, logits: torch.Tensor, params, generator) -> RowO
     return RowOutcome(nodes, [tokens[node] for node in nodes], bonus, logits)
 
 
+class BatchGate:
+    """Speculate, or step the whole batch plainly, on measured rates: committed tokens per second of recent
+    speculative steps against recent plain ones (moving sums, each decayed by `decay` at a step of its kind). The
+    losing kind is probed after a gap that doubles while it keeps losing (1, 2, 4, ... `max_gap` steps) and falls
+    back to 1 when a probe wins. A plain step calls no drafter and no controller: where verifying the rows' trees
+    costs more than they give (a large batch, a slow drafter), the batch runs as batched `ar`."""
+
+    def __init__(self, decay: float = 0.8, max_gap: int = 64):
+        self.sums = {True: [0.0, 0.0], False: [0.0, 0.0]}  # speculated? -> decayed (tokens, seconds)
+        self.decay, self.max_gap, self.gap, self.since, self.probing = decay, max_gap, 1, 0, False
+
+    def rate(self, speculative: bool) -> float | None:
+        tokens, seconds = self.sums[speculative]
+        return tokens / seconds if seconds else None
+
+    def speculate(self) -> bool:
+        """Whether the next step speculates."""
+        spec, plain = self.rate(True), self.rate(False)
+        if spec is None or plain is None:
+            return spec is None  # measure each kind once: speculative first
+        best = spec >= plain
+        if self.since >= self.gap:
+            self.since, self.probing = 0, True
+            return not best
+        self.since += 1
+        return best
+
+    def observe(self, speculative: bool, tokens: int, seconds: float) -> None:
+        kept_tokens, kept_seconds = self.sums[speculative]
+        self.sums[speculative] = [kept_tokens * self.decay + tokens, kept_seconds * self.decay + seconds]
+        if self.probing:  # a probe of the losing kind: did it win?
+            self.probing = False
+            other = self.rate(not speculative)
+            won = other is not None and self.rate(speculative) > other
+            self.gap = 1 if won else min(2 * self.gap, self.max_gap)
+
+
 @dataclass
 class _Row:
     """One sequence in a row of the batch."""
@@ -297,26 +335,31 @@ def decode_batch(gen, prompts: Sequence, batch_size: int, options: dict, plain: 
             _failed(row, ValueError(problem))
         return DraftTree.empty() if tree is None or problem else tree
 
+    gate = None if plain else BatchGate()
     while waiting or any(rows):
         for slot in range(backend.batch_size):
             if rows[slot] is None and waiting:
                 rows[slot] = start(slot, waiting.pop())
-        trees = [None if row is None else propose(row) for row in rows]
+        step_started = time.perf_counter()
+        speculative = gate is not None and gate.speculate()
+        trees = [None if row is None else propose(row) if speculative else DraftTree.empty() for row in rows]
         logits = backend.score([None if row is None else row.committed[-1] for row in rows], trees)
         outcomes = [None if row is None else accept_row(trees[b], logits[b], row.params, row.generator)
                     for b, row in enumerate(rows)]
         backend.commit([None if outcome is None else outcome.accepted_nodes for outcome in outcomes])
+        committed_now = 0
         for slot, (row, tree, outcome) in enumerate(zip(rows, trees, outcomes)):
             if row is None:
                 continue
             new_tokens = outcome.accepted_tokens + [outcome.bonus_token]
-            if not plain:
+            committed_now += len(new_tokens)
+            if speculative:  # the batch's plain steps are the gate's, not the row's drafter's or controller's
                 _call(row, "observe", VerifyResult(tree, outcome.accepted_nodes, outcome.accepted_tokens,
                                                    outcome.bonus_token, outcome.logits))
-            step = StepStats(len(tree), max_depth(tree), len(outcome.accepted_nodes), tree=tree,
-                             accepted_nodes=tuple(outcome.accepted_nodes), proposed_nodes=len(tree))
-            row.history.append(step)
-            row.controller.observe(step)
+                step = StepStats(len(tree), max_depth(tree), len(outcome.accepted_nodes), tree=tree,
+                                 accepted_nodes=tuple(outcome.accepted_nodes), proposed_nodes=len(tree))
+                row.history.append(step)
+                row.controller.observe(step)
             row.stats.target_forwards += 1
             row.stats.drafted_nodes += len(tree)
             row.stats.accepted_hist[len(outcome.accepted_nodes)] += 1
@@ -327,4 +370,6 @@ def decode_batch(gen, prompts: Sequence, batch_size: int, options: dict, plain: 
             if end is not None:
                 finish(row, end)
                 rows[slot] = None
+        if gate is not None:
+            gate.observe(speculative, committed_now, time.perf_counter() - step_started)
     return outputs

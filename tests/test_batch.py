@@ -188,3 +188,20 @@ def test_the_batch_benchmark_measures_each_method_against_batched_ar_at_the_same
     assert markdown(result).count("\n") == 2 + 6
     with pytest.raises(ValueError, match="needs 'ar'"):
         run_batches(context, prompts(2), ["ngram"], [1], 4)
+
+
+@pytest.mark.parametrize("spec_rate, plain_rate", [(30.0, 10.0), (10.0, 30.0)])
+def test_the_batch_gate_follows_the_faster_kind_and_probes_the_other_ever_more_rarely(spec_rate, plain_rate):
+    from specdec.batch import BatchGate
+
+    gate, choices = BatchGate(), []
+    for _ in range(200):  # a synthetic trace: each kind's steps commit tokens at its own fixed rate
+        speculative = gate.speculate()
+        choices.append(speculative)
+        gate.observe(speculative, 12, 12 / (spec_rate if speculative else plain_rate))
+    faster = spec_rate > plain_rate
+    assert choices[:2] == [True, False]  # each kind measured once, speculative first
+    assert sum(choice == faster for choice in choices) > 180
+    probes = [i for i, choice in enumerate(choices) if i > 1 and choice != faster]
+    gaps = [later - earlier for earlier, later in zip(probes, probes[1:])]
+    assert gaps == sorted(gaps) and gaps[-1] >= 32  # doubling while the probes lose

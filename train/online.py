@@ -32,7 +32,7 @@ boundary (on the serving thread, so nothing changes while it is written; its tim
 `load(path)` checks that the file belongs to this student.
 
     learner = OnlineLearner(ModelStudent(draft), OnlineConfig(every=2048))
-    learner.record(context, tree_tokens, tree_parents, accepted_nodes, logits)   # after each verification
+    learner.record(context, tree_tokens, tree_parents, accepted_nodes, bonus, logits)  # after each verification
     learner.end_sequence()                                                       # at each request boundary
 """
 
