@@ -46,15 +46,17 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # decoder layers
 @register_drafter("early_exit")
 class EarlyExitDrafter(ModelDrafter):
     """head: an `ExitHead` or the path of a saved one; or none and `layer`: an untrained head (the identity: a plain
-    early exit at that layer, `head_kind` "linear" or "mlp"), for a drafter that learns online from nothing. threshold: expand a node only while its slot probability is
-    at least this. mode: "chain" or "tree"; topk: children per expanded node in tree mode; calibrate: tree scores
-    from learnt acceptance rates; cost_stop: stop a depth that costs more than it saves (both as `ModelDrafter`)."""
+    early exit at that layer, `head_kind` "linear" or "mlp"), for a drafter that learns online from nothing.
+    threshold: expand a node only while its slot probability is at least this. mode: "chain" or "tree"; topk:
+    children per expanded node in tree mode; calibrate: tree scores from learnt acceptance rates; cost_stop: stop a
+    depth that costs more than it saves; online, online_*: learn online (all as `ModelDrafter`)."""
 
     def __init__(self, head: ExitHead | str | os.PathLike | None = None, threshold: float = 0.6, mode: str = "chain",
                  topk: int = 4, graphs: bool = False, share_kv: bool = True, native: bool | None = None,
                  calibrate: bool = True, cost_stop: bool = False, online: bool = False, online_lr: float = 1e-3,
                  online_every: int = 2048, online_loss: str = "fkl", online_epochs: int = 1,
-                 online_background: bool | None = None, online_checkpoint: str | None = None, layer: int | None = None, head_kind: str = "linear"):
+                 online_background: bool = False, online_checkpoint: str | None = None, layer: int | None = None,
+                 head_kind: str = "linear"):
         self._set_drafting(mode, topk, calibrate, cost_stop)
         self._set_online(online, lr=online_lr, every=online_every, loss=online_loss, epochs=online_epochs,
                          background=online_background, checkpoint=online_checkpoint)

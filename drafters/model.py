@@ -76,8 +76,9 @@ class ModelDrafter:
     within the controller's budget; a greedy chain on graphs, drafted in one replay, is never cut).
     online: learn from the target's verdicts while serving (`specdec.train.online`; the served weights change only
     between generations): online_lr, online_every (buffered positions per update), online_loss ("fkl", "tvd",
-    "jsd"), online_epochs (passes over each update's data), online_background (train in a thread; None: on CUDA), online_checkpoint (a file, saved after each update
-    and resumed from); `version` counts the weights published so far."""
+    "jsd"), online_epochs (passes over each update's data), online_background (train in a worker thread instead of
+    inline between generations), online_checkpoint (a file, saved after each update and resumed from); `version`
+    counts the weights published so far."""
 
     learns_online = True  # make_drafter refuses online=True for drafters without it
     threshold = 0.0  # expand a node only while its own slot probability reaches this (early_exit raises it)
@@ -86,7 +87,7 @@ class ModelDrafter:
     def __init__(self, model=None, path: str | None = None, mode: str = "tree", topk: int = 4, graphs: bool = False,
                  calibrate: bool = True, cost_stop: bool = False, online: bool = False, online_lr: float = 3e-4,
                  online_every: int = 2048, online_loss: str = "fkl", online_epochs: int = 1,
-                 online_background: bool | None = None, online_checkpoint: str | None = None):
+                 online_background: bool = False, online_checkpoint: str | None = None):
         self._set_drafting(mode, topk, calibrate, cost_stop)
         self._set_online(online, lr=online_lr, every=online_every, loss=online_loss, epochs=online_epochs,
                          background=online_background, checkpoint=online_checkpoint)

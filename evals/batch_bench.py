@@ -65,7 +65,8 @@ def run_batches(context: BenchContext, prompts: list[list[int]], methods: list[s
     for size in batch_sizes:
         for method in methods:
             if method == "ar":
-                run = lambda: [o.token_ids for o in decode_batch(base, prompts, size, options, plain=True)]  # noqa: E731
+                run = lambda: [o.token_ids  # noqa: E731
+                               for o in decode_batch(base, prompts, size, options, plain=True)]
             elif method == "hf":
                 run = lambda: hf_batched(context, prompts, size, max_new_tokens)  # noqa: E731
             else:

@@ -109,7 +109,8 @@ def _train_parser(sub) -> None:
     from specdec.train.early_exit import add_early_exit_parser
     from specdec.train.online import add_online_parser
 
-    parser = sub.add_parser("train", help="train drafters: distill a draft model, an early-exit or acceptance head, online")
+    parser = sub.add_parser("train", help="train drafters: distill a draft model, an early-exit or acceptance "
+                                          "head; learn online over a stream")
     trainers = parser.add_subparsers(dest="trainer", required=True)
     add_distill_parser(trainers)
     add_early_exit_parser(trainers)

@@ -15,8 +15,8 @@ from specdec import SpeculativeGenerator
 from specdec.batch import BatchedStaticBackend
 from specdec.drafters import register_drafter
 from specdec.tree import DraftTree, subtree
-from tiny_models import (chi_square_p_value, distorted, fresh_tiny_model, greedy_truth, repetitive_prompt, single_thread,
-                         tiny_model)
+from tiny_models import (chi_square_p_value, distorted, fresh_tiny_model, greedy_truth, repetitive_prompt,
+                         single_thread, tiny_model)
 
 VOCAB = 256
 
@@ -129,7 +129,8 @@ def test_stale_kv_past_each_rows_length_changes_nothing():
         outputs = generator.generate(batch, max_new_tokens=20, batch_size=4)
     finally:
         BatchedStaticBackend.commit = original
-    assert [out.token_ids for out in outputs] == [greedy_truth(model, tuple(p), 20, model.generation_config.eos_token_id) for p in batch]
+    eos = model.generation_config.eos_token_id
+    assert [out.token_ids for out in outputs] == [greedy_truth(model, tuple(p), 20, eos) for p in batch]
 
 
 def test_each_row_samples_from_the_target_distribution():

@@ -22,7 +22,9 @@ sequence, never trained on), is not worse than the served drafter's; else the sh
 weights. Each publication bumps `version`.
 
 **Where it runs.** `background=True` trains in a worker thread (on CUDA, on a side stream) while serving goes on; the
-candidate is published at the first request boundary after it is ready. `background=False` trains inline at the
+candidate is published at the first request boundary after it is ready. Not the default yet: on CUDA a worker's
+allocations during a lazily captured CUDA graph of the serving path (global capture mode) would break that capture,
+and it has not run on a GPU. `background=False` (the default) trains inline at the
 boundary (deterministic: tests, CPUs with no core to spare). Either way `train_s` counts the seconds spent learning.
 
 **Checkpoints.** `save(path)`: shadow and served weights, AdamW state, fresh/reservoir/held-out records, the
@@ -64,7 +66,8 @@ class OnlineConfig:
     "jsd" (beta: JSD's mixture weight of the target). topk: target probabilities kept per row. batch_positions:
     positions per optimizer step. replay: records the reservoir keeps. reject_weight: weight of rows at and after
     the first rejection. holdout_every: every n-th sequence is held out for the promotion gate (0: no gate).
-    holdout_records: held-out records kept (the most recent). epochs: passes over an update's data. background: train in a worker thread (None: on CUDA).
+    holdout_records: held-out records kept (the most recent). epochs: passes over an update's data. background:
+    train in a worker thread (default: inline at the boundary).
     checkpoint: a file saved after every update and resumed from at start when it exists. seed: replay sampling."""
 
     lr: float = 3e-4
@@ -78,7 +81,7 @@ class OnlineConfig:
     holdout_every: int = 8
     holdout_records: int = 16
     epochs: int = 1
-    background: bool | None = None
+    background: bool = False
     checkpoint: str | None = None
     seed: int = 0
 
@@ -306,7 +309,7 @@ class OnlineLearner:
     def __init__(self, student, config: OnlineConfig | None = None):
         self.student, self.config = student, config or OnlineConfig()
         device = next(iter(student.parameters().values())).device
-        self.background = device.type == "cuda" if self.config.background is None else bool(self.config.background)
+        self.background = bool(self.config.background)
         self.optimizer = torch.optim.AdamW(list(student.parameters().values()), lr=self.config.lr, weight_decay=0.0)
         self.rng = random.Random(self.config.seed)
         self.current: Record | None = None
@@ -689,5 +692,6 @@ def online_command(args) -> int:
     learner.end_sequence()
     learner.wait()
     learner.save(args.out / "online.safetensors")
-    console.print(f"stream done: {len(questions)} prompts, drafter v{learner.version}, learning {learner.train_s:.1f} s")
+    console.print(f"stream done: {len(questions)} prompts, drafter v{learner.version}, "
+                  f"learning {learner.train_s:.1f} s")
     return 0
