@@ -8,22 +8,11 @@ and at temperature 0 how many answers equal batch-1 `ar`'s (HF's padded batches 
 
 from __future__ import annotations
 
-import time
-
 import torch
 from rich.table import Table
 
-from specdec.evals.methods import BenchContext, split_controller
+from specdec.evals.methods import BenchContext, _timed, split_controller
 from specdec.generator import SpeculativeGenerator
-
-
-def _synced(fn):
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
-    started = time.perf_counter()
-    result = fn()
-    sync()
-    return result, time.perf_counter() - started
 
 
 def hf_batched(context: BenchContext, prompts: list[list[int]], batch_size: int, max_new_tokens: int) -> list:
@@ -75,7 +64,7 @@ def run_batches(context: BenchContext, prompts: list[list[int]], methods: list[s
                                                  controller=controller or context.controller)
                 run = lambda: [o.token_ids for o in generator.generate(prompts, batch_size=size, **{  # noqa: E731
                     k: v for k, v in options.items() if k not in ("stop", "chat")})]
-            answers, seconds = _synced(run)
+            answers, seconds = _timed(run)
             tokens = sum(map(len, answers))
             rows.append({"batch_size": size, "method": method, "tokens": tokens, "seconds": seconds,
                          "tokens_per_s": tokens / seconds, "ms_per_token_per_seq": 1000 * seconds * min(size, len(

@@ -287,10 +287,24 @@ def bench_command(args, argv: list[str]) -> int:
     return code
 
 
-def batch_command(config: BenchConfig, argv: list[str]) -> int:
-    """`specdec bench --batch-size 1,4,16`: every method at every batch size (`specdec.evals.batch_bench`)."""
+def _write_side_run(config: BenchConfig, argv: list[str], model, target: str, result: dict, kind: str,
+                    markdown: str) -> Path:
+    """`--out`'s KIND.json (the result with the command, environment and config) and KIND.md -> the folder."""
     import json
 
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"schema": f"specdec.{kind}/1", "command": " ".join(["specdec bench", *argv]),
+               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "env": environment(model, target), "config": dataclasses.asdict(config), **result}
+    (out / f"{kind}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (out / f"{kind}.md").write_text(markdown)
+    console.print(f"wrote {out / kind}.json, {kind}.md")
+    return out
+
+
+def batch_command(config: BenchConfig, argv: list[str]) -> int:
+    """`specdec bench --batch-size 1,4,16`: every method at every batch size (`specdec.evals.batch_bench`)."""
     from specdec.backends.hf import context_window
     from specdec.evals import batch_bench
     from specdec.evals.runner import BenchSettings, encode_turn
@@ -315,14 +329,7 @@ def batch_command(config: BenchConfig, argv: list[str]) -> int:
     result = batch_bench.run_batches(context, prompts, split_methods(config.methods), sizes, config.max_new_tokens)
     console.print(batch_bench.batch_table(result))
     if config.out:
-        out = Path(config.out)
-        out.mkdir(parents=True, exist_ok=True)
-        payload = {"schema": "specdec.batch/1", "command": " ".join(["specdec bench", *argv]),
-                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   "env": environment(model, target), "config": dataclasses.asdict(config), **result}
-        (out / "batch.json").write_text(json.dumps(payload, indent=1) + "\n")
-        (out / "batch.md").write_text(batch_bench.markdown(result))
-        console.print(f"wrote {out / 'batch.json'}, batch.md")
+        _write_side_run(config, argv, model, target, result, "batch", batch_bench.markdown(result))
     speculative = [r for r in result["rows"] if r["method"] not in ("ar", "hf")]
     return EXIT_ALGORITHMIC if result["greedy"] and any(r["identical_to_ar"] < result["prompts"]
                                                          for r in speculative) else 0
@@ -330,8 +337,6 @@ def batch_command(config: BenchConfig, argv: list[str]) -> int:
 
 def stream_command(config: BenchConfig, argv: list[str]) -> int:
     """`specdec bench --stream`: one process, the questions in order, learning drafters beside frozen ones."""
-    import json
-
     from specdec.backends.hf import context_window
     from specdec.evals import stream
 
@@ -353,13 +358,6 @@ def stream_command(config: BenchConfig, argv: list[str]) -> int:
                   f"identical to {lossless['reference']} ({len(lossless['mismatches']) - len(bad)} near-tie flips, "
                   f"{len(bad)} algorithmic)")
     if config.out:
-        out = Path(config.out)
-        out.mkdir(parents=True, exist_ok=True)
-        payload = {"schema": "specdec.stream/1", "command": " ".join(["specdec bench", *argv]),
-                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   "env": environment(model, target), "config": dataclasses.asdict(config), **result}
-        (out / "stream.json").write_text(json.dumps(payload, indent=1) + "\n")
-        (out / "stream.md").write_text(stream.markdown(result))
+        out = _write_side_run(config, argv, model, target, result, "stream", stream.markdown(result))
         stream.write_chart(result, out / "stream.png")
-        console.print(f"wrote {out / 'stream.json'}, stream.md, stream.png")
     return EXIT_ALGORITHMIC if bad else EXIT_NEAR_TIE if lossless["mismatches"] else 0

@@ -22,22 +22,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from specdec.evals.data import Question, load_questions
-from specdec.evals.methods import BenchContext, TurnRun, make_method, split_controller
+from specdec.evals.methods import BenchContext, SpecMethod, TurnRun, make_method
 from specdec.evals.runner import BenchSettings, TurnRecord, answer, check_lossless
-from specdec.generator import SpeculativeGenerator
 
 
-class StreamMethod:
-    """A drafter spec through one `SpeculativeGenerator` for the whole stream (one generation per turn: a second,
-    synchronised run would serve the learner twice). `learn_s`: the learner's seconds so far (0 when frozen)."""
+class StreamMethod(SpecMethod):
+    """`SpecMethod` with one generation per turn (its second, synchronised run would serve the learner twice).
+    `learn_s`: the learner's seconds so far (0 when frozen)."""
 
-    def __init__(self, spec: str, context: BenchContext):
-        self.name, self.context = spec, context
-        drafter, controller = split_controller(spec)
-        self.generator = SpeculativeGenerator(context.model, tokenizer=context.tokenizer, drafter=drafter,
-                                              controller=controller or context.controller,
-                                              backend=context.make_backend())
-        self.version = None
+    version = None  # the drafter version that served the last turn
 
     @property
     def learner(self):

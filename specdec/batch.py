@@ -32,7 +32,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from specdec.accept import accept, greedy_walk
 from specdec.backends.hf import cache_keyword, context_window
-from specdec.tree import DraftTree, depth_list, path_to
+from specdec.tree import DraftTree, depth_list, host_ancestor_mask, path_to
 
 
 class _RowSlots:
@@ -150,11 +150,8 @@ class BatchedStaticBackend:
             count = len(tree) + 1
             ids[b, 0], ids[b, 1:count] = roots[b], torch.as_tensor(tree.host_tokens or tree.tokens.tolist())
             positions[b, 1:count] = start + torch.tensor(depth_list(tree), dtype=torch.long)
-            visible[b, :count, :start] = True
-            visible[b, 1:count, start] = True  # every node sees the root
-            for node, parent in enumerate(tree.host_parents):
-                if parent >= 0:
-                    visible[b, 1 + node] |= visible[b, 1 + parent]
+            visible[b, :count, :start] = True  # the committed slots; then the root and the tree's own block
+            visible[b, :count, start: start + count] = host_ancestor_mask(tree, with_root=True)
         logits = self._forward(slice(None), ids.to(self.device), positions.to(self.device), slots.to(self.device),
                                visible.to(self.device))
         return [logits[b, : len(trees[b]) + 1] if b in active else None for b in range(batch)]

@@ -11,8 +11,7 @@ from specdec.drafters import make_drafter
 from specdec.drafters.early_exit import EarlyExitDrafter
 from specdec.drafters.model import ModelDrafter
 from specdec.train.early_exit import ExitHead, ExitHeadConfig
-from specdec.train.online import (ModelStudent, OnlineConfig, OnlineLearner, Record, bucket_loss,
-                                  expected_acceptance)
+from specdec.train.online import ModelStudent, OnlineConfig, OnlineLearner, bucket_loss, expected_acceptance
 from tiny_models import fresh_tiny_model, greedy_truth, repetitive_prompt, single_thread
 
 VOCAB = 256

@@ -53,8 +53,6 @@ from typing import Sequence
 
 import torch
 
-from specdec.backends.hf import cache_keyword
-
 LOSSES = ("fkl", "tvd", "jsd")
 METADATA_KEY = "specdec_online"
 FORMAT = 1
@@ -308,7 +306,6 @@ class OnlineLearner:
 
     def __init__(self, student, config: OnlineConfig | None = None):
         self.student, self.config = student, config or OnlineConfig()
-        device = next(iter(student.parameters().values())).device
         self.background = bool(self.config.background)
         self.optimizer = torch.optim.AdamW(list(student.parameters().values()), lr=self.config.lr, weight_decay=0.0)
         self.rng = random.Random(self.config.seed)
