@@ -2,7 +2,7 @@
 # Controllers against static budgets on the GPU: SmolLM2-135M-Instruct (real, GGUF from the registry), native
 # backend, Spec-Bench, model-free drafters crossed with goodput / heuristic / tree_size / threshold, and a static
 # sweep whose mixed-workload best is picked on a dev split. Carried and called as gpu_real_model_bench.sh
-# (call 1: `stash` with .gguf_parts/smollm2.part00; call 2: `bench` with part01, .whl and .shared).
+# (calls 1, 2: `stash` with .gguf_parts/smollm2.part00, then part01; call 3: `bench` with part02, .whl and .shared).
 # LIMIT timed questions per category (default 4), DEV (dev questions per category, default 2), SWEEP (depths).
 set -euo pipefail
 source "$(dirname "$0")/gpu_smollm2_setup.sh"

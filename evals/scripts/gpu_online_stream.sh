@@ -2,9 +2,9 @@
 # Online distillation on the GPU, prequential: SmolLM2-135M-Instruct (real, GGUF from the registry), native backend,
 # an early-exit head at layer $LAYER that starts untrained (the identity: a plain early exit) and learns online from
 # the verify logits, beside the same head frozen, `ar`, and (stage `bench`) a head trained offline on the same
-# prompts. Calls on one warm machine: `stash` carrying .gguf_parts/smollm2.part00; then `bench` (a code stream of
-# N prompts) or `shift` (code:SHIFT_CODE then Spec-Bench chat, SHIFT_CHAT per category) carrying part01, .whl and
-# .shared. TOKENS new tokens per prompt; EVERY buffered positions per update; LR; EPOCHS.
+# prompts. Calls on one warm machine: `stash` carrying .gguf_parts/smollm2.part00, `stash` again with part01; then
+# `bench` (a code stream of N prompts) or `shift` (code:SHIFT_CODE then Spec-Bench chat, SHIFT_CHAT per category)
+# carrying part02, .whl and .shared. TOKENS new tokens per prompt; EVERY buffered positions per update; LR; EPOCHS.
 set -euo pipefail
 stage=$1
 source "$(dirname "$0")/gpu_smollm2_setup.sh" "$stage"

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # SmolLM2-135M-Instruct (a real chat model, GGUF from the registry) on the native backend, Spec-Bench, every
 # model-free drafter and an early-exit head, with hf-static (HF's fastest batch-1 path) and hf-lookup as peers.
-# A device call carries 64 MiB and the GGUF is 98 MB, so it travels in two halves on one warm machine:
-#   here:   split -n 2 -d "$(specdec models path smollm2-135m-instruct --gguf)" .gguf_parts/smollm2.part
+# A device call carries 64 MiB, checkout included (~18 MB), and the GGUF is 98 MB, so it travels in three parts on one
+# warm machine:
+#   here:   split -n 3 -d "$(specdec models path smollm2-135m-instruct --gguf)" .gguf_parts/smollm2.part
 #           pip download --no-deps -d .whl gguf==0.19.0        (the device image has no `gguf`)
-#   call 1: carry .gguf_parts/smollm2.part00 only -> bash evals/scripts/gpu_real_model_bench.sh stash
-#   call 2: carry .gguf_parts/smollm2.part01, .whl and .shared (a copy of ../shared/data/spec_bench)
+#   calls 1, 2: carry .gguf_parts/smollm2.part00, then part01 -> bash evals/scripts/gpu_real_model_bench.sh stash
+#   call 3: carry .gguf_parts/smollm2.part02, .whl and .shared (a copy of ../shared/data/spec_bench)
 #           -> bash evals/scripts/gpu_real_model_bench.sh bench
 # LIMIT questions per Spec-Bench category (default 6), EXIT_LAYER (default 8; 0 = no early-exit head).
 set -euo pipefail

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Sourced by the GPU scripts that run SmolLM2-135M-Instruct: stage `stash` keeps the carried GGUF half outside the
-# checkout and exits; stage `bench` joins both halves, checks the sha256, installs the carried `gguf` wheel and
+# Sourced by the GPU scripts that run SmolLM2-135M-Instruct: stage `stash` keeps the carried GGUF part(s) outside the
+# checkout and exits; stage `bench` joins all the parts, checks the sha256, installs the carried `gguf` wheel and
 # converts the model once (see gpu_real_model_bench.sh for the calls). Sets `name` (the catalogue name).
 stage=${1:?stash or bench}
 stash=/tmp/specdec_gguf
@@ -13,7 +13,7 @@ source "$(dirname "$0")/device_env.sh"
 name=smollm2-135m-instruct
 gguf=$SPECDEC_CACHE/gguf/$name.gguf
 mkdir -p "$(dirname "$gguf")"
-cat "$stash"/smollm2.part00 "$stash"/smollm2.part01 > "$gguf.tmp"
+cat "$stash"/smollm2.part?? > "$gguf.tmp"  # the parts in order, however many were carried
 sha=$(sha256sum "$gguf.tmp" | cut -d' ' -f1)
 python3 -c "from specdec.models import CATALOGUE; assert CATALOGUE['$name'].sha256 == '$sha', 'checksum mismatch'"
 mv "$gguf.tmp" "$gguf"
