@@ -1,7 +1,8 @@
 """`specdec bench --batch-size 1,4,16`: batched decoding, each method at each batch size over the same prompts.
 
 Methods: `ar` (batched plain decoding on specdec's batched cache: the baseline at each batch size, never batch-1
-decoding), drafter specs (`ngram`, ...: `generate(prompts, batch_size=B)`), and `hf` (HF's batched greedy
+decoding), drafter specs (`ngram`, ...: `generate(prompts, batch_size=B)`; `ngram#whole`: with
+`batch_allocate=False`, every row's whole proposal verified), and `hf` (HF's batched greedy
 `generate`, left-padded, as the peer). Per batch size and method: tokens/s, milliseconds per output token per
 sequence (the wall time a sequence waits per token: seconds x B / tokens), speedup over `ar` at the same batch size,
 and at temperature 0 how many answers equal batch-1 `ar`'s (HF's padded batches may differ by rounding)."""
@@ -13,6 +14,8 @@ from rich.table import Table
 
 from specdec.evals.methods import BenchContext, _timed, split_controller
 from specdec.generator import SpeculativeGenerator
+
+WHOLE = "#whole"  # a method suffix: the rows' whole proposals, no batch allocation (`generate(batch_allocate=False)`)
 
 
 def hf_batched(context: BenchContext, prompts: list[list[int]], batch_size: int, max_new_tokens: int) -> list:
@@ -59,11 +62,13 @@ def run_batches(context: BenchContext, prompts: list[list[int]], methods: list[s
             elif method == "hf":
                 run = lambda: hf_batched(context, prompts, size, max_new_tokens)  # noqa: E731
             else:
-                drafter, controller = split_controller(method)
+                spec, whole = method.removesuffix(WHOLE), method.endswith(WHOLE)
+                drafter, controller = split_controller(spec)
                 generator = SpeculativeGenerator(context.model, tokenizer=context.tokenizer, drafter=drafter,
                                                  controller=controller or context.controller)
-                run = lambda: [o.token_ids for o in generator.generate(prompts, batch_size=size, **{  # noqa: E731
-                    k: v for k, v in options.items() if k not in ("stop", "chat")})]
+                run = lambda: [o.token_ids for o in generator.generate(  # noqa: E731
+                    prompts, batch_size=size, batch_allocate=not whole,
+                    **{k: v for k, v in options.items() if k not in ("stop", "chat")})]
             answers, seconds = _timed(run)
             tokens = sum(map(len, answers))
             rows.append({"batch_size": size, "method": method, "tokens": tokens, "seconds": seconds,

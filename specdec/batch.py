@@ -26,13 +26,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy
 import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from specdec.accept import accept, greedy_walk
 from specdec.backends.hf import cache_keyword, context_window
-from specdec.tree import DraftTree, depth_list, host_ancestor_mask, path_to
+from specdec.tree import DraftTree, depth_list, host_ancestor_mask, path_to, subtree
 
 
 class _RowSlots:
@@ -241,6 +242,82 @@ class BatchGate:
             self.gap = 1 if won else min(2 * self.gap, self.max_gap)
 
 
+class BatchAllocator:
+    """Per-row budgets under one batch width. A batched step costs what its widest row costs: every row is padded to
+    T = 1 + max nodes. After the rows propose, each keeps its highest-valued nodes (chance of lying on the accepted
+    path, from one `AcceptanceModel` that every row's verified trees teach), at most N of them, N chosen to maximise
+
+        (active rows + sum over rows of the values kept) / t(1 + N)
+
+    where t(T) is the measured seconds of a batched step of width T (scoring, acceptance, commit): a decayed mean per
+    width, a least-squares line through them for widths not yet measured (before a second width is measured: flat,
+    the optimistic guess, which the first wide step corrects). A row whose nodes are worth less than their share of
+    the wider step keeps none (its root still commits a token in the same forward); N = 0 is a plain step for the
+    whole batch. Values fall along paths and with the rank among siblings, so a kept node's parent and earlier
+    siblings are kept: a trimmed sampled tree is still verified exactly (recursive rejection needs them)."""
+
+    def __init__(self, max_depth: int = 32, decay: float = 0.8):
+        from specdec.controllers.acceptance import AcceptanceModel
+
+        self.acceptance = AcceptanceModel(max_depth)
+        self.decay = decay
+        self.sums: dict[int, list[float]] = {}  # width -> decayed (seconds, weight)
+        self.trimmed = 0
+
+    def observe_cost(self, width: int, seconds: float) -> None:
+        kept = self.sums.setdefault(width, [0.0, 0.0])
+        kept[0], kept[1] = kept[0] * self.decay + seconds, kept[1] * self.decay + 1.0
+
+    def observe_tree(self, tree: DraftTree, accepted_nodes: Sequence[int]) -> None:
+        if len(tree):
+            self.acceptance.observe(tree.host_parents, accepted_nodes)
+
+    def cost(self, widths: Sequence[int]) -> list[float]:
+        """Predicted seconds of a step of each width: measured means, the weighted line elsewhere."""
+        means = {w: s / n for w, (s, n) in self.sums.items() if n > 0}
+        if not means:
+            return [1.0] * len(widths)
+        if len(means) == 1:
+            (only,) = means.values()
+            return [means.get(w, only) for w in widths]
+        weight = {w: self.sums[w][1] for w in means}
+        total = sum(weight.values())
+        mean_w = sum(weight[w] * w for w in means) / total
+        mean_t = sum(weight[w] * t for w, t in means.items()) / total
+        spread = sum(weight[w] * (w - mean_w) ** 2 for w in means)
+        slope = max(sum(weight[w] * (w - mean_w) * (t - mean_t) for w, t in means.items()) / spread, 0.0)
+        return [means[w] if w in means else max(mean_t + slope * (w - mean_w), 1e-9) for w in widths]
+
+    def allocate(self, trees: Sequence[DraftTree | None]) -> list[DraftTree | None]:
+        """The rows' trees (None: an idle row) cut to the width of the best expected tokens per second."""
+        active = [tree for tree in trees if tree is not None]
+        widest = max((len(tree) for tree in active), default=0)
+        if not widest:
+            return list(trees)
+        orders, gains = [], numpy.zeros(widest + 1)
+        for tree in active:
+            values = self.acceptance.values(tree.host_parents).tolist() if len(tree) else []
+            order = sorted(range(len(values)), key=lambda node: -values[node])  # stable: parents, elder siblings
+            orders.append(order)
+            kept = numpy.cumsum([values[node] for node in order]) if order else numpy.zeros(0)
+            gains[1:len(kept) + 1] += kept
+            gains[len(kept) + 1:] += kept[-1] if len(kept) else 0.0
+        seconds = numpy.asarray(self.cost(range(1, widest + 2)))
+        best = int(numpy.argmax((len(active) + gains) / seconds))
+        out, orders = [], iter(orders)
+        for tree in trees:
+            if tree is None:
+                out.append(None)
+                continue
+            order = next(orders)
+            if best >= len(tree):
+                out.append(tree)
+                continue
+            self.trimmed += len(tree) - best
+            out.append(subtree(tree, order[:best]) if best else DraftTree.empty())
+        return out
+
+
 @dataclass
 class _Row:
     """One sequence in a row of the batch."""
@@ -259,10 +336,13 @@ class _Row:
     started: float = 0.0
 
 
-def decode_batch(gen, prompts: Sequence, batch_size: int, options: dict, plain: bool = False) -> list:
+def decode_batch(gen, prompts: Sequence, batch_size: int, options: dict, plain: bool = False,
+                 allocate: bool = True) -> list:
     """`SpeculativeGenerator.generate(prompts, batch_size=B)`: up to B rows at once (module docstring); returns
     one `GenerationOutput` per prompt, in order. Every prompt is checked before any is decoded (errors name it).
-    plain: batched autoregressive decoding (no drafter: every step one token per row), the baseline."""
+    plain: batched autoregressive decoding (no drafter: every step one token per row), the baseline.
+    allocate: cut the rows' trees to the batch width of the best expected tokens per second (`BatchAllocator`);
+    False verifies every row's whole proposal (the rows' own controllers alone set the budgets)."""
     import time
 
     from specdec.controllers import StepStats, make_controller
@@ -333,6 +413,7 @@ def decode_batch(gen, prompts: Sequence, batch_size: int, options: dict, plain: 
         return DraftTree.empty() if tree is None or problem else tree
 
     gate = None if plain else BatchGate()
+    allocator = BatchAllocator() if allocate and not plain else None
     while waiting or any(rows):
         for slot in range(backend.batch_size):
             if rows[slot] is None and waiting:
@@ -340,10 +421,16 @@ def decode_batch(gen, prompts: Sequence, batch_size: int, options: dict, plain: 
         step_started = time.perf_counter()
         speculative = gate is not None and gate.speculate()
         trees = [None if row is None else propose(row) if speculative else DraftTree.empty() for row in rows]
+        if speculative and allocator is not None:
+            trees = allocator.allocate(trees)
+        verify_started = time.perf_counter()
         logits = backend.score([None if row is None else row.committed[-1] for row in rows], trees)
         outcomes = [None if row is None else accept_row(trees[b], logits[b], row.params, row.generator)
                     for b, row in enumerate(rows)]
         backend.commit([None if outcome is None else outcome.accepted_nodes for outcome in outcomes])
+        if allocator is not None:
+            allocator.observe_cost(1 + max(len(tree) for tree in trees if tree is not None),
+                                   time.perf_counter() - verify_started)
         committed_now = 0
         for slot, (row, tree, outcome) in enumerate(zip(rows, trees, outcomes)):
             if row is None:
@@ -357,6 +444,8 @@ def decode_batch(gen, prompts: Sequence, batch_size: int, options: dict, plain: 
                                  accepted_nodes=tuple(outcome.accepted_nodes), proposed_nodes=len(tree))
                 row.history.append(step)
                 row.controller.observe(step)
+                if allocator is not None:
+                    allocator.observe_tree(tree, outcome.accepted_nodes)
             row.stats.target_forwards += 1
             row.stats.drafted_nodes += len(tree)
             row.stats.accepted_hist[len(outcome.accepted_nodes)] += 1

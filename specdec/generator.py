@@ -151,10 +151,12 @@ class SpeculativeGenerator:
 
     def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = 0, stop: Sequence[str] = (), chat: bool = False,
-                 batch_size: int = 1):
+                 batch_size: int = 1, batch_allocate: bool = True):
         """One prompt (str, list of token ids, 1-D tensor) -> a `GenerationOutput`; a list of strings or a 2-D
         tensor -> a list of them, generated one after another, or with `batch_size` B > 1 up to B at once (a list
-        of prompts of one kind: strings, token-id lists or 1-D tensors; `specdec.batch`)."""
+        of prompts of one kind: strings, token-id lists or 1-D tensors; `specdec.batch`). batch_allocate: a batch
+        cuts its rows' trees to the width worth its measured cost (`specdec.batch.BatchAllocator`); False verifies
+        every row's whole proposal."""
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                        seed=seed, stop=stop, chat=chat)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -162,7 +164,7 @@ class SpeculativeGenerator:
         if batch_size > 1:
             from specdec.batch import decode_batch
 
-            return decode_batch(self, _prompt_list(prompt), batch_size, options)
+            return decode_batch(self, _prompt_list(prompt), batch_size, options, allocate=batch_allocate)
         if _is_batch(prompt):
             return [self.generate(one, **options) for one in _prompt_list(prompt)]
         # the steps' streamed text would go unread: decoding the whole text each step costs O(length) host time

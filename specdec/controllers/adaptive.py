@@ -18,7 +18,10 @@ measured. (The models' predictions err by 10-20% per step, as much as the margin
 plain runs win, a **probe** (one speculative step, not cut) is drafted after `probe_every` plain tokens, then after
 twice as many, up to `probe_max`; it drafts twice, and only the second step is measured (the first pays the
 drafter's catch-up on what it missed -- a draft model's prefill -- as a sequence's first draft does, which is not
-measured either). Decisions read host numbers only: no device sync is added."""
+measured either). While speculation wins, a **plain probe** (one plain run of `plain_chain`) follows 4, then 8, ...
+up to 128 speculative steps: the plain rate is measured in the loop it competes in, never only taken from the
+profile (on an H100 the profiled chains missed the loop's own costs by enough that `recycling`, 0.85x of `ar`, never
+ran plainly). Decisions read host numbers only: no device sync is added."""
 
 from __future__ import annotations
 
@@ -38,6 +41,9 @@ SOLVE_DEPTHS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)
 SOLVE_SHARE = 0.005  # re-solving may cost at most this share of the steps' time
 MEASURE_DECAY = 0.8  # the measured speculative / plain rates: moving sums over about the last 5 steps or runs
 TRIM_SAVING = 0.10  # cut a proposal only where a smaller tree can save this share of a step (flat curves: never)
+LEARN_SHARE = 0.01  # the models learn from every k-th speculative step, k such that learning costs <= 1% of steps
+LEARN_GAP_MAX = 8
+PLAIN_PROBE_FIRST, PLAIN_PROBE_MAX = 4, 128  # speculative steps before a plain probe while speculation wins (doubling)
 
 
 class CostAware(abc.ABC):
@@ -80,7 +86,9 @@ class CostAware(abc.ABC):
         self._measured = {"spec": (0.0, 0.0), "plain": (0.0, 0.0)}  # moving sums of (tokens, seconds)
         self._unmeasured, self._follow_up, self._probe_measure = True, False, False
         self._verify_table, self._verify_list = numpy.zeros(0), []
-        self._counters = dict(controller_s=0.0, plain_tokens=0, probes=0, trimmed_nodes=0)
+        self._since_learn, self._learn_gap = 0, 1  # steps since the models last learnt / between their lessons
+        self._spec_steps, self._plain_gap = 0, PLAIN_PROBE_FIRST  # speculative steps since / before a plain probe
+        self._counters = dict(controller_s=0.0, plain_tokens=0, probes=0, plain_probes=0, trimmed_nodes=0)
         self._mark = (0.0, 0)  # the cost model's error sums when this generation began
 
     # ---- the generator's hooks ------------------------------------------------------------------------------------
@@ -99,7 +107,7 @@ class CostAware(abc.ABC):
         total, steps = self.cost._errors
         self._mark = (total, steps)
         self._unmeasured = True  # a new sequence: the drafter's first draft includes its prefill
-        self._counters = dict(controller_s=0.0, plain_tokens=0, probes=0, trimmed_nodes=0)
+        self._counters = dict(controller_s=0.0, plain_tokens=0, probes=0, plain_probes=0, trimmed_nodes=0)
         self._counters["profile_s"] = time.perf_counter() - started
 
     def budget(self, history: Sequence[StepStats]) -> Budget:
@@ -111,15 +119,14 @@ class CostAware(abc.ABC):
 
     def observe(self, step: StepStats) -> None:
         started = time.perf_counter()
-        if self.cost is not None:
-            self.cost.observe(step)
-        if step.tree is not None and step.drafted_nodes:
-            parents = step.tree.host_parents
-            self.acceptance.observe(parents, step.accepted_nodes)
-            if not self._seen_tree or self._width < RANKS:
-                width = int(self.acceptance.shape(parents)[1].max()) + 1
-                self._width = width if not self._seen_tree else max(self._width, width)
-                self._seen_tree = True
+        self._since_learn += 1
+        if self._since_learn >= self._learn_gap or step.plain_steps:
+            self._learn(step)
+            spent = time.perf_counter() - started
+            seconds = step.step_s or step.draft_s + step.verify_s
+            self._since_learn = 0
+            if not step.plain_steps and seconds > 0:
+                self._learn_gap = min(max(1, int(spent / (LEARN_SHARE * seconds))), LEARN_GAP_MAX)
         tokens = step.plain_steps or step.accepted_len + 1
         seconds = step.step_s or step.draft_s + step.verify_s
         self._tokens, self._seconds = 0.9 * self._tokens + tokens, 0.9 * self._seconds + seconds
@@ -138,6 +145,18 @@ class CostAware(abc.ABC):
             self._probe_measure = False
         self._steps_since_solve += 1
         self._counters["controller_s"] += time.perf_counter() - started
+
+    def _learn(self, step: StepStats) -> None:
+        """The models learn from a step: the cost model its times, the acceptance model its verified tree."""
+        if self.cost is not None:
+            self.cost.observe(step)
+        if step.tree is not None and step.drafted_nodes:
+            parents = step.tree.host_parents
+            self.acceptance.observe(parents, step.accepted_nodes)
+            if not self._seen_tree or self._width < RANKS:
+                width = int(self.acceptance.shape(parents)[1].max()) + 1
+                self._width = width if not self._seen_tree else max(self._width, width)
+                self._seen_tree = True
 
     def keep_drafting(self, frontier: Frontier) -> bool:
         """Expand the frontier iff its children's expected tokens are worth their draft and verify seconds at the
@@ -183,7 +202,14 @@ class CostAware(abc.ABC):
             return self._choice
         if self._spec_rate() >= self._plain_rate() or self._choice.max_nodes == 0:
             self._probe_gap = self.probe_every
+            if self._choice.max_nodes and self._spec_steps >= self._plain_gap:  # probe a plain run: its rate is
+                self._spec_steps = 0  # measured, not taken from the profile (which can miss the loop's own costs)
+                self._plain_gap = min(2 * self._plain_gap, PLAIN_PROBE_MAX)
+                self._counters["plain_probes"] += 1
+                return Budget(0, 0, plain_steps=self.plain_chain)
+            self._spec_steps += 1
             return self._choice
+        self._plain_gap = PLAIN_PROBE_FIRST
         if self._since_draft >= self._probe_gap:  # probe: draft once, uncut, so the acceptance model learns
             self._probe_gap = min(2 * self._probe_gap, self.probe_max)
             self._probing = True
