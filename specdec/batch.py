@@ -251,9 +251,9 @@ class BatchAllocator:
 
     where t(T) is the measured seconds of a batched step of width T (scoring, acceptance, commit): a decayed mean per
     width, a least-squares line through them for widths not yet measured (before a second width is measured: flat,
-    the optimistic guess, which the first wide step corrects). A row whose nodes are worth less than their share of
-    the wider step keeps none (its root still commits a token in the same forward); N = 0 is a plain step for the
-    whole batch. Values fall along paths and with the rank among siblings, so a kept node's parent and earlier
+    the optimistic guess, which the first wide step corrects). N >= 1: a speculative step keeps every row's best
+    node, so the acceptance model keeps learning (cut to nothing, it would never see a draft again); whether to
+    speculate at all is the `BatchGate`'s choice, on measured rates. Values fall along paths and with the rank among siblings, so a kept node's parent and earlier
     siblings are kept: a trimmed sampled tree is still verified exactly (recursive rejection needs them)."""
 
     def __init__(self, max_depth: int = 32, decay: float = 0.8):
@@ -303,7 +303,7 @@ class BatchAllocator:
             gains[1:len(kept) + 1] += kept
             gains[len(kept) + 1:] += kept[-1] if len(kept) else 0.0
         seconds = numpy.asarray(self.cost(range(1, widest + 2)))
-        best = int(numpy.argmax((len(active) + gains) / seconds))
+        best = max(int(numpy.argmax((len(active) + gains) / seconds)), 1)
         out, orders = [], iter(orders)
         for tree in trees:
             if tree is None:
@@ -314,7 +314,7 @@ class BatchAllocator:
                 out.append(tree)
                 continue
             self.trimmed += len(tree) - best
-            out.append(subtree(tree, order[:best]) if best else DraftTree.empty())
+            out.append(subtree(tree, order[:best]))
         return out
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from specdec import SpeculativeGenerator
-from specdec.batch import BatchGate, BatchedStaticBackend
+from specdec.batch import BatchAllocator, BatchGate, BatchedStaticBackend
 from specdec.drafters import register_drafter
 from specdec.tree import DraftTree, subtree
 from tiny_models import (chi_square_p_value, distorted, fresh_tiny_model, greedy_truth, repetitive_prompt,
@@ -93,8 +93,9 @@ def prompts(count: int, seed: int = 0) -> list[list[int]]:
 @pytest.mark.parametrize("drafter", ["ngram", "test_batch_oracle", "test_batch_noise:always_wrong=True",
                                      "test_batch_noise:seed=3"])
 def test_every_row_equals_its_batch_one_plain_decoding(batch_size, drafter, monkeypatch):
-    if drafter == "test_batch_oracle":  # its tau is checked: no timing-driven plain steps (the gate is tested apart)
+    if drafter == "test_batch_oracle":  # its tau is checked: no timing-driven plain steps or cuts (tested apart)
         monkeypatch.setattr(BatchGate, "speculate", lambda self: True)
+        monkeypatch.setattr(BatchAllocator, "cost", lambda self, widths: [1.0] * len(widths))
     model = eos_model()
     batch = prompts(20, seed=batch_size)
     truth = {tuple(p): greedy_truth(model, tuple(p), 24, model.generation_config.eos_token_id) for p in batch}
@@ -138,8 +139,18 @@ def test_stale_kv_past_each_rows_length_changes_nothing():
 def test_each_row_samples_from_the_target_distribution(monkeypatch):
     """One prompt in every row of batches of 5; the first two tokens' joint over 1,200 rows (prompt i samples with
     seed + i) against the exact joint of the target. The batch always speculates here (the gate's choice follows
-    timings; the test needs the acceptance rule exercised)."""
+    timings; the test needs the acceptance rule exercised), and the allocator's cost is pinned so that it cuts the
+    sampled trees (to fewer of their sibling draws) often: a cut tree is verified exactly too."""
     monkeypatch.setattr(BatchGate, "speculate", lambda self: True)
+    allocate, cuts = BatchAllocator.allocate, []
+
+    def counted(self, trees):
+        out = allocate(self, trees)
+        cuts.append(sum(len(a) - len(b) for a, b in zip(trees, out) if a is not None))
+        return out
+
+    monkeypatch.setattr(BatchAllocator, "cost", lambda self, widths: [1.0 + 0.2 * (w - 1) for w in widths])
+    monkeypatch.setattr(BatchAllocator, "allocate", counted)
     vocab = 8
     model = tiny_model("llama", vocab=vocab, init_range=0.2, layers=1)
     prompt = [0, 1, 1, 5, 0, 1, 5, 1, 0, 1]
@@ -157,6 +168,7 @@ def test_each_row_samples_from_the_target_distribution(monkeypatch):
     assert chi_square_p_value(counts, joint) > 1e-4
     assert chi_square_p_value(counts, distorted(joint, 0.1)) < 1e-4  # the test could see a 10% distortion
     assert sum(out.stats.accepted_hist.get(1, 0) + out.stats.accepted_hist.get(2, 0) for out in outputs) > 100
+    assert sum(1 for cut in cuts if cut) > 20  # the sampled trees were cut (to fewer of their siblings) often
 
 
 def test_bad_batches_are_refused_naming_the_prompt():
@@ -208,3 +220,49 @@ def test_the_batch_gate_follows_the_faster_kind_and_probes_the_other_ever_more_r
     probes = [i for i, choice in enumerate(choices) if i > 1 and choice != faster]
     gaps = [later - earlier for earlier, later in zip(probes, probes[1:])]
     assert gaps == sorted(gaps) and gaps[-1] >= 32  # doubling while the probes lose
+
+
+def _tree(parents: list[int]) -> DraftTree:
+    return DraftTree(torch.arange(len(parents)), torch.tensor(parents))
+
+
+def test_the_batch_allocator_keeps_what_a_flat_cost_pays_for_and_cuts_on_a_steep_one():
+    chain, bush = _tree([-1, 0, 1, 2, 3, 4]), _tree([-1, -1, 0, 0, 1, 2, 4])
+    flat = BatchAllocator()
+    flat.observe_cost(1, 0.010)  # one width measured: the others cost the same (the optimistic guess)
+    assert flat.allocate([chain, None, bush]) == [chain, None, bush]
+    steep = BatchAllocator()
+    steep.observe_cost(1, 0.010)
+    steep.observe_cost(8, 0.080)  # a line through both: each query costs as much as the root
+    cut = steep.allocate([chain, bush])  # each row keeps its best node: the acceptance model keeps learning
+    assert [tree.host_parents for tree in cut] == [(-1,), (-1,)] and [tree.origin for tree in cut] == [(0,), (0,)]
+    assert steep.trimmed == len(chain) + len(bush) - 2
+
+
+def test_the_batch_allocator_picks_the_best_common_width_and_keeps_closed_subtrees():
+    allocator = BatchAllocator()
+    for _ in range(40):  # chains: the first two drafted tokens accepted, the rest never
+        allocator.observe_tree(_tree([-1, 0, 1, 2]), [0, 1])
+    allocator.observe_cost(1, 0.010)
+    allocator.observe_cost(5, 0.014)  # 1 ms per query past the root
+    rows = [_tree([-1, 0, 1, 2]), _tree([-1, -1, 0, 1, 2, 0]), _tree([-1])]
+    kept = allocator.allocate(rows)
+    seconds = allocator.cost(range(1, 8))  # widths 1..7: n = 0..6 nodes a row
+    values = [sorted(allocator.acceptance.values(tree.host_parents).tolist(), reverse=True) for tree in rows]
+    best = max(range(7), key=lambda n: (3 + sum(sum(v[:n]) for v in values)) / seconds[n])
+    assert [len(tree) for tree in kept] == [min(best, len(tree)) for tree in rows] and best == 2
+    for before, after in zip(rows, kept):
+        origin = after.origin or tuple(range(len(after)))
+        assert all(p < 0 or before.host_parents[origin[i]] == origin[p] for i, p in enumerate(after.host_parents))
+        assert list(after.host_tokens) == [before.host_tokens[o] for o in origin]
+
+
+def test_the_batch_allocators_cost_uses_measured_widths_and_a_line_between_them():
+    allocator = BatchAllocator(decay=0.5)
+    assert allocator.cost([1, 9]) == [1.0, 1.0]  # nothing measured: all alike
+    allocator.observe_cost(3, 0.030)
+    assert allocator.cost([1, 3, 9]) == [0.030] * 3
+    allocator.observe_cost(5, 0.050)
+    allocator.observe_cost(5, 0.050)
+    low, mid, high = allocator.cost([1, 4, 9])
+    assert abs(mid - 0.040) < 1e-9 and abs(high - 0.090) < 1e-9 and abs(low - 0.010) < 1e-9
