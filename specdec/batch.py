@@ -136,23 +136,35 @@ class BatchedStaticBackend:
             if self.lengths[b] + width > size:
                 raise ValueError(f"row {b}: the cache holds {size} tokens; this step needs {self.lengths[b] + width}")
         limit = max(self.lengths[b] for b in active) + width  # idle rows write at [0, width)
-        ids = torch.zeros(batch, width, dtype=torch.long)
-        positions = torch.zeros(batch, width, dtype=torch.long)
-        slots = torch.zeros(batch, width, dtype=torch.long)
-        visible = torch.zeros(batch, width, limit, dtype=torch.bool)
-        for b in range(batch):  # host-side inputs; the forward and its mask see each row alone
-            start = self.lengths[b] if b in active else 0  # an idle row's slots are rewritten by its next prefill
-            slots[b] = torch.arange(start, start + width)
-            positions[b] = start
-            visible[b, torch.arange(width), slots[b]] = True  # every query (padding too) sees itself
-            if b not in active:
-                continue
-            tree = trees[b]
-            count = len(tree) + 1
-            ids[b, 0], ids[b, 1:count] = roots[b], torch.as_tensor(tree.host_tokens or tree.tokens.tolist())
-            positions[b, 1:count] = start + torch.tensor(depth_list(tree), dtype=torch.long)
-            visible[b, :count, :start] = True  # the committed slots; then the root and the tree's own block
-            visible[b, :count, start: start + count] = host_ancestor_mask(tree, with_root=True)
+        # host lists for the rows' own parts (no torch call per row), then a handful of tensor ops for all rows
+        ids, depth, starts, counts, blocks = [], [], [0] * batch, [0] * batch, []
+        shapes: dict[tuple[int, ...], tuple[list[int], torch.Tensor]] = {}  # one mask per tree shape in the batch
+        for b in range(batch):
+            tree = trees[b] if b in active else None
+            parents = () if tree is None else tree.host_parents
+            found = shapes.get(parents)
+            if found is None:  # its depths, and its block padded to the width (a padding query sees only itself)
+                count = len(parents) + 1
+                padded = torch.eye(width, dtype=torch.bool)
+                if parents:
+                    padded[:count, :count] = host_ancestor_mask(tree, with_root=True)
+                found = shapes[parents] = ([0] + depth_list(tree) + [0] * (width - count) if parents else
+                                           [0] * width, padded)
+            depth.append(found[0])
+            blocks.append(found[1])
+            tokens = list(tree.host_tokens or tree.tokens.tolist()) if parents else []
+            ids.append([roots[b] or 0] + tokens + [0] * (width - 1 - len(tokens)))
+            if b in active:
+                starts[b], counts[b] = self.lengths[b], len(parents) + 1
+        block = torch.stack(blocks)
+        start = torch.tensor(starts)
+        span = torch.arange(width)
+        slots = start[:, None] + span  # an idle row's slots are rewritten by its next prefill
+        positions = start[:, None] + torch.tensor(depth)
+        seen = (torch.arange(limit)[None, None, :] < start[:, None, None]) & (span[None, :, None]
+                                                                              < torch.tensor(counts)[:, None, None])
+        visible = seen.scatter_(2, slots[:, None, :].expand(batch, width, width), block)  # + the tree's own block
+        ids = torch.tensor(ids)
         logits = self._forward(slice(None), ids.to(self.device), positions.to(self.device), slots.to(self.device),
                                visible.to(self.device))
         return [logits[b, : len(trees[b]) + 1] if b in active else None for b in range(batch)]
@@ -163,13 +175,14 @@ class BatchedStaticBackend:
         gather, one scatter for all rows) and the row's length grows by 1 + len(path). None: an idle row."""
         longest = max((len(p) for p in paths if p is not None), default=0)
         if longest:
-            source = torch.zeros(self.batch_size, longest, dtype=torch.long)
-            target = torch.zeros(self.batch_size, longest, dtype=torch.long)
+            source, target = [], []  # host lists, one tensor each: no torch call per row
             for b, path in enumerate(paths):
                 root = self.lengths[b] if path is not None and self.lengths[b] < self.max_len else 0
-                source[b], target[b] = root, root  # unused entries: the root onto itself
-                for k, node in enumerate(path or ()):
-                    source[b, k], target[b, k] = root + 1 + node, root + 1 + k
+                path = list(path or ())
+                rest = [root] * (longest - len(path))  # unused entries: the root onto itself
+                source.append([root + 1 + node for node in path] + rest)
+                target.append([root + 1 + k for k in range(len(path))] + rest)
+            source, target = torch.tensor(source), torch.tensor(target)
             layers, _, batch, heads, _, dim = self.buffer.shape
             shape = (layers, 2, batch, heads, longest, dim)
             source = source.to(self.device)[None, None, :, None, :, None].expand(shape)
