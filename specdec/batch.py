@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy
 import torch
@@ -347,6 +347,7 @@ class _Row:
     history: list = field(default_factory=list)
     stats: object = None
     started: float = 0.0
+    text: object = None     # its `_TextStream`
 
 
 def decode_batch(gen, prompts: Sequence, batch_size: int, options: dict, plain: bool = False,
@@ -356,11 +357,25 @@ def decode_batch(gen, prompts: Sequence, batch_size: int, options: dict, plain: 
     plain: batched autoregressive decoding (no drafter: every step one token per row), the baseline.
     allocate: cut the rows' trees to the batch width of the best expected tokens per second (`BatchAllocator`);
     False verifies every row's whole proposal (the rows' own controllers alone set the budgets)."""
+    steps = batch_steps(gen, prompts, batch_size, options, plain, allocate)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def batch_steps(gen, prompts: Sequence, batch_size: int, options: dict, plain: bool = False,
+                allocate: bool = True, stream_text: bool = False) -> Iterator:
+    """`decode_batch` as the steps happen (`SpeculativeGenerator.stream(prompts, batch_size=B)`): yields a
+    `StreamChunk` per row per step, its `index` the prompt's place in `prompts` (text only with stream_text, a
+    row's closing text as a last chunk of no tokens); returns the outputs, in order. A row's chunks are yielded
+    after the step's bookkeeping: what the caller does between them is not counted as the step's cost."""
     import time
 
     from specdec.controllers import StepStats, make_controller
     from specdec.drafters import DraftContext, make_drafter
-    from specdec.generator import GenerationOutput, GenerationStats
+    from specdec.generator import GenerationOutput, GenerationStats, StreamChunk, _TextStream
     from specdec.sampling import make_generator
     from specdec.tree import max_depth
     from specdec.verify import VerifyResult
@@ -386,18 +401,21 @@ def decode_batch(gen, prompts: Sequence, batch_size: int, options: dict, plain: 
         drafter, controller = ((None, make_controller("static:max_depth=0,max_nodes=0")) if plain else
                                (make_drafter(gen._drafter_spec), make_controller(gen._controller_spec)))
         row = _Row(index, prompt_ids, params, rule, drafter, controller, make_generator(params, backend.device),
-                   list(prompt_ids), stats=GenerationStats(), started=time.perf_counter())
+                   list(prompt_ids), stats=GenerationStats(), started=time.perf_counter(),
+                   text=_TextStream(gen.tokenizer if stream_text else None))
         backend.prefill_row(slot, prompt_ids[:-1])
         if not plain:
             _call(row, "reset")
         row.stats.drafter_version = getattr(drafter, "version", None)
         return row
 
-    def finish(row: _Row, end: int) -> None:
+    def finish(row: _Row, end: int) -> str:
+        """The row's output; returns its closing text (what the text stream held back)."""
         generated = row.generated[:end]
         row.stats.new_tokens, row.stats.stop_reason = len(generated), row.rule.reason
         row.stats.wall_s = time.perf_counter() - row.started
         outputs[row.index] = GenerationOutput(list(row.prompt_ids), generated, gen._decode(generated), row.stats)
+        return row.text.push(generated, final=True)
 
     def _failed(row: _Row, error: Exception) -> None:
         if row.stats.drafter_errors == 0:
@@ -444,7 +462,7 @@ def decode_batch(gen, prompts: Sequence, batch_size: int, options: dict, plain: 
         if allocator is not None:
             allocator.observe_cost(1 + max(len(tree) for tree in trees if tree is not None),
                                    time.perf_counter() - verify_started)
-        committed_now = 0
+        committed_now, chunks = 0, []
         for slot, (row, tree, outcome) in enumerate(zip(rows, trees, outcomes)):
             if row is None:
                 continue
@@ -466,9 +484,13 @@ def decode_batch(gen, prompts: Sequence, batch_size: int, options: dict, plain: 
             row.generated += new_tokens
             row.committed = row.committed + new_tokens
             end = row.rule.cut(row.generated, before)
+            chunks.append(StreamChunk(row.generated[before:end], row.text.push(row.generated, end), row.index))
             if end is not None:
-                finish(row, end)
+                tail = finish(row, end)
+                if tail:
+                    chunks.append(StreamChunk([], tail, row.index))
                 rows[slot] = None
         if gate is not None:
             gate.observe(speculative, committed_now, time.perf_counter() - step_started)
+        yield from chunks
     return outputs

@@ -78,10 +78,12 @@ class GenerationOutput:
 
 @dataclass(frozen=True)
 class StreamChunk:
-    """Tokens committed by one step (after stopping rules) and the text they complete."""
+    """Tokens committed by one step (after stopping rules) and the text they complete; index: which prompt's (the
+    place in the list a batched stream was given; 0 for one prompt)."""
 
     token_ids: list[int]
     text: str
+    index: int = 0
 
 
 class _TextStream:
@@ -159,8 +161,7 @@ class SpeculativeGenerator:
         every row's whole proposal."""
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                        seed=seed, stop=stop, chat=chat)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        _check_batch_size(batch_size)
         if batch_size > 1:
             from specdec.batch import decode_batch
 
@@ -176,9 +177,19 @@ class SpeculativeGenerator:
                 return finished.value
 
     def stream(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: int | None = 0, stop: Sequence[str] = (),
-               chat: bool = False) -> Generator[StreamChunk, None, GenerationOutput]:
-        """Yields a `StreamChunk` per step; the generator's return value is the `GenerationOutput`."""
+               top_k: int = 0, seed: int | None = 0, stop: Sequence[str] = (), chat: bool = False,
+               batch_size: int = 1, batch_allocate: bool = True) -> Generator[StreamChunk, None, GenerationOutput]:
+        """Yields a `StreamChunk` per step; the generator's return value is the `GenerationOutput`. With `batch_size`
+        B > 1 and a list of prompts: up to B at once, a chunk per row per step (`chunk.index` names the prompt),
+        and the return value is the list of outputs, in order."""
+        _check_batch_size(batch_size)
+        if batch_size > 1:
+            from specdec.batch import batch_steps
+
+            options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                           seed=seed, stop=stop, chat=chat)
+            return batch_steps(self, _prompt_list(prompt), batch_size, options, allocate=batch_allocate,
+                               stream_text=True)
         return self._decode_loop(*self._prepare(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop, chat))
 
     def _prepare(self, prompt, max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
@@ -401,6 +412,11 @@ def _prompt_list(prompts) -> list:
         if kind(prompt) != first:
             raise ValueError(f"prompt {number} is {kind(prompt)} but prompt 0 is {first}: give prompts of one kind")
     return list(prompts)
+
+
+def _check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
 
 
 def _is_batch(prompt) -> bool:

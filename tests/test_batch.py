@@ -16,7 +16,7 @@ from specdec.batch import BatchAllocator, BatchGate, BatchedStaticBackend
 from specdec.drafters import register_drafter
 from specdec.tree import DraftTree, subtree
 from tiny_models import (chi_square_p_value, distorted, fresh_tiny_model, greedy_truth, repetitive_prompt,
-                         single_thread, tiny_model)
+                         single_thread, tiny_model, tiny_tokenizer)
 
 VOCAB = 256
 
@@ -266,3 +266,31 @@ def test_the_batch_allocators_cost_uses_measured_widths_and_a_line_between_them(
     allocator.observe_cost(5, 0.050)
     low, mid, high = allocator.cost([1, 4, 9])
     assert abs(mid - 0.040) < 1e-9 and abs(high - 0.090) < 1e-9 and abs(low - 0.010) < 1e-9
+
+
+@pytest.mark.parametrize("options", [dict(max_new_tokens=20), dict(max_new_tokens=20, stop=["ab"]),
+                                     dict(max_new_tokens=16, temperature=0.9, seed=4)])
+def test_a_batched_stream_yields_each_rows_chunks_that_add_up_to_its_output(options):
+    generator = SpeculativeGenerator(tiny_model("mistral"), tokenizer=tiny_tokenizer(), drafter="ngram",
+                                     controller="static:max_depth=4,max_nodes=6")
+    texts = ["abcdabcdabcdab", "ghghghgh", "abababcdcdcd" * 3, "cdcd", "hgfedcbahgfedcba"]
+    stream = generator.stream(texts, batch_size=3, **options)
+    chunks = []
+    while True:
+        try:
+            chunks.append(next(stream))
+        except StopIteration as done:
+            returned = done.value
+            break
+    assert {chunk.index for chunk in chunks} == set(range(len(texts)))
+    first_of = [min(i for i, c in enumerate(chunks) if c.index == k) for k in range(len(texts))]
+    last_of = [max(i for i, c in enumerate(chunks) if c.index == k) for k in range(len(texts))]
+    assert first_of[1] < last_of[0] and first_of[2] < last_of[0]  # three rows at once: their chunks interleave
+    assert min(last_of[:3]) < first_of[3]  # the fourth prompt waits for a free row
+    for index, out in enumerate(returned):
+        mine = [chunk for chunk in chunks if chunk.index == index]
+        assert [t for chunk in mine for t in chunk.token_ids] == out.token_ids
+        assert "".join(chunk.text for chunk in mine) == out.text == generator.tokenizer.decode(out.token_ids)
+    if not options.get("temperature"):  # greedy: each row's output is its batch-1 output. (Sampled ones follow the
+        # target's distribution, but the draws a tree consumes follow the gate's and allocator's timed choices.)
+        assert [out.token_ids for out in returned] == [generator.generate(t, **options).token_ids for t in texts]
