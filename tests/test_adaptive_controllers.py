@@ -250,20 +250,26 @@ def test_a_drafters_slow_first_step_does_not_turn_speculation_off():
     assert all(controller.budget([]).max_nodes > 0 for _ in range(4))  # (then a plain probe: the next test)
 
 
+def run_trace(controller, steps: int, spec_s: float, plain_s: float) -> list[int]:
+    """Each budget's nodes (0: a plain run); a speculative step makes 5 tokens in spec_s, a plain run of 8 plain_s."""
+    decisions = []
+    for _ in range(steps):
+        budget = controller.budget([])
+        decisions.append(budget.max_nodes)
+        if budget.max_nodes:
+            controller.observe(chain_step(4, 4, verify_s=0.0101, step_s=spec_s))
+        else:
+            controller.observe(StepStats(0, 0, 0, verify_s=plain_s, step_s=plain_s, plain_steps=budget.plain_steps))
+    return decisions
+
+
 def test_goodput_measures_plain_runs_where_the_profile_flatters_speculation():
     """The profile says a plain run of 8 takes 400 ms (20 tok/s), so speculation (5 tokens in 100 ms: 50 tok/s)
     looks better; the loop's real plain runs take 80 ms (100 tok/s). A plain probe after 4 speculative steps
     measures that, and plain runs win from then on (speculation probed at growing gaps)."""
     controller = prepared(GoodputController(resolve_every=1, plain_chain=8), linear_cost(0.050, 1e-5))
     controller.cost.seed_plain({8: 0.400})
-    decisions = []
-    for _ in range(60):
-        budget = controller.budget([])
-        decisions.append(budget.max_nodes)
-        if budget.max_nodes:
-            controller.observe(chain_step(4, 4, verify_s=0.0101, step_s=0.100))
-        else:
-            controller.observe(StepStats(0, 0, 0, verify_s=0.08, step_s=0.080, plain_steps=budget.plain_steps))
+    decisions = run_trace(controller, 60, spec_s=0.100, plain_s=0.080)
     first_plain = decisions.index(0)
     assert 4 <= first_plain <= 6 and controller.report()["plain_probes"] >= 1
     assert decisions[-30:].count(0) >= 20
@@ -271,14 +277,8 @@ def test_goodput_measures_plain_runs_where_the_profile_flatters_speculation():
 
 def test_plain_probes_grow_apart_while_speculation_wins():
     controller = prepared(GoodputController(resolve_every=1, plain_chain=8), linear_cost(0.010, 1e-5))
-    decisions = []
-    for _ in range(200):  # speculation: 5 tokens in 20 ms (250 tok/s); plain runs: 8 in 80 ms (100 tok/s)
-        budget = controller.budget([])
-        decisions.append(budget.max_nodes)
-        if budget.max_nodes:
-            controller.observe(chain_step(4, 4, verify_s=0.0101, step_s=0.020))
-        else:
-            controller.observe(StepStats(0, 0, 0, verify_s=0.08, step_s=0.080, plain_steps=budget.plain_steps))
+    # speculation: 5 tokens in 20 ms (250 tok/s); plain runs: 8 in 80 ms (100 tok/s)
+    decisions = run_trace(controller, 200, spec_s=0.020, plain_s=0.080)
     plain = [i for i, nodes in enumerate(decisions) if nodes == 0]
     gaps = numpy.diff(plain)
     assert len(plain) >= 3 and all(later > earlier for earlier, later in zip(gaps, gaps[1:]))
