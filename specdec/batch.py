@@ -16,8 +16,10 @@ one scatter for all rows (no Python loop over rows; a row's unused index entries
 `decode_batch` runs the loop: rows that finish (EOS, stop string, length) leave and the next prompt takes the row
 (a batch-1 prefill into that row of the buffer); each row has its own drafter and controller (made from their specs),
 its own sampling generator (prompt i samples with seed + i) and stopping rule. A `BatchGate` decides each step
-whether the batch speculates or steps plainly, on the tokens per second it measures of each. Model-free drafters
-propose per row on the host; model drafters run their own forwards per row (not yet batched across rows).
+whether the batch speculates or steps plainly, on the tokens per second it measures of each; when it speculates, a
+`BatchAllocator` cuts the rows' trees to the common width worth its measured cost. `batch_steps` yields each row's
+chunk per step (`stream(prompts, batch_size=B)`). Model-free drafters propose per row on the host; model drafters
+run their own forwards per row (not yet batched across rows).
 """
 
 from __future__ import annotations
