@@ -103,14 +103,22 @@ class BatchedStaticBackend:
         return Cache(layers=[_BatchLayer(self.buffer, index, rows, slots) for index in range(self.buffer.shape[0])])
 
     def _forward(self, rows: slice, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                 visible: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """ids / positions / slots (R, T); visible (R, T, limit) bool -> (R, T or 1, V) logits."""
+                 visible: torch.Tensor, last_only: bool = False, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """ids / positions / slots (R, T); visible (R, T, limit) bool -> (R, T or 1, V) logits; keep: (K,) indices
+        into the flattened (R * T) queries -> (K, V), the LM head applied to those queries' hidden states only
+        (a pre-hook on the head: what the model does to the logits after it, softcapping or scaling, still runs)."""
         where = _RowSlots(slots, visible.shape[-1])
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
-        out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask[:, None],
-                         **{cache_keyword(self.model.forward): self._cache(rows, where)}, use_cache=True,
-                         **({"logits_to_keep": 1} if last_only else {}))
+        hook = None if keep is None else self.model.get_output_embeddings().register_forward_pre_hook(
+            lambda head, args: (args[0].flatten(0, -2).index_select(0, keep), *args[1:]))
+        try:
+            out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask[:, None],
+                             **{cache_keyword(self.model.forward): self._cache(rows, where)}, use_cache=True,
+                             **({"logits_to_keep": 1} if last_only else {}))
+        finally:
+            if hook is not None:
+                hook.remove()
         return out.logits
 
     @torch.inference_mode()
@@ -167,9 +175,14 @@ class BatchedStaticBackend:
                                                                               < torch.tensor(counts)[:, None, None])
         visible = seen.scatter_(2, slots[:, None, :].expand(batch, width, width), block)  # + the tree's own block
         ids = torch.tensor(ids)
+        real = [b * width + i for b in active for i in range(counts[b])]  # the LM head scores only real queries
+        keep = None if len(real) == batch * width else torch.tensor(real).to(self.device)
         logits = self._forward(slice(None), ids.to(self.device), positions.to(self.device), slots.to(self.device),
-                               visible.to(self.device))
-        return [logits[b, : len(trees[b]) + 1] if b in active else None for b in range(batch)]
+                               visible.to(self.device), keep=keep)
+        if keep is None:
+            return [logits[b] if b in active else None for b in range(batch)]
+        parts = iter(logits.split([counts[b] for b in active]))
+        return [next(parts) if b in active else None for b in range(batch)]
 
     @torch.inference_mode()
     def commit(self, paths: Sequence[Sequence[int] | None]) -> None:
