@@ -124,17 +124,28 @@ class BatchedStaticBackend:
     @torch.inference_mode()
     def prefill_row(self, row: int, token_ids: Sequence[int]) -> None:
         """Row `row` now holds `token_ids` (a prompt but its last token, the first root); its stale tail stays."""
-        count = len(token_ids)
-        if count + 1 > self.max_len:
-            raise ValueError(f"row {row}: the prompt has {count + 1} tokens; the cache holds {self.max_len}")
-        self.lengths[row] = count
-        if not count:
+        self.prefill_rows(row, [token_ids])
+
+    @torch.inference_mode()
+    def prefill_rows(self, first: int, prompts: Sequence[Sequence[int]]) -> None:
+        """Rows first, first + 1, ... now hold `prompts` (each a prompt but its last token), in one forward padded
+        to the longest: a padding query sees only itself and writes past its row's length (stale, never read)."""
+        counts = [len(token_ids) for token_ids in prompts]
+        for offset, count in enumerate(counts):
+            if count + 1 > self.max_len:
+                raise ValueError(f"row {first + offset}: the prompt has {count + 1} tokens; the cache holds "
+                                 f"{self.max_len}")
+            self.lengths[first + offset] = count
+        width = max(counts)
+        if not width:
             return
-        span = torch.arange(count, device=self.device)
-        visible = torch.zeros(1, count, count, dtype=torch.bool, device=self.device)
-        visible[0, :, :count] = torch.ones(count, count, dtype=torch.bool, device=self.device).tril()
-        ids = torch.tensor([list(token_ids)], device=self.device)
-        self._forward(slice(row, row + 1), ids, span[None], span[None], visible, last_only=True)
+        span = torch.arange(width)
+        real = span[None, None, :] < torch.tensor(counts)[:, None, None]
+        visible = (span[None, :, None] >= span[None, None, :]) & real | torch.eye(width, dtype=torch.bool)
+        ids = torch.tensor([list(token_ids) + [0] * (width - len(token_ids)) for token_ids in prompts])
+        places = span.expand(len(prompts), width).to(self.device)
+        self._forward(slice(first, first + len(prompts)), ids.to(self.device), places, places,
+                      visible.to(self.device), last_only=True)
 
     @torch.inference_mode()
     def score(self, roots: Sequence[int | None], trees: Sequence[DraftTree | None]) -> list[torch.Tensor | None]:
@@ -365,6 +376,24 @@ class _Row:
     text: object = None     # its `_TextStream`
 
 
+PREFILL_PAD = 1.25  # rows prefilled in one forward only while its padded tokens are at most this many times the real
+PREFILL_TOKENS = 8192  # ... and its padded tokens at most this many
+
+
+def prefill_runs(backend: BatchedStaticBackend, starts: Sequence[tuple[int, Sequence[int]]]) -> None:
+    """Prefill the rows `starts` = [(row, token ids)] (rows ascending): adjacent rows together while the padding
+    and the forward's size stay within PREFILL_PAD and PREFILL_TOKENS, else apart."""
+    run: list[tuple[int, Sequence[int]]] = []
+    for row, token_ids in [*starts, (-1, ())]:
+        grown = run + [(row, token_ids)]
+        width, real = max(len(ids) for _, ids in grown), sum(len(ids) for _, ids in grown)
+        if run and (row != run[-1][0] + 1 or width * len(grown) > max(PREFILL_PAD * real, 1)
+                    or width * len(grown) > PREFILL_TOKENS):
+            backend.prefill_rows(run[0][0], [ids for _, ids in run])
+            run = []
+        run.append((row, token_ids))
+
+
 def decode_batch(gen, prompts: Sequence, batch_size: int, options: dict, plain: bool = False,
                  allocate: bool = True) -> list:
     """`SpeculativeGenerator.generate(prompts, batch_size=B)`: up to B rows at once (module docstring); returns
@@ -418,7 +447,6 @@ def batch_steps(gen, prompts: Sequence, batch_size: int, options: dict, plain: b
         row = _Row(index, prompt_ids, params, rule, drafter, controller, make_generator(params, backend.device),
                    list(prompt_ids), stats=GenerationStats(), started=time.perf_counter(),
                    text=_TextStream(gen.tokenizer if stream_text else None))
-        backend.prefill_row(slot, prompt_ids[:-1])
         if not plain:
             _call(row, "reset")
         row.stats.drafter_version = getattr(drafter, "version", None)
@@ -461,9 +489,12 @@ def batch_steps(gen, prompts: Sequence, batch_size: int, options: dict, plain: b
     gate = None if plain else BatchGate()
     allocator = BatchAllocator() if allocate and not plain else None
     while waiting or any(rows):
-        for slot in range(backend.batch_size):
-            if rows[slot] is None and waiting:
-                rows[slot] = start(slot, waiting.pop())
+        free = [slot for slot in range(backend.batch_size) if rows[slot] is None][:len(waiting)]
+        if free:  # the next prompts, shortest in the first free row: similar lengths side by side, fewer pads
+            starting = sorted((waiting.pop() for _ in free), key=lambda index: len(prepared[index][0]))
+            for slot, index in zip(free, starting):
+                rows[slot] = start(slot, index)
+            prefill_runs(backend, [(slot, rows[slot].prompt_ids[:-1]) for slot in free])
         step_started = time.perf_counter()
         speculative = gate is not None and gate.speculate()
         trees = [None if row is None else propose(row) if speculative else DraftTree.empty() for row in rows]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from specdec import SpeculativeGenerator
-from specdec.batch import BatchAllocator, BatchGate, BatchedStaticBackend
+from specdec.batch import BatchAllocator, BatchGate, BatchedStaticBackend, prefill_runs
 from specdec.drafters import register_drafter
 from specdec.tree import DraftTree, subtree
 from tiny_models import (chi_square_p_value, distorted, fresh_tiny_model, greedy_truth, repetitive_prompt,
@@ -294,3 +294,26 @@ def test_a_batched_stream_yields_each_rows_chunks_that_add_up_to_its_output(opti
     if not options.get("temperature"):  # greedy: each row's output is its batch-1 output. (Sampled ones follow the
         # target's distribution, but the draws a tree consumes follow the gate's and allocator's timed choices.)
         assert [out.token_ids for out in returned] == [generator.generate(t, **options).token_ids for t in texts]
+
+
+def test_rows_prefilled_together_hold_what_each_prefilled_alone_holds():
+    model = tiny_model("llama")
+    batch = [p[:-1] for p in prompts(5, seed=7)]
+    alone, together = BatchedStaticBackend(model, 5, max_len=64), BatchedStaticBackend(model, 5, max_len=64)
+    for row, token_ids in enumerate(batch):
+        alone.prefill_row(row, token_ids)
+    together.prefill_rows(0, batch)
+    assert alone.lengths == together.lengths == [len(p) for p in batch]
+    for row, count in enumerate(alone.lengths):
+        assert torch.allclose(alone.buffer[:, :, row, :, :count], together.buffer[:, :, row, :, :count], atol=1e-10)
+
+
+def test_prefill_runs_group_adjacent_rows_of_similar_length():
+    calls = []
+
+    class Recorder:
+        def prefill_rows(self, first, token_ids):
+            calls.append((first, [len(ids) for ids in token_ids]))
+
+    prefill_runs(Recorder(), [(0, [1] * 10), (1, [1] * 11), (2, [1] * 12), (3, [1] * 40), (5, [1] * 41)])
+    assert calls == [(0, [10, 11, 12]), (3, [40]), (5, [41])]  # 40 pads too much; row 4 is not starting
