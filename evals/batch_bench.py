@@ -39,9 +39,34 @@ def hf_batched(context: BenchContext, prompts: list[list[int]], batch_size: int,
     return answers
 
 
+def differences(context: BenchContext, prompts: list[list[int]], answers: list[list[int]],
+                reference: list[list[int]], tie_tolerance: float = 0.0) -> dict:
+    """Each answer that differs from batch-1 `ar`'s, classified at its first differing position as the main bench
+    does (`runner.tie_gap`): a near-tie (the target's two logits within the rounding tolerance of its dtype: a batch's
+    shape changes the rounding) or algorithmic -> {"near_ties": n, "algorithmic": n}."""
+    import copy
+    import functools
+
+    from specdec.evals.runner import tie_gap
+
+    model = context.model
+    half = model.dtype in (torch.bfloat16, torch.float16) and not tie_tolerance
+    exact = functools.cache(lambda: copy.deepcopy(model).float()) if half else None
+    counts = {"near_ties": 0, "algorithmic": 0}
+    for prompt, answer, expected in zip(prompts, answers, reference):
+        if answer == expected:
+            continue
+        position = next((i for i, (a, b) in enumerate(zip(expected, answer)) if a != b), min(len(expected),
+                                                                                             len(answer)))
+        gap, tolerance = tie_gap(model, prompt, expected, answer, position, tie_tolerance, exact)
+        counts["near_ties" if gap is not None and gap <= tolerance else "algorithmic"] += 1
+    return counts
+
+
 def run_batches(context: BenchContext, prompts: list[list[int]], methods: list[str], batch_sizes: list[int],
-                max_new_tokens: int) -> dict:
-    """Every method at every batch size; returns rows of measurements and the lossless counts."""
+                max_new_tokens: int, tie_tolerance: float = 0.0) -> dict:
+    """Every method at every batch size; returns rows of measurements and the lossless counts (at temperature 0,
+    differences from batch-1 `ar` classified; tie_tolerance: as `specdec bench --tie-tolerance`, 0 = by dtype)."""
     if "ar" not in methods:
         raise ValueError("--batch-size needs 'ar' among the methods: the baseline at each batch size")
     if any(size < 1 for size in batch_sizes):
@@ -73,11 +98,22 @@ def run_batches(context: BenchContext, prompts: list[list[int]], methods: list[s
             tokens = sum(map(len, answers))
             rows.append({"batch_size": size, "method": method, "tokens": tokens, "seconds": seconds,
                          "tokens_per_s": tokens / seconds, "ms_per_token_per_seq": 1000 * seconds * min(size, len(
-                             prompts)) / tokens, "identical_to_ar": sum(a == r for a, r in zip(answers, reference))})
+                             prompts)) / tokens, "identical_to_ar": sum(a == r for a, r in zip(answers, reference)),
+                         **(differences(context, prompts, answers, reference, tie_tolerance)
+                            if context.params.greedy else {})})
     for row in rows:
         ar = next(r for r in rows if r["batch_size"] == row["batch_size"] and r["method"] == "ar")
         row["speedup"] = row["tokens_per_s"] / ar["tokens_per_s"]
     return {"rows": rows, "prompts": len(prompts), "greedy": context.params.greedy}
+
+
+def same_as_ar(row: dict, result: dict) -> str:
+    """"12/12", or "10/12 (2 near-tie)", "9/12 (1 near-tie, 2 algorithmic)"; "-" when sampled."""
+    if not result["greedy"]:
+        return "-"
+    notes = [f"{row[key]} {name}" for key, name in (("near_ties", "near-tie"), ("algorithmic", "algorithmic"))
+             if row.get(key)]
+    return f"{row['identical_to_ar']}/{result['prompts']}" + (f" ({', '.join(notes)})" if notes else "")
 
 
 def batch_table(result: dict) -> Table:
@@ -87,7 +123,7 @@ def batch_table(result: dict) -> Table:
     for row in result["rows"]:
         table.add_row(str(row["batch_size"]), row["method"], f"{row['tokens_per_s']:.1f}",
                       f"{row['ms_per_token_per_seq']:.1f}", f"{row['speedup']:.2f}x",
-                      f"{row['identical_to_ar']}/{result['prompts']}" if result["greedy"] else "-")
+                      same_as_ar(row, result))
     return table
 
 
@@ -96,5 +132,5 @@ def markdown(result: dict) -> str:
     for row in result["rows"]:
         lines.append(f"| {row['batch_size']} | {row['method']} | {row['tokens_per_s']:.1f} | "
                      f"{row['ms_per_token_per_seq']:.1f} | {row['speedup']:.2f}x | "
-                     f"{row['identical_to_ar']}/{result['prompts']} |")
+                     f"{same_as_ar(row, result)} |")
     return "\n".join(lines) + "\n"

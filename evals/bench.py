@@ -326,13 +326,16 @@ def batch_command(config: BenchConfig, argv: list[str]) -> int:
         raw = question.category.startswith("code") and template == "auto"
         ids = encode_turn(tokenizer, [{"role": "user", "content": question.turns[0]}], "none" if raw else template)
         prompts.append(ids[-room:] if room else ids)
-    result = batch_bench.run_batches(context, prompts, split_methods(config.methods), sizes, config.max_new_tokens)
+    result = batch_bench.run_batches(context, prompts, split_methods(config.methods), sizes, config.max_new_tokens,
+                                     config.tie_tolerance)
     console.print(batch_bench.batch_table(result))
     if config.out:
         _write_side_run(config, argv, model, target, result, "batch", batch_bench.markdown(result))
-    speculative = [r for r in result["rows"] if r["method"] not in ("ar", "hf")]
-    return EXIT_ALGORITHMIC if result["greedy"] and any(r["identical_to_ar"] < result["prompts"]
-                                                         for r in speculative) else 0
+    if not result["greedy"]:
+        return 0
+    speculative = [r for r in result["rows"] if r["method"] not in ("ar", "hf")]  # (HF's own flips are its own)
+    return (EXIT_ALGORITHMIC if any(r["algorithmic"] for r in speculative) else
+            EXIT_NEAR_TIE if any(r["near_ties"] for r in speculative) else 0)
 
 
 def stream_command(config: BenchConfig, argv: list[str]) -> int:

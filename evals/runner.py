@@ -195,17 +195,28 @@ def _classify(record: TurnRecord, reference: TurnRecord, position: int, model, t
     expected_token = expected[position] if position < len(expected) else -1
     got_token = got[position] if position < len(got) else -1
     gap = tolerance = None
-    if expected_token >= 0 and got_token >= 0 and reference.prompt_ids == record.prompt_ids:
-        context = record.prompt_ids + expected[:position]
-        signed, scale = logit_gap(model, context, expected_token, got_token)
-        gap, tolerance = abs(signed), near_tie_tolerance(model.dtype, scale, tie_tolerance)
-        if exact is not None:  # this position's own rounding error of the gap, against a float32 copy
-            exact_signed, _ = logit_gap(exact(), context, expected_token, got_token)
-            tolerance = max(tolerance, 2 * abs(signed - exact_signed))
-            gap = min(gap, abs(exact_signed))
+    if reference.prompt_ids == record.prompt_ids:
+        gap, tolerance = tie_gap(model, record.prompt_ids, expected, got, position, tie_tolerance, exact)
     kind = "near-tie" if gap is not None and gap <= tolerance else "algorithmic"
     return Mismatch(record.method, record.run, record.question_id, record.turn, position, expected_token, got_token,
                     gap, kind, tolerance)
+
+
+def tie_gap(model, prompt_ids: list[int], expected: list[int], got: list[int], position: int,
+            tie_tolerance: float = 0.0, exact=None) -> tuple[float | None, float | None]:
+    """(the target's logit gap between the two answers' tokens at their first differing `position`, the near-tie
+    tolerance there); (None, None) where one answer ended first. exact: a float32 copy of a half-precision target
+    (a callable), whose gap bounds this position's own rounding error (`check_lossless`)."""
+    if position >= min(len(expected), len(got)):
+        return None, None
+    context = list(prompt_ids) + list(expected[:position])
+    signed, scale = logit_gap(model, context, expected[position], got[position])
+    gap, tolerance = abs(signed), near_tie_tolerance(model.dtype, scale, tie_tolerance)
+    if exact is not None:  # this position's own rounding error of the gap, against a float32 copy
+        exact_signed, _ = logit_gap(exact(), context, expected[position], got[position])
+        tolerance = max(tolerance, 2 * abs(signed - exact_signed))
+        gap = min(gap, abs(exact_signed))
+    return gap, tolerance
 
 
 @torch.inference_mode()

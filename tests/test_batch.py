@@ -200,7 +200,7 @@ def test_the_batch_benchmark_measures_each_method_against_batched_ar_at_the_same
     result = run_batches(context, prompts(7, seed=4), ["ar", "ngram", "test_batch_oracle"], [1, 3], 12)
     assert [(r["batch_size"], r["method"]) for r in result["rows"]] == [
         (1, "ar"), (1, "ngram"), (1, "test_batch_oracle"), (3, "ar"), (3, "ngram"), (3, "test_batch_oracle")]
-    assert all(r["identical_to_ar"] == 7 for r in result["rows"])
+    assert all(r["identical_to_ar"] == 7 and r["near_ties"] == r["algorithmic"] == 0 for r in result["rows"])
     assert all(r["speedup"] == 1.0 for r in result["rows"] if r["method"] == "ar")
     assert markdown(result).count("\n") == 2 + 6
     with pytest.raises(ValueError, match="needs 'ar'"):
@@ -317,3 +317,19 @@ def test_prefill_runs_group_adjacent_rows_of_similar_length():
 
     prefill_runs(Recorder(), [(0, [1] * 10), (1, [1] * 11), (2, [1] * 12), (3, [1] * 40), (5, [1] * 41)])
     assert calls == [(0, [10, 11, 12]), (3, [40]), (5, [41])]  # 40 pads too much; row 4 is not starting
+
+
+def test_batch_differences_from_batch_one_ar_are_classified_at_their_first_differing_token():
+    from specdec.evals.batch_bench import differences
+    from specdec.evals.methods import BenchContext
+    from specdec.sampling import SamplingParams
+
+    model = tiny_model("llama")
+    context = BenchContext(model, None, SamplingParams())
+    batch = prompts(3, seed=11)
+    reference = [greedy_truth(model, tuple(p), 8) for p in batch]
+    other = (reference[1][3] + 1) % VOCAB  # a token the target does not prefer there: a real difference
+    answers = [reference[0], reference[1][:3] + [other] + reference[1][4:], reference[2][:5]]
+    assert differences(context, batch, answers, reference) == {"near_ties": 0, "algorithmic": 2}
+    # a tolerance wider than any logit gap calls the flip a near-tie; an answer that ends early stays algorithmic
+    assert differences(context, batch, answers, reference, tie_tolerance=1e9) == {"near_ties": 1, "algorithmic": 1}
