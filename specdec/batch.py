@@ -158,10 +158,11 @@ class BatchedStaticBackend:
                 raise ValueError(f"row {b}: the cache holds {size} tokens; this step needs {self.lengths[b] + width}")
         limit = max(self.lengths[b] for b in active) + width  # idle rows write at [0, width)
         # host lists for the rows' own parts (no torch call per row), then a handful of tensor ops for all rows
+        live = set(active)
         ids, depth, starts, counts, blocks = [], [], [0] * batch, [0] * batch, []
         shapes: dict[tuple[int, ...], tuple[list[int], torch.Tensor]] = {}  # one mask per tree shape in the batch
         for b in range(batch):
-            tree = trees[b] if b in active else None
+            tree = trees[b] if b in live else None
             parents = () if tree is None else tree.host_parents
             found = shapes.get(parents)
             if found is None:  # its depths, and its block padded to the width (a padding query sees only itself)
@@ -175,7 +176,7 @@ class BatchedStaticBackend:
             blocks.append(found[1])
             tokens = list(tree.host_tokens or tree.tokens.tolist()) if parents else []
             ids.append([roots[b] or 0] + tokens + [0] * (width - 1 - len(tokens)))
-            if b in active:
+            if b in live:
                 starts[b], counts[b] = self.lengths[b], len(parents) + 1
         block = torch.stack(blocks)
         start = torch.tensor(starts)
@@ -191,9 +192,9 @@ class BatchedStaticBackend:
         logits = self._forward(slice(None), ids.to(self.device), positions.to(self.device), slots.to(self.device),
                                visible.to(self.device), keep=keep)
         if keep is None:
-            return [logits[b] if b in active else None for b in range(batch)]
+            return [logits[b] if b in live else None for b in range(batch)]
         parts = iter(logits.split([counts[b] for b in active]))
-        return [next(parts) if b in active else None for b in range(batch)]
+        return [next(parts) if b in live else None for b in range(batch)]
 
     @torch.inference_mode()
     def commit(self, paths: Sequence[Sequence[int] | None]) -> None:
@@ -292,8 +293,9 @@ class BatchAllocator:
     width, a least-squares line through them for widths not yet measured (before a second width is measured: flat,
     the optimistic guess, which the first wide step corrects). N >= 1: a speculative step keeps every row's best
     node, so the acceptance model keeps learning (cut to nothing, it would never see a draft again); whether to
-    speculate at all is the `BatchGate`'s choice, on measured rates. Values fall along paths and with the rank among siblings, so a kept node's parent and earlier
-    siblings are kept: a trimmed sampled tree is still verified exactly (recursive rejection needs them)."""
+    speculate at all is the `BatchGate`'s choice, on measured rates. Values fall along paths and with the rank among
+    siblings, so a kept node's parent and earlier siblings are kept: a trimmed sampled tree is still verified exactly
+    (recursive rejection needs them)."""
 
     def __init__(self, max_depth: int = 32, decay: float = 0.8):
         from specdec.controllers.acceptance import AcceptanceModel

@@ -20,7 +20,7 @@ twice as many, up to `probe_max`; it drafts twice, and only the second step is m
 drafter's catch-up on what it missed -- a draft model's prefill -- as a sequence's first draft does, which is not
 measured either). While speculation wins, a **plain probe** (one plain run of `plain_chain`) follows 4, then 8, ...
 up to 128 speculative steps: the plain rate is measured in the loop it competes in, never only taken from the
-profile (on an H100 the profiled chains missed the loop's own costs by enough that `recycling`, 0.85x of `ar`, never
+profile (on an H200 the profiled chains missed the loop's own costs by enough that `recycling`, 0.85x of `ar`, never
 ran plainly). Decisions read host numbers only: no device sync is added."""
 
 from __future__ import annotations
