@@ -148,8 +148,9 @@ class BatchedStaticBackend:
                       visible.to(self.device), last_only=True)
 
     @torch.inference_mode()
-    def score(self, roots: Sequence[int | None], trees: Sequence[DraftTree | None]) -> list[torch.Tensor | None]:
-        """One forward over every active row's [root + tree] (None: an idle row) -> per row (N_b + 1, V) logits."""
+    def score(self, roots: Sequence[int | None], trees: Sequence[DraftTree | None], argmax: bool = False):
+        """One forward over every active row's [root + tree] (None: an idle row) -> per row (N_b + 1, V) logits;
+        argmax: -> (those, per row the argmax of each of its queries as a host list: one device read for all)."""
         active = [b for b, root in enumerate(roots) if root is not None]
         width = max(len(trees[b]) + 1 for b in active)
         batch, size = self.batch_size, self.max_len
@@ -192,9 +193,19 @@ class BatchedStaticBackend:
         logits = self._forward(slice(None), ids.to(self.device), positions.to(self.device), slots.to(self.device),
                                visible.to(self.device), keep=keep)
         if keep is None:
-            return [logits[b] if b in live else None for b in range(batch)]
-        parts = iter(logits.split([counts[b] for b in active]))
-        return [next(parts) if b in live else None for b in range(batch)]
+            rows = [logits[b, :counts[b]] if b in live else None for b in range(batch)]
+        else:
+            parts = iter(logits.split([counts[b] for b in active]))
+            rows = [next(parts) if b in live else None for b in range(batch)]
+        if not argmax:
+            return rows
+        flat = logits.flatten(0, -2).argmax(-1).tolist()
+        best, at = [], 0
+        for b in range(batch):
+            offset = at if keep is not None else b * width
+            best.append(flat[offset:offset + counts[b]] if b in live else None)
+            at += counts[b]
+        return rows, best
 
     @torch.inference_mode()
     def commit(self, paths: Sequence[Sequence[int] | None]) -> None:
@@ -230,10 +241,12 @@ class RowOutcome:
     logits: torch.Tensor = field(repr=False)
 
 
-def accept_row(tree: DraftTree, logits: torch.Tensor, params, generator) -> RowOutcome:
-    """Greedy: the argmax walk; else recursive rejection sampling (`accept`) with the row's own generator."""
+def accept_row(tree: DraftTree, logits: torch.Tensor, params, generator, best: list[int] | None = None
+               ) -> RowOutcome:
+    """Greedy: the argmax walk (`best`: the argmax of each of the row's queries, if already read); else recursive
+    rejection sampling (`accept`) with the row's own generator."""
     if params.greedy:
-        best = logits.argmax(-1).tolist()
+        best = logits.argmax(-1).tolist() if best is None else best
         tokens = tree.host_tokens if tree.host_tokens is not None else tree.tokens.tolist()
         deepest, bonus = greedy_walk(tree.host_parents, tokens, best)
     else:
@@ -481,13 +494,14 @@ def batch_steps(gen, prompts: Sequence, batch_size: int, options: dict, plain: b
         budget = gen._clamp(row.controller.budget(row.history), len(row.committed),
                             row.rule.limit - len(row.generated))
         if budget.max_nodes == 0 or budget.max_depth == 0:
-            return DraftTree.empty()
+            return empty
         tree = _call(row, "propose", DraftContext(row.committed, budget, row.params, gen.target_view))
         problem = None if tree is None else gen._tree_problem(tree, budget)
         if problem:
             _failed(row, ValueError(problem))
-        return DraftTree.empty() if tree is None or problem else tree
+        return empty if tree is None or problem else tree
 
+    empty = DraftTree.empty()  # one for every row's plain step (a tree is immutable)
     gate = None if plain else BatchGate()
     allocator = BatchAllocator() if allocate and not plain else None
     while waiting or any(rows):
@@ -499,12 +513,14 @@ def batch_steps(gen, prompts: Sequence, batch_size: int, options: dict, plain: b
             prefill_runs(backend, [(slot, rows[slot].prompt_ids[:-1]) for slot in free])
         step_started = time.perf_counter()
         speculative = gate is not None and gate.speculate()
-        trees = [None if row is None else propose(row) if speculative else DraftTree.empty() for row in rows]
+        trees = [None if row is None else propose(row) if speculative else empty for row in rows]
         if speculative and allocator is not None:
             trees = allocator.allocate(trees)
         verify_started = time.perf_counter()
-        logits = backend.score([None if row is None else row.committed[-1] for row in rows], trees)
-        outcomes = [None if row is None else accept_row(trees[b], logits[b], row.params, row.generator)
+        greedy = all(row is None or row.params.greedy for row in rows)  # then one device read for every row
+        scored = backend.score([None if row is None else row.committed[-1] for row in rows], trees, argmax=greedy)
+        logits, best = scored if greedy else (scored, [None] * len(rows))
+        outcomes = [None if row is None else accept_row(trees[b], logits[b], row.params, row.generator, best[b])
                     for b, row in enumerate(rows)]
         backend.commit([None if outcome is None else outcome.accepted_nodes for outcome in outcomes])
         if allocator is not None:
