@@ -5,7 +5,9 @@ decoding), drafter specs (`ngram`, ...: `generate(prompts, batch_size=B)`; `ngra
 `batch_allocate=False`, every row's whole proposal verified), and `hf` (HF's batched greedy
 `generate`, left-padded, as the peer). Per batch size and method: tokens/s, milliseconds per output token per
 sequence (the wall time a sequence waits per token: seconds x B / tokens), speedup over `ar` at the same batch size,
-and at temperature 0 how many answers equal batch-1 `ar`'s (HF's padded batches may differ by rounding)."""
+and at temperature 0 how many answers equal batch-1 `ar`'s (HF's padded batches may differ by rounding). Each method
+first runs untimed on the first B prompts (WARMUP_TOKENS): graphs captured, kernels compiled. `--backend native`
+runs ar and the drafter methods on the native batched forward (`specdec.batch_native`)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from rich.table import Table
 from specdec.evals.methods import BenchContext, _timed, split_controller
 from specdec.generator import SpeculativeGenerator
 
+WARMUP_TOKENS = 16  # each method first runs once, untimed, on the first B prompts for this many tokens
 WHOLE = "#whole"  # a method suffix: the rows' whole proposals, no batch allocation (`generate(batch_allocate=False)`)
 
 
@@ -71,8 +74,9 @@ def run_batches(context: BenchContext, prompts: list[list[int]], methods: list[s
         raise ValueError("--batch-size needs 'ar' among the methods: the baseline at each batch size")
     if any(size < 1 for size in batch_sizes):
         raise ValueError(f"--batch-size takes sizes >= 1, got {batch_sizes}")
+    backend = context.make_backend()  # "native": batches run on the native forward (`specdec.batch_native`)
     base = SpeculativeGenerator(context.model, tokenizer=context.tokenizer, drafter="ngram",
-                                controller=context.controller)
+                                controller=context.controller, backend=backend)
     from specdec.batch import decode_batch
 
     options = dict(max_new_tokens=max_new_tokens, temperature=context.params.temperature, top_p=context.params.top_p,
@@ -82,19 +86,26 @@ def run_batches(context: BenchContext, prompts: list[list[int]], methods: list[s
     for size in batch_sizes:
         for method in methods:
             if method == "ar":
-                run = lambda: [o.token_ids  # noqa: E731
-                               for o in decode_batch(base, prompts, size, options, plain=True)]
+                def run(chosen, tokens):
+                    return [o.token_ids for o in decode_batch(base, chosen, size, {**options,
+                                                                                   "max_new_tokens": tokens},
+                                                              plain=True)]
             elif method == "hf":
-                run = lambda: hf_batched(context, prompts, size, max_new_tokens)  # noqa: E731
+                def run(chosen, tokens):
+                    return hf_batched(context, chosen, size, tokens)
             else:
                 spec, whole = method.removesuffix(WHOLE), method.endswith(WHOLE)
                 drafter, controller = split_controller(spec)
                 generator = SpeculativeGenerator(context.model, tokenizer=context.tokenizer, drafter=drafter,
-                                                 controller=controller or context.controller)
-                run = lambda: [o.token_ids for o in generator.generate(  # noqa: E731
-                    prompts, batch_size=size, batch_allocate=not whole,
-                    **{k: v for k, v in options.items() if k not in ("stop", "chat")})]
-            answers, seconds = _timed(run)
+                                                 controller=controller or context.controller, backend=backend)
+
+                def run(chosen, tokens, generator=generator, whole=whole):
+                    return [o.token_ids for o in generator.generate(
+                        chosen, batch_size=size, batch_allocate=not whole,
+                        **{k: v for k, v in options.items() if k not in ("stop", "chat", "max_new_tokens")},
+                        max_new_tokens=tokens)]
+            run(prompts[:size], min(WARMUP_TOKENS, max_new_tokens))  # untimed: graph captures, compiles, caches
+            answers, seconds = _timed(lambda: run(prompts, max_new_tokens))
             tokens = sum(map(len, answers))
             rows.append({"batch_size": size, "method": method, "tokens": tokens, "seconds": seconds,
                          "tokens_per_s": tokens / seconds, "ms_per_token_per_seq": 1000 * seconds * min(size, len(
@@ -104,7 +115,7 @@ def run_batches(context: BenchContext, prompts: list[list[int]], methods: list[s
     for row in rows:
         ar = next(r for r in rows if r["batch_size"] == row["batch_size"] and r["method"] == "ar")
         row["speedup"] = row["tokens_per_s"] / ar["tokens_per_s"]
-    return {"rows": rows, "prompts": len(prompts), "greedy": context.params.greedy}
+    return {"rows": rows, "prompts": len(prompts), "greedy": context.params.greedy, "backend": context.backend}
 
 
 def same_as_ar(row: dict, result: dict) -> str:

@@ -316,7 +316,7 @@ def batch_command(config: BenchConfig, argv: list[str]) -> int:
     model, tokenizer, target, dtype_note = load_target(config)
     console.print(f"target {target}: {dtype_note}")
     params = SamplingParams(config.temperature, config.top_k, config.top_p, config.seed)
-    context = BenchContext(model, tokenizer, params, config.controller, None, "hf")
+    context = BenchContext(model, tokenizer, params, config.controller, None, config.backend)
     questions = load_questions(config.data, config.categories, config.limit, config.shuffle_seed, config.field)
     window = context_window(model.config)
     room = window - config.max_new_tokens if window else None

@@ -86,16 +86,19 @@ def _tree_attention_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
-    stride_mi, stride_mj,
-    num_kv_heads, T, W, D, num_splits,
+    stride_mb, stride_mi, stride_mj,
+    num_kv_heads, T, W, D, num_splits, split_keys,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PREFIX_IN_TENSOR: tl.constexpr, MASK_FULL_WIDTH: tl.constexpr, SPLIT: tl.constexpr, FP32_MATH: tl.constexpr,
+    PREFIX_IN_TENSOR: tl.constexpr, PREFIX_PER_ROW: tl.constexpr, MASK_FULL_WIDTH: tl.constexpr,
+    SPLIT: tl.constexpr, FP32_MATH: tl.constexpr,
 ):
     batch_head = tl.program_id(0)
     split = tl.program_id(1)
     batch = batch_head // num_kv_heads
     kv_head = batch_head % num_kv_heads
-    if PREFIX_IN_TENSOR:
+    if PREFIX_PER_ROW:  # (B,) lengths: each batch row its own prefix, its tree block right behind it
+        prefix_len = tl.load(prefix_arg + batch).to(tl.int32)
+    elif PREFIX_IN_TENSOR:
         prefix_len = tl.load(prefix_arg).to(tl.int32)
     else:
         prefix_len = prefix_arg
@@ -117,8 +120,12 @@ def _tree_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Prefix keys [start, end) of this split: no mask but the bounds.
-    chunk = tl.cdiv(tl.cdiv(prefix_len, num_splits), BLOCK_N) * BLOCK_N
+    # Prefix keys [start, end) of this split: no mask but the bounds. split_keys > 0: splits of that many keys
+    # (a row's sums then depend on its own prefix only, not on how many splits its neighbours need)
+    if split_keys > 0:
+        chunk = split_keys
+    else:
+        chunk = tl.cdiv(tl.cdiv(prefix_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, prefix_len)
     for block in range(start, end, BLOCK_N):
@@ -144,8 +151,8 @@ def _tree_attention_kernel(
                     mask=col_ok[None, :] & dim_ok[:, None], other=0.0)
         v = tl.load(v_base + (prefix_len + cols[:, None]) * stride_vn + dims[None, :] * stride_vd,
                     mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        allowed = tl.load(Mask + query[:, None] * stride_mi + (mask_col0 + cols[None, :]) * stride_mj,
-                          mask=row_ok[:, None] & col_ok[None, :], other=0)
+        allowed = tl.load(Mask + batch * stride_mb + query[:, None] * stride_mi
+                          + (mask_col0 + cols[None, :]) * stride_mj, mask=row_ok[:, None] & col_ok[None, :], other=0)
         if FP32_MATH:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -240,18 +247,22 @@ def _block_sizes(rows: int, head_dim: int, small_step: bool = False) -> tuple[in
 def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask: torch.Tensor,
                    scale: float | None = None, prefix_len: int | torch.Tensor | None = None,
                    num_splits: int | None = None, block_len: int | None = None,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+                   out: torch.Tensor | None = None, split_keys: int | None = None) -> torch.Tensor:
     """Attention of T tree queries over [prefix] + [tree block] keys; returns (B, Hq, T, D) in q's dtype.
 
     q:          (B, Hq, T, D); any strides
     k, v:       (B, Hkv, K, D) with Hq % Hkv == 0 (GQA, no repeat_kv); the prefix is keys [0, P), the tree block
                 keys [P, P + W); keys from P + W on are ignored (the unused tail of a static cache)
     tree_mask:  (T, W) bool, True = may attend; or, without `block_len`, (T, >= P + T) bool whose columns are key
-                positions (the tree block is then read at columns [P, P + T): the rows of an HF 4D mask)
+                positions (the tree block is then read at columns [P, P + T): the rows of an HF 4D mask); or
+                (B, T, W): a tree mask per batch row
     scale:      softmax scale, default D ** -0.5
     prefix_len: P; None = K - W; a 0-d integer tensor on q's device keeps it on the device (CUDA graphs, static
-                caches: no host sync; the split count is then chosen for P = K - W)
+                caches: no host sync; the split count is then chosen for P = K - W); a (B,) integer tensor: each
+                batch row's own P (its tree block at its keys [P_b, P_b + W); batched decoding)
     num_splits: split-KV chunks of the prefix; None = `num_kv_splits`
+    split_keys: split the prefix into chunks of this many keys (their count from K - W), whatever the batch and
+                the tree: a row's sums then depend on its own keys only (batched decoding); overrides num_splits
     block_len:  W, the block's keys; None = T (a tree: the queries are the block). W > T: the queries were written
                 somewhere inside a longer block (a drafter growing its tree, a chunk of a prefill)
     out:        (B, Hq, T, D), any strides: written in place of a new tensor (e.g. a (T, Hq, D) buffer, transposed)
@@ -262,12 +273,19 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask:
         raise ValueError(f"expected q (B, Hq, T, D) and k, v (B, Hkv, K, D) with Hq % Hkv == 0, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     block = tree_size if block_len is None else block_len
-    if tree_mask.dim() != 2 or tree_mask.shape[0] != tree_size or tree_mask.shape[1] < block:
+    per_row_mask = tree_mask.dim() == 3
+    if per_row_mask and (tree_mask.shape[0] != batch or tree_mask.shape[2] != block):
+        raise ValueError(f"a per-row tree_mask must be (B, T, W) = ({batch}, {tree_size}, {block}), "
+                         f"got {tuple(tree_mask.shape)}")
+    if tree_mask.dim() not in (2, 3) or tree_mask.shape[-2] != tree_size or tree_mask.shape[-1] < block:
         raise ValueError(f"tree_mask must be (T, W) or (T, >= P + T) with T = {tree_size}, W = {block}, "
                          f"got {tuple(tree_mask.shape)}")
     if out is not None and out.shape != q.shape:
         raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
     prefix_in_tensor = isinstance(prefix_len, torch.Tensor)
+    per_row_prefix = prefix_in_tensor and prefix_len.dim() == 1
+    if per_row_prefix and prefix_len.shape[0] != batch:
+        raise ValueError(f"prefix_len must be 0-d or (B,) = ({batch},), got {tuple(prefix_len.shape)}")
     host_prefix = kv_len - block if prefix_len is None or prefix_in_tensor else int(prefix_len)
     if host_prefix < 0 or host_prefix + block > kv_len:
         raise ValueError(f"prefix_len {host_prefix} + W {block} does not fit in the {kv_len} keys of k and v")
@@ -285,7 +303,12 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask:
         # 2 splits 13.3 us, 4 16.6; evals/results/h100_attention_split.txt).
         min_keys = SMALL_STEP_MIN_KEYS if small_step else MIN_KEYS_PER_SPLIT
         num_splits = num_kv_splits(batch * num_kv_heads * row_tiles, host_prefix, sm_count, min_keys, row_tiles)
-    chunk = triton.cdiv(triton.cdiv(max(host_prefix, 1), max(num_splits, 1)), block_n) * block_n
+    if split_keys is not None:
+        if split_keys < 1:
+            raise ValueError(f"split_keys must be >= 1, got {split_keys}")
+        chunk = split_keys
+    else:
+        chunk = triton.cdiv(triton.cdiv(max(host_prefix, 1), max(num_splits, 1)), block_n) * block_n
     num_splits = triton.cdiv(max(host_prefix, 1), chunk)  # the kernel's chunking: no split without prefix keys
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     part_out = part_lse = out  # unused without a split
@@ -294,14 +317,16 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask:
                                device=q.device)
         part_lse = torch.empty(batch, num_heads, num_splits, tree_size, dtype=torch.float32, device=q.device)
     mask = tree_mask.view(torch.uint8) if tree_mask.dtype == torch.bool else tree_mask
+    mask_strides = mask.stride() if per_row_mask else (0, *mask.stride())
     fp32_math = interpret_mode() or q.dtype == torch.float32  # the interpreter computes bf16 wrongly
     _tree_attention_kernel[(batch * num_kv_heads, num_splits, row_tiles)](
         q, k, v, mask, out, part_out, part_lse, prefix_len if prefix_in_tensor else host_prefix,
         (head_dim ** -0.5 if scale is None else scale) * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask.stride(),
-        num_kv_heads, tree_size, block, head_dim, num_splits,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
+        num_kv_heads, tree_size, block, head_dim, num_splits, split_keys or 0,
         GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PREFIX_IN_TENSOR=prefix_in_tensor,
-        MASK_FULL_WIDTH=block_len is None and tree_mask.shape[1] != tree_size, SPLIT=num_splits > 1,
+        PREFIX_PER_ROW=per_row_prefix,
+        MASK_FULL_WIDTH=block_len is None and tree_mask.shape[-1] != tree_size, SPLIT=num_splits > 1,
         FP32_MATH=fp32_math, num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:

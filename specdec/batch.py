@@ -25,6 +25,7 @@ run their own forwards per row (not yet batched across rows).
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -391,6 +392,7 @@ class _Row:
     text: object = None     # its `_TextStream`
 
 
+STEP_SLACK = 64  # cache slots past a row's last token: a step's padding queries write there (widths up to 33)
 PREFILL_PAD = 1.25  # rows prefilled in one forward only while its padded tokens are at most this many times the real
 PREFILL_TOKENS = 8192  # ... and its padded tokens at most this many
 
@@ -407,6 +409,28 @@ def prefill_runs(backend: BatchedStaticBackend, starts: Sequence[tuple[int, Sequ
             backend.prefill_rows(run[0][0], [ids for _, ids in run])
             run = []
         run.append((row, token_ids))
+
+
+_BATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a generator's backend -> its batched caches
+KEPT_BATCHED = 3  # batched caches kept per backend (the latest used): a bench's batch sizes reuse theirs
+
+
+def _reused_backend(single, batch_size: int, max_len: int):
+    """A batched cache for the model of `single` (the generator's backend), reused across batches of the same size
+    and length (its graphs captured once) and with every row empty; native where `single` runs the native forward."""
+    from specdec.batch_native import batched_backend
+
+    kept = _BATCHED.setdefault(single, {})
+    key = (batch_size, max_len)
+    backend = kept.pop(key, None)
+    if backend is None:
+        while len(kept) >= KEPT_BATCHED:
+            kept.pop(next(iter(kept)))
+        backend = batched_backend(single.model, batch_size, native=getattr(single, "native", False),
+                                  max_len=max_len)
+    kept[key] = backend  # the latest used last
+    backend.lengths = [0] * batch_size
+    return backend
 
 
 def decode_batch(gen, prompts: Sequence, batch_size: int, options: dict, plain: bool = False,
@@ -448,7 +472,11 @@ def batch_steps(gen, prompts: Sequence, batch_size: int, options: dict, plain: b
             prepared.append(gen._prepare(prompt, **options))
         except (ValueError, TypeError) as error:
             raise type(error)(f"prompt {number}: {error}") from None
-    backend = BatchedStaticBackend(gen.backend.model, min(batch_size, len(prepared)))
+    # each row's cache holds the longest prompt and its new tokens (+ the widest step), not the model's whole window
+    longest = max(len(prompt_ids) + rule.limit for prompt_ids, _, rule in prepared) + STEP_SLACK
+    window = context_window(gen.backend.model.config)
+    backend = _reused_backend(gen.backend, min(batch_size, len(prepared)),
+                              min(longest, window) if window else longest)
     rows: list[_Row | None] = [None] * backend.batch_size
     outputs: list = [None] * len(prepared)
     waiting = list(range(len(prepared)))[::-1]

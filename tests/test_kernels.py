@@ -90,6 +90,35 @@ def test_split_kv_matches_reference_and_is_deterministic(num_splits, tree_size, 
     assert (split.double() - tree_attention(q, k, v, mask, scale=0.2, num_splits=1).double()).abs().max() < 2e-3
 
 
+def test_per_row_prefixes_and_masks_equal_each_row_alone():
+    """Batched decoding: each batch row reads its own prefix length (a (B,) device tensor) and its own (T, W) tree
+    mask from the (B, T, W) stack; its tree block sits right behind its prefix and the keys past it are stale
+    (NaN here: never read). With a fixed split size a row's result is bitwise the same as that row run alone, and
+    the same whatever its neighbours' lengths."""
+    generator = torch.Generator().manual_seed(5)
+    prefixes, tree_size, capacity = [0, 97, 300, 5], 4, 320
+    q = torch.randn(len(prefixes), 4, tree_size, 32, generator=generator)
+    k, v = (torch.randn(len(prefixes), 2, capacity, 32, generator=generator) for _ in range(2))
+    masks = torch.stack([tree_block(random_tree(tree_size - 1, generator)) for _ in prefixes])
+    for row, prefix in enumerate(prefixes):
+        k[row, :, prefix + tree_size:] = float("nan")
+        v[row, :, prefix + tree_size:] = float("nan")
+    lengths = torch.tensor(prefixes)
+    out = tree_attention(q, k, v, masks, prefix_len=lengths, split_keys=128)
+    for row, prefix in enumerate(prefixes):
+        one = slice(row, row + 1)
+        alone = tree_attention(q[one], k[one], v[one], masks[row], prefix_len=lengths[one], split_keys=128)
+        assert torch.equal(out[one], alone)
+        assert_close_to_reference(out[one], q[one], k[one], v[one], prefix, masks[row])
+    shuffled = [3, 1, 0, 2]  # permuted rows: the same per-row numbers
+    assert torch.equal(tree_attention(q[shuffled], k[shuffled], v[shuffled], masks[shuffled],
+                                      prefix_len=lengths[shuffled], split_keys=128), out[shuffled])
+    with pytest.raises(ValueError, match="per-row tree_mask"):
+        tree_attention(q, k, v, masks[:2], prefix_len=lengths, split_keys=128)
+    with pytest.raises(ValueError, match="prefix_len must be"):
+        tree_attention(q, k, v, masks, prefix_len=lengths[:2], split_keys=128)
+
+
 def test_non_contiguous_inputs_and_static_cache_tail():
     """Strided q/k/v; keys past P + T (a static cache's unused tail) are ignored, with P given as a device tensor
     and the tree block read from full-width mask rows (the rows of an HF 4D mask)."""

@@ -2,8 +2,9 @@
 
 For each shape and batch size B: t_AR(B) = a batched plain step (`BatchedStaticBackend.score` with empty trees),
 t_verify(B, N) = a step scoring a chain of N drafted nodes in every row, the per-row commit of 3 accepted nodes,
-and HF's own batched step (one token per row through `DynamicCache`, as `generate` runs it) on the same prompts.
-CUDA-synchronised wall time, median of REPS after warm-up. Then a torch.profiler table of one t_AR(B_max) step:
+each on the HF-module batched cache and (CUDA) the native one (`specdec.batch_native`: per-row tree attention,
+a graph per width), whose logits are compared; and HF's own batched step (one token per row through `DynamicCache`, as `generate` runs it) on the same prompts.
+CUDA-synchronised wall time, median of REPS after warm-up. Then a torch.profiler table of the native t_AR(B_max) step:
 where the batched step's time goes. The issue's goal: t_verify(64, 8) <= 1.5 x t_AR(64) on the 1.1B shape.
 
     python3 evals/scripts/batch_step_cost.py OUT_DIR [shapes: 1b,135m] [batch sizes: 1,16,64]
@@ -11,15 +12,19 @@ where the batched step's time goes. The issue's goal: t_verify(64, 8) <= 1.5 x t
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from specdec.batch import BatchedStaticBackend
+from specdec.batch_native import NativeBatchedBackend
+from specdec.kernels.tree_attention import kernel_available
 from specdec.tree import DraftTree
 
 SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
@@ -27,8 +32,9 @@ SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
     "135m": (576, 30, 9, 3, 1536, 49152),    # SmolLM2-135M
     "tiny": (64, 2, 4, 2, 128, 512),         # a dry run of this script on a CPU
 }
+BACKENDS = {"hf": BatchedStaticBackend, "native": NativeBatchedBackend}  # HF's modules; the native forward + graphs
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-REPS, PROMPT = 20, (200, 400)
+REPS, PROMPT = int(os.environ.get("REPS", 20)), (200, 400)
 
 
 def model_of(shape: str) -> LlamaForCausalLM:
@@ -88,46 +94,64 @@ def main(out: str, shapes: str = "1b,135m", sizes: str = "1,16,64") -> None:
         for batch in map(int, sizes.split(",")):
             prompts = [torch.randint(vocab, (int(torch.randint(*PROMPT, (1,), generator=generator)),),
                                      generator=generator).tolist() for _ in range(batch)]
-            backend = BatchedStaticBackend(model, batch, max_len=1024)
-            for row, prompt in enumerate(prompts):
-                backend.prefill_row(row, prompt[:-1])
-            roots = [p[-1] for p in prompts]
-            costs = {}
-            for nodes in (0, 3, 7, 15):
-                trees = [DraftTree.chain(list(range(1, nodes + 1))) if nodes else DraftTree.empty()] * batch
-                costs[nodes] = timed(lambda: backend.score(roots, trees))
-
-            def commit_and_undo():
-                lengths = list(backend.lengths)
-                backend.commit([[0, 1, 2]] * batch)
-                backend.lengths = lengths
-
-            commit = timed(commit_and_undo)
             hf = timed(hf_step(model, prompts))
-            ar = costs[0]
-            lines.append(f"{shape} B={batch:3d}: t_AR {1e3 * ar:7.2f} ms | t_verify N=3 {1e3 * costs[3]:7.2f} "
-                         f"({costs[3] / ar:.2f}x) N=7 {1e3 * costs[7]:7.2f} ({costs[7] / ar:.2f}x) N=15 "
-                         f"{1e3 * costs[15]:7.2f} ({costs[15] / ar:.2f}x) | commit {1e3 * commit:6.2f} ms | "
-                         f"HF step {1e3 * hf:7.2f} ms (ours {ar / hf:.2f}x HF's)")
-            print(lines[-1], flush=True)
-        del backend
+            roots = [p[-1] for p in prompts]
+            chains = {nodes: [DraftTree.chain(list(range(1, nodes + 1))) if nodes else DraftTree.empty()] * batch
+                      for nodes in (0, 3, 7, 15)}
+            scored = {}
+            for kind, make in BACKENDS.items():
+                if kind == "native" and not kernel_available(torch.device(DEVICE)):
+                    continue
+                backend = make(model, batch, max_len=1024)
+                for row, prompt in enumerate(prompts):
+                    backend.prefill_row(row, prompt[:-1])
+                try:
+                    costs = {nodes: timed(lambda: backend.score(roots, trees, argmax=True))
+                             for nodes, trees in chains.items()}
+                except Exception:  # noqa: BLE001 - a failing backend is reported; the others still measure
+                    lines.append(f"{shape} B={batch} {kind}: FAILED\n{traceback.format_exc()}")
+                    print(lines[-1], flush=True)
+                    continue
+                scored[kind] = backend.score(roots, chains[7])
+
+                def commit_and_undo():
+                    lengths = list(backend.lengths)
+                    backend.commit([[0, 1, 2]] * batch)
+                    backend.lengths = lengths
+
+                commit = timed(commit_and_undo)
+                ar = costs[0]
+                lines.append(f"{shape} B={batch:3d} {kind:6s}: t_AR {1e3 * ar:7.2f} ms | t_verify N=3 "
+                             f"{1e3 * costs[3]:7.2f} ({costs[3] / ar:.2f}x) N=7 {1e3 * costs[7]:7.2f} "
+                             f"({costs[7] / ar:.2f}x) N=15 {1e3 * costs[15]:7.2f} ({costs[15] / ar:.2f}x) | commit "
+                             f"{1e3 * commit:6.2f} ms | HF step {1e3 * hf:7.2f} ms (ours {ar / hf:.2f}x HF's)")
+                print(lines[-1], flush=True)
+                del backend
+            if len(scored) == 2:  # the two forwards agree (bf16: rounding apart)
+                gap = max((a.float() - b.float()).abs().max().item() for a, b in zip(*scored.values()))
+                same = sum(torch.equal(a.argmax(-1), b.argmax(-1)) for a, b in zip(*scored.values()))
+                lines.append(f"{shape} B={batch:3d} native vs hf logits: max |diff| {gap:.3g}, "
+                             f"{same}/{batch} rows with every argmax equal")
+                print(lines[-1], flush=True)
         from torch.profiler import ProfilerActivity, profile
 
         trees = [DraftTree.empty()] * batch
-        backend = BatchedStaticBackend(model, batch, max_len=1024)
-        for row, prompt in enumerate(prompts):
-            backend.prefill_row(row, prompt[:-1])
-        for _ in range(3):
-            backend.score(roots, trees)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
-        with profile(activities=activities) as prof:
-            for _ in range(5):
-                backend.score(roots, trees)
-            sync()
-        for key in ("self_cuda_time_total", "self_cpu_time_total")[0 if DEVICE == "cuda" else 1:]:
-            table = prof.key_averages().table(sort_by=key, row_limit=15)
-            lines.append(f"\n{shape} B={batch} t_AR step x5, by {key}:\n{table}")
-        del model, backend
+        for kind in scored:  # the backends that ran, at the largest batch
+            backend = BACKENDS[kind](model, batch, max_len=1024)
+            for row, prompt in enumerate(prompts):
+                backend.prefill_row(row, prompt[:-1])
+            for _ in range(3):
+                backend.score(roots, trees, argmax=True)
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+            with profile(activities=activities) as prof:
+                for _ in range(5):
+                    backend.score(roots, trees, argmax=True)
+                sync()
+            for key in ("self_cuda_time_total", "self_cpu_time_total")[0 if DEVICE == "cuda" else 1:]:
+                table = prof.key_averages().table(sort_by=key, row_limit=15)
+                lines.append(f"\n{shape} B={batch} {kind} t_AR step x5, by {key}:\n{table}")
+            del backend
+        del model
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
     Path(out).mkdir(parents=True, exist_ok=True)

@@ -69,6 +69,22 @@ class _FusedKernels:
     qkv_rope: Callable     # (x, qkv, positions, slots, cos, sin, keys, values, Hq, norm, eps, bias, queries)
 
 
+@dataclass(frozen=True)
+class BatchRows:
+    """A batched cache's layout: each layer's keys (Hkv, B * S, D), sequence b in slots [b S, (b + 1) S), so the
+    one-sequence kernels (rotary + KV write at flat slots) run unchanged and attention sees a (R, Hkv, S, D) view
+    of the R sequences from `first` on. split_keys: the attention's fixed split size (`tree_attention`)."""
+
+    first: int
+    slots: int          # S, per sequence
+    split_keys: int
+
+    def view(self, layer: torch.Tensor, count: int) -> torch.Tensor:
+        heads, total, dim = layer.shape
+        return layer.as_strided((count, heads, self.slots, dim), (self.slots * dim, total * dim, dim, 1),
+                                layer.storage_offset() + self.first * self.slots * dim)
+
+
 ONE_TOKEN = _FusedKernels(gemv, gemv_gated, gemv_qkv_rope)          # `specdec.kernels.gemv`: one query
 ROWS = _FusedKernels(rows_linear, rows_gated, rows_qkv_rope)        # `specdec.kernels.gemm_rows`: 2..64 queries
 
@@ -142,15 +158,20 @@ class NativeLlama:
         self.one_token_gemv, self.rows_gemm, self.rows_max_queries = one_token_gemv, rows_gemm, ROWS_MAX_QUERIES
 
     def forward(self, buffer: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                prefix: int | torch.Tensor, block_mask: torch.Tensor) -> torch.Tensor:
+                prefix: int | torch.Tensor, block_mask: torch.Tensor, rows: BatchRows | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor | None:
         """T queries: `tokens`, `positions`, written at cache `slots` (all (T,) device ints); each sees the slots
         below `prefix` (P) and, of the block [P, P + W), the keys its row of `block_mask` ((T, W) device bool)
-        allows. Returns (T, V) logits. No host reads: capturable as a CUDA graph."""
-        count, width = block_mask.shape
+        allows. Returns (T, V) logits. No host reads: capturable as a CUDA graph.
+        Batched (`rows`, a batched cache's layout): R sequences of T queries each, flattened to R * T; block_mask
+        (R, T, W), prefix (R,) device ints (each sequence's own P; its block right behind it), slots flat in the
+        buffer's row-major slot axis (`BatchRows`). keep: the (K,) flat queries the LM head scores ((K, V) logits;
+        none: None, a prefill)."""
+        count = tokens.shape[0]
         if count == 1 and self.one_token_gemv:
-            return self._forward_fused(ONE_TOKEN, buffer, tokens, positions, slots, prefix, block_mask)
+            return self._forward_fused(ONE_TOKEN, buffer, tokens, positions, slots, prefix, block_mask, rows, keep)
         if 1 < count <= min(self.rows_max_queries, MAX_ROWS) and self.rows_gemm:
-            return self._forward_fused(ROWS, buffer, tokens, positions, slots, prefix, block_mask)
+            return self._forward_fused(ROWS, buffer, tokens, positions, slots, prefix, block_mask, rows, keep)
         hidden = F.embedding(tokens, self.embed)  # (T, H): the residual stream
         attended = torch.empty(count, self.num_q_heads, self.head_dim, dtype=hidden.dtype, device=hidden.device)
         delta = None  # what the last block adds to the stream (fused into the next norm)
@@ -160,22 +181,39 @@ class NativeLlama:
             keys, values = buffer[index, 0, 0], buffer[index, 1, 0]  # (Hkv, S_max, D)
             rope_cache(qkv, positions, slots, self.cos, self.sin, keys, values, self.num_q_heads)
             queries = qkv[:, : self.num_q_heads * self.head_dim].view(count, self.num_q_heads, self.head_dim)
-            tree_attention(queries.transpose(0, 1)[None], keys[None], values[None], block_mask, self.scale,
-                           prefix_len=prefix, block_len=width, out=attended.transpose(0, 1)[None])
+            self._attend(queries, keys, values, prefix, block_mask, rows, attended)
             delta = F.linear(attended.view(count, -1), layer.out)
             normed = add_rmsnorm(hidden, layer.post_norm, self.eps, delta)
             delta = F.linear(silu_mul(F.linear(normed, layer.gate_up)), layer.down)
         if self.exit_head is not None:
             hidden, delta = self._exit(hidden + delta), None
         normed = add_rmsnorm(hidden, self.norm, self.eps, delta)
+        if keep is not None:
+            if not len(keep):
+                return None
+            normed = normed.index_select(0, keep)
         return F.linear(normed, self.head)
+
+    def _attend(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, prefix: int | torch.Tensor,
+                block_mask: torch.Tensor, rows: BatchRows | None, attended: torch.Tensor) -> None:
+        """queries (count, Hq, D) over one layer's keys / values (Hkv, slots, D) -> attended (count, Hq, D)."""
+        count, heads, dim = queries.shape
+        if rows is None:
+            tree_attention(queries.transpose(0, 1)[None], keys[None], values[None], block_mask, self.scale,
+                           prefix_len=prefix, block_len=block_mask.shape[1], out=attended.transpose(0, 1)[None])
+            return
+        sequences, size, width = block_mask.shape
+        tree_attention(queries.view(sequences, size, heads, dim).transpose(1, 2), rows.view(keys, sequences),
+                       rows.view(values, sequences), block_mask, self.scale, prefix_len=prefix, block_len=width,
+                       out=attended.view(sequences, size, heads, dim).transpose(1, 2), split_keys=rows.split_keys)
 
     def _forward_fused(self, kernels: _FusedKernels, buffer: torch.Tensor, tokens: torch.Tensor,
                        positions: torch.Tensor, slots: torch.Tensor, prefix: int | torch.Tensor,
-                       block_mask: torch.Tensor) -> torch.Tensor:
+                       block_mask: torch.Tensor, rows: BatchRows | None = None,
+                       keep: torch.Tensor | None = None) -> torch.Tensor | None:
         """`forward` in five launches a layer, the norms, rotary, cache write, SwiGLU gate and residual adds riding
         in the products (`kernels`: ONE_TOKEN's GEMVs or ROWS's row GEMMs): qkv, attention, o, gate_up, down."""
-        count, width = block_mask.shape
+        count = tokens.shape[0]
         hidden = embedding(tokens, self.embed)  # (T, H), contiguous: the residual stream, updated in place
         heads, dim = self.num_q_heads, self.head_dim
         queries = torch.empty(count, heads * dim, dtype=hidden.dtype, device=hidden.device)
@@ -184,14 +222,18 @@ class NativeLlama:
             keys, values = buffer[index, 0, 0], buffer[index, 1, 0]  # (Hkv, S_max, D)
             kernels.qkv_rope(hidden, layer.qkv, positions, slots, self.cos, self.sin, keys, values, heads,
                              layer.input_norm, self.eps, layer.qkv_bias, queries)
-            tree_attention(queries.view(count, heads, dim).transpose(0, 1)[None], keys[None], values[None],
-                           block_mask, self.scale, prefix_len=prefix, block_len=width,
-                           out=attended.transpose(0, 1)[None])
+            self._attend(queries.view(count, heads, dim), keys, values, prefix, block_mask, rows, attended)
             kernels.linear(attended.view(count, -1), layer.out, residual=hidden)
             kernels.linear(kernels.gated(hidden, layer.gate_up, layer.post_norm, self.eps), layer.down,
                            residual=hidden)
         if self.exit_head is not None:
             hidden = self._exit(hidden)
+        if keep is not None:
+            if not len(keep):
+                return None
+            if len(keep) != count:
+                hidden = hidden.index_select(0, keep)
+                kernels = ONE_TOKEN if len(keep) == 1 and self.one_token_gemv else ROWS
         return kernels.linear(hidden, self.head, self.norm, self.eps)
 
     def _exit(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,258 @@
+"""Batched decoding on the native forward: `BatchedStaticBackend`'s contract (prefill rows, score every row's tree in
+one step, commit each row's path) on `NativeLlama`, with per-row tree attention and a CUDA graph per step width.
+
+Layout: each layer's KV is (Hkv, B * S, D), row b in slots [b S, (b + 1) S) (`BatchRows`), so the native kernels
+that write the cache (rotary + KV write at flat slots, fused into the qkv product) run as for one sequence, and the
+tree-attention kernel reads a strided (B, Hkv, S, D) view with each row's own prefix length from a (B,) device
+tensor and its own (T, T) tree mask: no padding of the KV to the longest row, one launch for all rows. Attention
+splits the prefix into chunks of a fixed size (SPLIT_KEYS), so a row's numbers depend on its own keys only, not on
+its neighbours or the batch size.
+
+A step of width T (the widest row's nodes + 1, rounded up to a bucket of WIDTHS on CUDA) runs the whole batch:
+tokens, positions, write slots and prefix lengths in one int64 copy, the masks in one bool copy, then one graph
+replay (captured at the bucket's first use: forward, LM head over all B * T queries, their argmax). Greedy decoding
+reads the argmax in one device read; per-row logits are views into the graph's output, cloned for the rows (a
+drafter may keep them past the next replay). Without CUDA (tests under the Triton interpreter) the same inputs run
+eagerly, the LM head on real queries only. `commit` is `BatchedStaticBackend`'s single gather / scatter.
+
+`batched_backend(model, B, native=...)` picks it where `NativeLlama` runs the model, else the HF-module backend.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy
+import torch
+from transformers import PreTrainedModel
+
+from specdec.backends.hf import context_window
+from specdec.backends.native import BatchRows, NativeLlama, unsupported_reason
+from specdec.kernels.tree_attention import kernel_available
+from specdec.tree import DraftTree, depth_list, host_ancestor_mask
+
+SPLIT_KEYS = 512  # attention's prefix chunk: fixed, so rows do not depend on each other's lengths
+WIDTHS = (1, 2, 4, 8, 12, 16, 24, 32)  # step widths captured as graphs (T = nodes + 1, rounded up); wider: eager
+
+
+class NativeBatchedBackend:
+    """The target's KV for `batch_size` rows on `NativeLlama`; `lengths[b]` = committed tokens cached in row b."""
+
+    def __init__(self, model: PreTrainedModel, batch_size: int, max_len: int | None = None,
+                 native: NativeLlama | None = None, graphs: bool = True):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        reason = unsupported_reason(model)
+        if reason is None and not kernel_available(model.device):
+            reason = "Triton or CUDA is unavailable"
+        if reason is not None:
+            raise ValueError(f"the native batched backend cannot run {type(model).__name__}: {reason}")
+        self.model, self.batch_size = model, batch_size
+        self.device, self.dtype = model.device, next(model.parameters()).dtype
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.max_positions = context_window(model.config)
+        self.max_len = max_len or self.max_positions
+        if not self.max_len:
+            raise ValueError("the model states no context window; pass max_len=... to size the batched cache")
+        self.native = native if native is not None and native.cos.shape[0] >= self.max_len else NativeLlama(
+            model, self.max_len)
+        config = model.config.get_text_config()
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.buffer = torch.zeros((config.num_hidden_layers, 2, 1, kv_heads, batch_size * self.max_len,
+                                   self.native.head_dim), dtype=self.dtype, device=self.device)
+        self.lengths = [0] * batch_size
+        self.graphs = graphs and self.device.type == "cuda"
+        self._steps: dict[int, _BatchStep] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
+
+    def _rows(self, first: int) -> BatchRows:
+        return BatchRows(first, self.max_len, SPLIT_KEYS)
+
+    @torch.inference_mode()
+    def prefill_row(self, row: int, token_ids: Sequence[int]) -> None:
+        self.prefill_rows(row, [token_ids])
+
+    @torch.inference_mode()
+    def prefill_rows(self, first: int, prompts: Sequence[Sequence[int]]) -> None:
+        """Rows first, first + 1, ... now hold `prompts` (each a prompt but its last token), in one eager forward
+        padded to the longest (a padding query sees only itself and writes past its row's length); no LM head."""
+        counts = [len(token_ids) for token_ids in prompts]
+        for offset, count in enumerate(counts):
+            if count + 1 > self.max_len:
+                raise ValueError(f"row {first + offset}: the prompt has {count + 1} tokens; the cache holds "
+                                 f"{self.max_len}")
+            self.lengths[first + offset] = count
+        width = max(counts)
+        if not width:
+            return
+        span = torch.arange(width)
+        real = span[None, None, :] < torch.tensor(counts)[:, None, None]
+        visible = (span[None, :, None] >= span[None, None, :]) & real | torch.eye(width, dtype=torch.bool)
+        ids = torch.tensor([list(token_ids) + [0] * (width - len(token_ids)) for token_ids in prompts])
+        rows = torch.arange(len(prompts))[:, None]
+        slots = (first + rows) * self.max_len + span
+        self.native.forward(self.buffer, ids.flatten().to(self.device), span.repeat(len(prompts)).to(self.device),
+                            slots.flatten().to(self.device), torch.zeros(len(prompts), dtype=torch.long,
+                                                                         device=self.device),
+                            visible.to(self.device), self._rows(first), keep=torch.empty(0, dtype=torch.long))
+
+    def _inputs(self, roots: Sequence[int | None], trees: Sequence[DraftTree | None], width: int, active: list[int]):
+        """Host inputs of a step of width `width`: (ids, positions, slots, prefix) as one (3 B T + B,) int64 array,
+        the (B, T, T) bool masks, and each row's real query count."""
+        batch, size = self.batch_size, self.max_len
+        packed = numpy.zeros(3 * batch * width + batch, dtype=numpy.int64)
+        ids, positions, slots = (packed[k * batch * width: (k + 1) * batch * width].reshape(batch, width)
+                                 for k in range(3))
+        prefix = packed[3 * batch * width:]
+        masks = numpy.zeros((batch, width, width), dtype=numpy.bool_)
+        masks[:, numpy.arange(width), numpy.arange(width)] = True  # padding queries, idle rows: themselves only
+        counts = [0] * batch
+        live = set(active)
+        shapes: dict[tuple[int, ...], tuple[list[int], numpy.ndarray | None]] = {}
+        span = numpy.arange(width)
+        for b in range(batch):
+            slots[b] = b * size + span  # an idle row writes at its row's [0, width): rewritten by its next prefill
+            if b not in live:
+                continue
+            tree = trees[b]
+            parents = tree.host_parents if tree is not None else ()
+            found = shapes.get(parents)
+            if found is None:
+                block = host_ancestor_mask(tree, with_root=True).numpy() if parents else None
+                found = shapes[parents] = ([0] + depth_list(tree) if parents else [0], block)
+            count = len(parents) + 1
+            counts[b] = count
+            start = self.lengths[b]
+            prefix[b] = start
+            slots[b] += start
+            positions[b, :count] = numpy.add(found[0], start)
+            positions[b, count:] = start
+            ids[b, 0] = roots[b]
+            if parents:
+                ids[b, 1:count] = tree.host_tokens if tree.host_tokens is not None else tree.tokens.tolist()
+                masks[b, :count, :count] = found[1]
+        return packed, masks, counts
+
+    @torch.inference_mode()
+    def score(self, roots: Sequence[int | None], trees: Sequence[DraftTree | None], argmax: bool = False):
+        """One step over every active row's [root + tree] (None: an idle row) -> per row (N_b + 1, V) logits;
+        argmax: -> (those, per row the argmax of each of its queries as a host list: one device read for all)."""
+        active = [b for b, root in enumerate(roots) if root is not None]
+        needed = max(len(trees[b]) + 1 for b in active)
+        for b in active:
+            if self.lengths[b] + needed > self.max_len:
+                raise ValueError(f"row {b}: the cache holds {self.max_len} tokens; this step needs "
+                                 f"{self.lengths[b] + needed}")
+        width = next((w for w in WIDTHS if w >= needed), needed) if self.graphs else needed
+        if max(self.lengths[b] for b in active) + width > self.max_len:  # padding would write into the next row
+            width = needed
+        packed, masks, counts = self._inputs(roots, trees, width, active)
+        if self.graphs and width in WIDTHS:
+            step = self._steps.get(width)
+            if step is None:
+                step = self._steps[width] = _BatchStep(self, width)
+            logits, best = step.run(packed, masks)
+            logits = logits.view(self.batch_size, width, -1).clone()
+            rows = [logits[b, :counts[b]] if counts[b] else None for b in range(self.batch_size)]
+            if not argmax:
+                return rows
+            flat = best.tolist()
+            return rows, [flat[b * width: b * width + counts[b]] if counts[b] else None
+                          for b in range(self.batch_size)]
+        real = [b * width + i for b in active for i in range(counts[b])]
+        inputs = torch.from_numpy(packed).to(self.device)
+        batch_width = self.batch_size * width
+        logits = self.native.forward(self.buffer, inputs[:batch_width], inputs[batch_width: 2 * batch_width],
+                                     inputs[2 * batch_width: 3 * batch_width], inputs[3 * batch_width:],
+                                     torch.from_numpy(masks).to(self.device), self._rows(0),
+                                     keep=torch.tensor(real, device=self.device))
+        parts = iter(logits.split([counts[b] for b in active]))
+        rows = [next(parts) if counts[b] else None for b in range(self.batch_size)]
+        if not argmax:
+            return rows
+        flat = logits.argmax(-1).tolist()
+        best, at = [], 0
+        for b in range(self.batch_size):
+            best.append(flat[at: at + counts[b]] if counts[b] else None)
+            at += counts[b]
+        return rows, best
+
+    @torch.inference_mode()
+    def commit(self, paths: Sequence[Sequence[int] | None]) -> None:
+        """Per active row, its accepted nodes (path order): their KV moves behind the row's root in every layer (one
+        gather, one scatter for all rows) and the row's length grows by 1 + len(path). None: an idle row."""
+        longest = max((len(p) for p in paths if p is not None), default=0)
+        if longest:
+            size = self.max_len
+            source, target = [], []
+            for b, path in enumerate(paths):
+                root = self.lengths[b] if path is not None and self.lengths[b] < size else 0
+                path = list(path or ())
+                rest = [b * size + root] * (longest - len(path))  # unused entries: the root onto itself
+                source.append([b * size + root + 1 + node for node in path] + rest)
+                target.append([b * size + root + 1 + k for k in range(len(path))] + rest)
+            source = torch.tensor(source).flatten().to(self.device)
+            target = torch.tensor(target).flatten().to(self.device)
+            layers, _, _, heads, _, dim = self.buffer.shape
+            shape = (layers, 2, 1, heads, len(source), dim)
+            source = source[None, None, None, :, None].expand(shape)
+            target = target[None, None, None, :, None].expand(shape)
+            self.buffer.scatter_(4, target, self.buffer.gather(4, source))
+        for b, path in enumerate(paths):
+            if path is not None:
+                self.lengths[b] += 1 + len(path)
+
+
+class _BatchStep:
+    """The static inputs and CUDA graph of one step width: forward over B x T queries, LM head, argmax."""
+
+    def __init__(self, backend: NativeBatchedBackend, width: int):
+        batch, device = backend.batch_size, backend.device
+        self.backend, self.width = backend, width
+        self.host = torch.zeros(3 * batch * width + batch, dtype=torch.long, pin_memory=True)
+        self.host_masks = torch.zeros(batch, width, width, dtype=torch.bool, pin_memory=True)
+        self.inputs = torch.zeros_like(self.host, device=device)
+        self.masks = torch.zeros_like(self.host_masks, device=device)
+        self.copied = torch.cuda.Event()
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits = self.best = None
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        count = self.backend.batch_size * self.width
+        inputs = self.inputs
+        logits = self.backend.native.forward(self.backend.buffer, inputs[:count], inputs[count: 2 * count],
+                                             inputs[2 * count: 3 * count], inputs[3 * count:], self.masks,
+                                             self.backend._rows(0))
+        return logits, logits.argmax(-1)
+
+    def run(self, packed: numpy.ndarray, masks: numpy.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        self.copied.synchronize()  # the previous step's copy has left the pinned buffers
+        self.host.numpy()[:] = packed
+        self.host_masks.numpy()[:] = masks
+        self.inputs.copy_(self.host, non_blocking=True)
+        self.masks.copy_(self.host_masks, non_blocking=True)
+        self.copied.record()
+        if self.graph is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up: Triton compiles, cuBLAS handles; rewrites the same slots
+                    self.forward()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=self.backend.pool):
+                self.logits, self.best = self.forward()
+        self.graph.replay()
+        return self.logits, self.best
+
+
+def batched_backend(model: PreTrainedModel, batch_size: int, native: bool | NativeLlama = False,
+                    max_len: int | None = None):
+    """The batched cache for `model`: `NativeBatchedBackend` when `native` (True or the generator's own
+    `NativeLlama`) and the model and machine allow it, else `BatchedStaticBackend` (HF's modules)."""
+    from specdec.batch import BatchedStaticBackend
+
+    if native and unsupported_reason(model) is None and kernel_available(model.device):
+        return NativeBatchedBackend(model, batch_size, max_len,
+                                    native=native if isinstance(native, NativeLlama) else None)
+    return BatchedStaticBackend(model, batch_size, max_len)

@@ -1,0 +1,67 @@
+"""Batched decoding on the native forward (`specdec.batch_native`, Triton kernels under the interpreter): its steps
+equal the HF-module batched backend's, row by row, with ragged trees, idle rows and stale KV poisoned with NaN;
+greedy rows through a native generator equal batch-1 plain decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from specdec import SpeculativeGenerator  # noqa: E402
+from specdec.batch import BatchedStaticBackend  # noqa: E402
+from specdec.batch_native import NativeBatchedBackend, batched_backend  # noqa: E402
+from specdec.tree import DraftTree  # noqa: E402
+from tiny_models import VOCAB, fresh_tiny_model, greedy_truth, repetitive_prompt, single_thread  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model():
+    return fresh_tiny_model("llama").float()
+
+
+def test_native_steps_equal_the_hf_module_backend_row_by_row(model):
+    prompts = [repetitive_prompt(VOCAB, seed=s, length=n) for s, n in ((1, 9), (2, 17), (3, 4), (4, 12))]
+    trees = [DraftTree.chain([5, 6, 7]), DraftTree.empty(), None,
+             DraftTree.from_paths([[8, 9], [8, 10, 11], [12]])]
+    outs = []
+    with single_thread():
+        for backend in (BatchedStaticBackend(model, 4, max_len=48), NativeBatchedBackend(model, 4, max_len=48)):
+            if isinstance(backend, NativeBatchedBackend):
+                backend.buffer.fill_(float("nan"))  # stale KV is never read
+            backend.prefill_rows(0, [p[:-1] for p in prompts[:2]])
+            backend.prefill_rows(2, [p[:-1] for p in prompts[2:]])
+            roots = [p[-1] for p in prompts]
+            roots[2] = None  # an idle row
+            first, best = backend.score(roots, trees, argmax=True)
+            backend.commit([[0, 1], [], None, [1, 2]])
+            second = backend.score(roots, [DraftTree.chain([3]), DraftTree.chain([4, 4]), None, DraftTree.empty()])
+            outs.append((first, best, second, list(backend.lengths)))
+    (hf_first, hf_best, hf_second, hf_lengths), (first, best, second, lengths) = outs
+    assert lengths == hf_lengths and first[2] is None and second[2] is None and best[2] is None
+    for mine, theirs in zip(first + second, hf_first + hf_second):
+        if theirs is not None:
+            assert mine.shape == theirs.shape and torch.isfinite(mine).all()
+            torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
+    assert best == hf_best
+
+
+def test_greedy_rows_through_the_native_generator_equal_batch_one(model):
+    """Mixed lengths, rows finishing early (different max lengths come from the queue refilling), a drafter."""
+    prompts = [repetitive_prompt(VOCAB, seed=s, length=n) for s, n in ((5, 6), (6, 21), (7, 11), (8, 3), (9, 15))]
+    with single_thread():
+        gen = SpeculativeGenerator(model, drafter="ngram", controller="heuristic", backend="native")
+        outs = gen.generate(prompts, batch_size=3, max_new_tokens=12)
+        truth = [greedy_truth(model, tuple(p), 12) for p in prompts]
+    assert [o.token_ids for o in outs] == truth
+    assert sum(k * n for o in outs for k, n in o.stats.accepted_hist.items()) > 0  # drafts were accepted
+
+
+def test_the_generator_picks_the_native_batched_backend_only_where_it_runs(model):
+    assert type(batched_backend(model, 2, native=True, max_len=32)) is NativeBatchedBackend
+    assert type(batched_backend(model, 2, native=False, max_len=32)) is BatchedStaticBackend
+    gpt2 = fresh_tiny_model("gpt2")
+    assert type(batched_backend(gpt2, 2, native=True, max_len=32)) is BatchedStaticBackend
+    with pytest.raises(ValueError, match="batch_size"):
+        NativeBatchedBackend(model, 0, max_len=32)
