@@ -8,7 +8,7 @@ set -euo pipefail
 source "$(dirname "$0")/gpu_smollm2_setup.sh"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 set +e
-specdec bench --target "$name" --data spec_bench --limit "${LIMIT:-3}" --batch-size "${SIZES:-1,4,16}" \
+specdec bench --target "$name" --backend "${BACKEND:-native}" --data spec_bench --limit "${LIMIT:-3}" --batch-size "${SIZES:-1,4,16}" \
   --methods "${METHODS:-ar,ngram,hf}" --max-new-tokens "${TOKENS:-64}" --out "$out/batch" 2>&1 \
   | grep -v "━" | tail -40
 echo "bench exit code ${PIPESTATUS[0]}"
