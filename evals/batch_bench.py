@@ -6,7 +6,7 @@ decoding), drafter specs (`ngram`, ...: `generate(prompts, batch_size=B)`; `ngra
 `generate`, left-padded, as the peer). Per batch size and method: tokens/s, milliseconds per output token per
 sequence (the wall time a sequence waits per token: seconds x B / tokens), speedup over `ar` at the same batch size,
 and at temperature 0 how many answers equal batch-1 `ar`'s (HF's padded batches may differ by rounding). Each method
-first runs untimed on the first B prompts (WARMUP_TOKENS): graphs captured, kernels compiled. `--backend native`
+first runs untimed on the B longest prompts: the batched cache sized, its graphs captured, kernels compiled. `--backend native`
 runs ar and the drafter methods on the native batched forward (`specdec.batch_native`)."""
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from rich.table import Table
 from specdec.evals.methods import BenchContext, _timed, split_controller
 from specdec.generator import SpeculativeGenerator
 
-WARMUP_TOKENS = 16  # each method first runs once, untimed, on the first B prompts for this many tokens
 WHOLE = "#whole"  # a method suffix: the rows' whole proposals, no batch allocation (`generate(batch_allocate=False)`)
 
 
@@ -104,7 +103,8 @@ def run_batches(context: BenchContext, prompts: list[list[int]], methods: list[s
                         chosen, batch_size=size, batch_allocate=not whole,
                         **{k: v for k, v in options.items() if k not in ("stop", "chat", "max_new_tokens")},
                         max_new_tokens=tokens)]
-            run(prompts[:size], min(WARMUP_TOKENS, max_new_tokens))  # untimed: graph captures, compiles, caches
+            longest = sorted(prompts, key=len)[-size:]  # untimed: the batched cache the timed run reuses (sized
+            run(longest, max_new_tokens)  # for the longest prompts and all the tokens), graphs, compiles
             answers, seconds = _timed(lambda: run(prompts, max_new_tokens))
             tokens = sum(map(len, answers))
             rows.append({"batch_size": size, "method": method, "tokens": tokens, "seconds": seconds,

@@ -416,18 +416,21 @@ KEPT_BATCHED = 3  # batched caches kept per backend (the latest used): a bench's
 
 
 def _reused_backend(single, batch_size: int, max_len: int):
-    """A batched cache for the model of `single` (the generator's backend), reused across batches of the same size
-    and length (its graphs captured once) and with every row empty; native where `single` runs the native forward."""
+    """A batched cache for the model of `single` (the generator's backend) with every row empty: one kept from an
+    earlier batch of this size that holds max_len slots a row (its graphs captured once), else a new one; native
+    where `single` runs the native forward."""
     from specdec.batch_native import batched_backend
 
     kept = _BATCHED.setdefault(single, {})
-    key = (batch_size, max_len)
+    fits = [key for key in kept if key[0] == batch_size and max_len <= key[1]]
+    key = min(fits, key=lambda k: k[1]) if fits else (batch_size, max_len)
     backend = kept.pop(key, None)
     if backend is None:
         while len(kept) >= KEPT_BATCHED:
             kept.pop(next(iter(kept)))
         backend = batched_backend(single.model, batch_size, native=getattr(single, "native", False),
                                   max_len=max_len)
+        getattr(backend, "capture_all", lambda: None)()  # graphs now, before any row is prefilled
     kept[key] = backend  # the latest used last
     backend.lengths = [0] * batch_size
     return backend

@@ -65,6 +65,16 @@ class NativeBatchedBackend:
         self._steps: dict[int, _BatchStep] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
 
+    def capture_all(self) -> None:
+        """Capture every step width's graph now (CUDA; a fresh cache: the captures write KV at rows' first slots),
+        so no step of a timed batch pays for a capture."""
+        if not self.graphs:
+            return
+        for width in WIDTHS:
+            if width <= self.max_len and width not in self._steps:
+                step = self._steps[width] = _BatchStep(self, width)
+                step.capture()
+
     def _rows(self, first: int) -> BatchRows:
         return BatchRows(first, self.max_len, SPLIT_KEYS)
 
@@ -225,6 +235,19 @@ class _BatchStep:
                                              self.backend._rows(0))
         return logits, logits.argmax(-1)
 
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture the step on whatever its static inputs hold (writes KV only at the slots they name)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: Triton compiles, cuBLAS handles; rewrites the same slots
+                self.forward()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=self.backend.pool):
+            self.logits, self.best = self.forward()
+
     def run(self, packed: numpy.ndarray, masks: numpy.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         self.copied.synchronize()  # the previous step's copy has left the pinned buffers
         self.host.numpy()[:] = packed
@@ -233,15 +256,7 @@ class _BatchStep:
         self.masks.copy_(self.host_masks, non_blocking=True)
         self.copied.record()
         if self.graph is None:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):  # warm-up: Triton compiles, cuBLAS handles; rewrites the same slots
-                    self.forward()
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=self.backend.pool):
-                self.logits, self.best = self.forward()
+            self.capture()
         self.graph.replay()
         return self.logits, self.best
 

@@ -289,6 +289,7 @@ class SpeculativeGenerator:
         if self.backend.max_positions is not None:
             room = self.backend.max_positions - committed_len
             depth, plain = min(depth, room), max(min(plain, room), 1)
+        plain = 1 << (plain.bit_length() - 1)  # a power of two, as the controllers ask: no new chain graph mid-run
         return Budget(max_nodes=budget.max_nodes if depth else 0, max_depth=depth,
                       min_confidence=budget.min_confidence, plain_steps=plain if budget.max_nodes == 0 else 1)
 
