@@ -108,39 +108,37 @@ class NativeBatchedBackend:
 
     def _inputs(self, roots: Sequence[int | None], trees: Sequence[DraftTree | None], width: int, active: list[int]):
         """Host inputs of a step of width `width`: (ids, positions, slots, prefix) as one (3 B T + B,) int64 array,
-        the (B, T, T) bool masks, and each row's real query count."""
+        the (B, T, T) bool masks, and each row's real query count. The roots' part in a few numpy operations for
+        all rows (a plain step is only that); then each drafted tree's own nodes."""
         batch, size = self.batch_size, self.max_len
         packed = numpy.zeros(3 * batch * width + batch, dtype=numpy.int64)
         ids, positions, slots = (packed[k * batch * width: (k + 1) * batch * width].reshape(batch, width)
                                  for k in range(3))
         prefix = packed[3 * batch * width:]
         masks = numpy.zeros((batch, width, width), dtype=numpy.bool_)
-        masks[:, numpy.arange(width), numpy.arange(width)] = True  # padding queries, idle rows: themselves only
-        counts = [0] * batch
-        live = set(active)
-        shapes: dict[tuple[int, ...], tuple[list[int], numpy.ndarray | None]] = {}
         span = numpy.arange(width)
-        for b in range(batch):
-            slots[b] = b * size + span  # an idle row writes at its row's [0, width): rewritten by its next prefill
-            if b not in live:
-                continue
+        masks[:, span, span] = True  # padding queries, idle rows: themselves only
+        starts = numpy.zeros(batch, dtype=numpy.int64)  # an idle row: at its row's [0, width), rewritten by its
+        starts[active] = [self.lengths[b] for b in active]  # next prefill
+        prefix[:] = starts
+        slots[:] = (numpy.arange(batch) * size + starts)[:, None] + span
+        positions[:] = starts[:, None]
+        ids[:, 0] = [0 if root is None else root for root in roots]
+        counts = [0] * batch
+        shapes: dict[tuple[int, ...], tuple[numpy.ndarray, numpy.ndarray]] = {}
+        for b in active:
             tree = trees[b]
-            parents = tree.host_parents if tree is not None else ()
+            parents = () if tree is None else tree.host_parents
+            count = counts[b] = len(parents) + 1
+            if not parents:
+                continue
             found = shapes.get(parents)
             if found is None:
-                block = host_ancestor_mask(tree, with_root=True).numpy() if parents else None
-                found = shapes[parents] = ([0] + depth_list(tree) if parents else [0], block)
-            count = len(parents) + 1
-            counts[b] = count
-            start = self.lengths[b]
-            prefix[b] = start
-            slots[b] += start
-            positions[b, :count] = numpy.add(found[0], start)
-            positions[b, count:] = start
-            ids[b, 0] = roots[b]
-            if parents:
-                ids[b, 1:count] = tree.host_tokens if tree.host_tokens is not None else tree.tokens.tolist()
-                masks[b, :count, :count] = found[1]
+                found = shapes[parents] = (numpy.array([0] + depth_list(tree)),
+                                           host_ancestor_mask(tree, with_root=True).numpy())
+            positions[b, :count] += found[0]
+            ids[b, 1:count] = tree.host_tokens if tree.host_tokens is not None else tree.tokens.tolist()
+            masks[b, :count, :count] = found[1]
         return packed, masks, counts
 
     @torch.inference_mode()
