@@ -40,6 +40,7 @@ from specdec.tree import DraftTree, subtree
 SOLVE_DEPTHS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)
 SOLVE_SHARE = 0.005  # re-solving may cost at most this share of the steps' time
 MEASURE_DECAY = 0.8  # the measured speculative / plain rates: moving sums over about the last 5 steps or runs
+TOKENS_DECAY = 0.97  # tokens per speculative step: over about the last 30 steps (acceptance varies step to step)
 TRIM_SAVING = 0.10  # cut a proposal only where a smaller tree can save this share of a step (flat curves: never)
 LEARN_SHARE = 0.01  # the models learn from every k-th speculative step, k such that learning costs <= 1% of steps
 LEARN_GAP_MAX = 8
@@ -83,7 +84,8 @@ class CostAware(abc.ABC):
         self._choice_rate = 0.0
         self._steps_since_solve, self._solve_gap, self._trim_from, self._steps_weight = 0, 1, 0, 0.0
         self._solves = 0
-        self._measured = {"spec": (0.0, 0.0), "plain": (0.0, 0.0)}  # moving sums of (tokens, seconds)
+        self._measured = {"spec": (0.0, 0.0), "plain": (0.0, 0.0)}  # moving sums of (tokens or steps, seconds)
+        self._spec_tokens = (0.0, 0.0)  # moving sums of (tokens, steps) over every speculative step
         self._unmeasured, self._follow_up, self._probe_measure = True, False, False
         self._verify_table, self._verify_list = numpy.zeros(0), []
         self._since_learn, self._learn_gap = 0, 1  # steps since the models last learnt / between their lessons
@@ -136,13 +138,16 @@ class CostAware(abc.ABC):
             self._counters["plain_tokens"] += step.plain_steps
             self._measure("plain", tokens, seconds, MEASURE_DECAY)
             self._unmeasured = True
-        elif self._unmeasured:  # a sequence's first draft, or the first after plain runs: it pays the drafter's
-            self._unmeasured = False  # catch-up (a draft model's prefill of what it missed), not a step's cost
-            self._follow_up = self._since_draft > 0  # a probe: its second step is the measured one
-            self._since_draft = 0
-        else:  # a probe's measured step weighs more: it is the only news of speculation while plain runs win
-            self._measure("spec", tokens, seconds, 0.5 if self._probe_measure else MEASURE_DECAY)
-            self._probe_measure = False
+        else:
+            kept_tokens, kept_steps = self._spec_tokens  # its tokens count, whatever its seconds
+            self._spec_tokens = (TOKENS_DECAY * kept_tokens + tokens, TOKENS_DECAY * kept_steps + 1.0)
+            if self._unmeasured:  # a sequence's first draft, or the first after plain runs: it pays the drafter's
+                self._unmeasured = False  # catch-up (a draft model's prefill of what it missed), not a step's cost
+                self._follow_up = self._since_draft > 0  # a probe: its second step is the measured one
+                self._since_draft = 0
+            else:  # a probe's measured step weighs more: it is the only news of speculation while plain runs win
+                self._measure("spec", 1.0, seconds, 0.5 if self._probe_measure else MEASURE_DECAY)
+                self._probe_measure = False
         self._steps_since_solve += 1
         self._counters["controller_s"] += time.perf_counter() - started
 
@@ -219,10 +224,13 @@ class CostAware(abc.ABC):
         return Budget(0, 0, plain_steps=1 << (steps.bit_length() - 1))  # a power of two: few device chains to capture
 
     def _spec_rate(self) -> float:
-        """Tokens per second of speculative steps: as measured over the recent ones (their every cost, steps that
-        drafted nothing included), else the solved budget's expected rate."""
-        tokens, seconds = self._measured["spec"]
-        return tokens / seconds if seconds else self._choice_rate
+        """Tokens per second of speculative steps: tokens per step averaged over the last ~30 of them (one probe's
+        step or two, most accepting nothing for a drafter that often finds no match, would say nothing reliable)
+        over seconds per step measured on the recent ones (their every cost, steps that drafted nothing included);
+        else the solved budget's expected rate."""
+        steps, seconds = self._measured["spec"]
+        tokens, counted = self._spec_tokens
+        return (tokens / counted) / (seconds / steps) if seconds and counted else self._choice_rate
 
     def _plain_rate(self) -> float:
         """Tokens per second of plain runs: measured, else the cost model's."""
