@@ -25,6 +25,7 @@ run their own forwards per row (not yet batched across rows).
 from __future__ import annotations
 
 import dataclasses
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -259,19 +260,25 @@ def accept_row(tree: DraftTree, logits: torch.Tensor, params, generator, best: l
     return RowOutcome(nodes, [tokens[node] for node in nodes], bonus, logits)
 
 
+PROBE_SHARE = 0.05  # the batch gate's probes of the losing kind may cost at most this share of the time
+
+
 class BatchGate:
     """Speculate, or step the whole batch plainly, on measured rates: committed tokens per second of recent
     speculative steps against recent plain ones (moving sums, each decayed by `decay` at a step of its kind). The
-    losing kind is probed after a gap that doubles while it keeps losing (1, 2, 4, ... `max_gap` steps) and falls
-    back to 1 when a probe wins. A plain step calls no drafter and no controller: where verifying the rows' trees
-    costs more than they give (a large batch, a slow drafter), the batch runs as batched `ar`."""
+    losing kind is probed after a gap of steps that doubles while it keeps losing (1, 2, 4, ... `max_gap`), and is at
+    least what keeps the probes' loss within PROBE_SHARE of the time: a probe costs its step's seconds less the time
+    the winning kind would take for its tokens. (On a GPU a speculative step of 48 rows costs several plain ones in
+    host time: probes at the doubling gaps alone made `ngram` run at 0.5x of batched `ar`.) The gap falls back to 1
+    when a probe wins. A plain step calls no drafter and no controller: where verifying the rows' trees costs more
+    than they give (a large batch, a slow drafter), the batch runs as batched `ar`."""
 
-    def __init__(self, decay: float = 0.8, max_gap: int = 64):
-        self.sums = {True: [0.0, 0.0], False: [0.0, 0.0]}  # speculated? -> decayed (tokens, seconds)
+    def __init__(self, decay: float = 0.8, max_gap: int = 1024):
+        self.sums = {True: [0.0, 0.0, 0.0], False: [0.0, 0.0, 0.0]}  # speculated? -> decayed (tokens, seconds, steps)
         self.decay, self.max_gap, self.gap, self.since, self.probing = decay, max_gap, 1, 0, False
 
     def rate(self, speculative: bool) -> float | None:
-        tokens, seconds = self.sums[speculative]
+        tokens, seconds, _ = self.sums[speculative]
         return tokens / seconds if seconds else None
 
     def speculate(self) -> bool:
@@ -287,13 +294,27 @@ class BatchGate:
         return best
 
     def observe(self, speculative: bool, tokens: int, seconds: float) -> None:
-        kept_tokens, kept_seconds = self.sums[speculative]
-        self.sums[speculative] = [kept_tokens * self.decay + tokens, kept_seconds * self.decay + seconds]
+        kept_tokens, kept_seconds, kept_steps = self.sums[speculative]
+        self.sums[speculative] = [kept_tokens * self.decay + tokens, kept_seconds * self.decay + seconds,
+                                  kept_steps * self.decay + 1.0]
         if self.probing:  # a probe of the losing kind: did it win?
             self.probing = False
             other = self.rate(not speculative)
-            won = other is not None and self.rate(speculative) > other
-            self.gap = 1 if won else min(2 * self.gap, self.max_gap)
+            if other is not None and self.rate(speculative) > other:
+                self.gap = 1
+            else:
+                self.gap = min(max(2 * self.gap, self._affordable_gap(speculative)), self.max_gap)
+
+    def _affordable_gap(self, losing: bool) -> int:
+        """The fewest steps of the winning kind between probes of the losing one that keep the probes' loss (a
+        probe's seconds less the winner's seconds for its tokens) within PROBE_SHARE of the time."""
+        tokens, seconds, steps = self.sums[losing]
+        win_tokens, win_seconds, win_steps = self.sums[not losing]
+        if not (steps and win_steps and win_tokens and win_seconds):
+            return 1
+        probe_s, win_step_s = seconds / steps, win_seconds / win_steps
+        loss = probe_s - (tokens / steps) * win_seconds / win_tokens
+        return max(1, math.ceil((loss / PROBE_SHARE - probe_s) / win_step_s))
 
 
 class BatchAllocator:
