@@ -45,7 +45,8 @@ def differences(context: BenchContext, prompts: list[list[int]], answers: list[l
                 reference: list[list[int]], tie_tolerance: float = 0.0) -> dict:
     """Each answer that differs from batch-1 `ar`'s, classified at its first differing position as the main bench
     does (`runner.tie_gap`): a near-tie (the target's two logits within the rounding tolerance of its dtype: a batch's
-    shape changes the rounding) or algorithmic -> {"near_ties": n, "algorithmic": n}."""
+    shape changes the rounding) or algorithmic -> {"near_ties": n, "algorithmic": n, "algorithmic_cases": [{prompt,
+    position, gap, tolerance}]}."""
     import copy
     import functools
 
@@ -54,14 +55,18 @@ def differences(context: BenchContext, prompts: list[list[int]], answers: list[l
     model = context.model
     half = model.dtype in (torch.bfloat16, torch.float16) and not tie_tolerance
     exact = functools.cache(lambda: copy.deepcopy(model).float()) if half else None
-    counts = {"near_ties": 0, "algorithmic": 0}
-    for prompt, answer, expected in zip(prompts, answers, reference):
+    counts = {"near_ties": 0, "algorithmic": 0, "algorithmic_cases": []}
+    for index, (prompt, answer, expected) in enumerate(zip(prompts, answers, reference)):
         if answer == expected:
             continue
         position = next((i for i, (a, b) in enumerate(zip(expected, answer)) if a != b), min(len(expected),
                                                                                              len(answer)))
         gap, tolerance = tie_gap(model, prompt, expected, answer, position, tie_tolerance, exact)
-        counts["near_ties" if gap is not None and gap <= tolerance else "algorithmic"] += 1
+        near = gap is not None and gap <= tolerance
+        counts["near_ties" if near else "algorithmic"] += 1
+        if not near:  # what to examine: the prompt, where, and by how much
+            counts["algorithmic_cases"].append({"prompt": index, "position": position, "gap": gap,
+                                                "tolerance": tolerance})
     return counts
 
 

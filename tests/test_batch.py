@@ -343,6 +343,10 @@ def test_batch_differences_from_batch_one_ar_are_classified_at_their_first_diffe
     reference = [greedy_truth(model, tuple(p), 8) for p in batch]
     other = (reference[1][3] + 1) % VOCAB  # a token the target does not prefer there: a real difference
     answers = [reference[0], reference[1][:3] + [other] + reference[1][4:], reference[2][:5]]
-    assert differences(context, batch, answers, reference) == {"near_ties": 0, "algorithmic": 2}
+    found = differences(context, batch, answers, reference)
+    assert (found["near_ties"], found["algorithmic"]) == (0, 2)
+    assert [(case["prompt"], case["position"]) for case in found["algorithmic_cases"]] == [(1, 3), (2, 5)]
+    assert found["algorithmic_cases"][1]["gap"] is None  # an answer that ends early: no logit gap to measure
     # a tolerance wider than any logit gap calls the flip a near-tie; an answer that ends early stays algorithmic
-    assert differences(context, batch, answers, reference, tie_tolerance=1e9) == {"near_ties": 1, "algorithmic": 1}
+    found = differences(context, batch, answers, reference, tie_tolerance=1e9)
+    assert (found["near_ties"], found["algorithmic"], len(found["algorithmic_cases"])) == (1, 1, 1)
