@@ -371,11 +371,15 @@ class BatchAllocator:
         if not widest:
             return list(trees)
         orders, gains = [], numpy.zeros(widest + 1)
+        shapes: dict[tuple[int, ...], tuple[list[int], numpy.ndarray]] = {}  # rows' trees often share a shape
         for tree in active:
-            values = self.acceptance.values(tree.host_parents).tolist() if len(tree) else []
-            order = sorted(range(len(values)), key=lambda node: -values[node])  # stable: parents, elder siblings
+            found = shapes.get(tree.host_parents)
+            if found is None:
+                values = self.acceptance.values(tree.host_parents).tolist() if len(tree) else []
+                order = sorted(range(len(values)), key=lambda node: -values[node])  # stable: parents, elder siblings
+                found = shapes[tree.host_parents] = (order, numpy.cumsum([values[node] for node in order]))
+            order, kept = found
             orders.append(order)
-            kept = numpy.cumsum([values[node] for node in order]) if order else numpy.zeros(0)
             gains[1:len(kept) + 1] += kept
             gains[len(kept) + 1:] += kept[-1] if len(kept) else 0.0
         seconds = numpy.asarray(self.cost(range(1, widest + 2)))
