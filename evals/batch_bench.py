@@ -2,12 +2,13 @@
 
 Methods: `ar` (batched plain decoding on specdec's batched cache: the baseline at each batch size, never batch-1
 decoding), drafter specs (`ngram`, ...: `generate(prompts, batch_size=B)`; `ngram#whole`: with
-`batch_allocate=False`, every row's whole proposal verified), and `hf` (HF's batched greedy
-`generate`, left-padded, as the peer). Per batch size and method: tokens/s, milliseconds per output token per
-sequence (the wall time a sequence waits per token: seconds x B / tokens), speedup over `ar` at the same batch size,
-and at temperature 0 how many answers equal batch-1 `ar`'s (HF's padded batches may differ by rounding). Each method
-first runs untimed on the B longest prompts: the batched cache sized, its graphs captured, kernels compiled. `--backend native`
-runs ar and the drafter methods on the native batched forward (`specdec.batch_native`)."""
+`batch_allocate=False`, every row's whole proposal verified), `hf` (HF's batched greedy `generate`, left-padded, as
+the peer) and `hf-static` (the same with HF's static cache, whose decode step HF compiles on a GPU; every batch
+padded to one shape). Per batch size and method: tokens/s, milliseconds per output token per sequence (the wall
+time a sequence waits per token: seconds x B / tokens), speedup over `ar` at the same batch size, and at
+temperature 0 how many answers equal batch-1 `ar`'s (HF's padded batches may differ by rounding). Each method first
+runs untimed on the B longest prompts: the batched cache sized, its graphs captured, kernels compiled. `--backend
+native` runs ar and the drafter methods on the native batched forward (`specdec.batch_native`)."""
 
 from __future__ import annotations
 
@@ -20,22 +21,28 @@ from specdec.generator import SpeculativeGenerator
 WHOLE = "#whole"  # a method suffix: the rows' whole proposals, no batch allocation (`generate(batch_allocate=False)`)
 
 
-def hf_batched(context: BenchContext, prompts: list[list[int]], batch_size: int, max_new_tokens: int) -> list:
-    """HF `generate` (greedy), `batch_size` prompts at a time, left-padded -> new token ids per prompt."""
+def hf_batched(context: BenchContext, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
+               static: bool = False) -> list:
+    """HF `generate` (greedy), `batch_size` prompts at a time, left-padded -> new token ids per prompt. static: with
+    HF's static cache (`cache_implementation="static"`, whose decode step HF compiles on a GPU), each batch's cache
+    sized to the longest prompt of all plus the new tokens, so every batch has one shape (one compilation)."""
     model, tokenizer = context.model, context.tokenizer
     pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     eos = model.generation_config.eos_token_id
     eos_ids = set([eos] if isinstance(eos, int) else eos or [])
     answers = []
+    longest = max(map(len, prompts))
     for first in range(0, len(prompts), batch_size):
         chunk = prompts[first: first + batch_size]
-        width = max(map(len, chunk))
+        width = longest if static else max(map(len, chunk))
+        rows = min(batch_size, len(prompts))  # static: a last, partial batch filled with copies (not counted)
+        chunk = chunk + [chunk[-1]] * (rows - len(chunk)) if static else chunk
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=model.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=pad)
-        for row in out[:, width:].tolist():
+                                 pad_token_id=pad, **({"cache_implementation": "static"} if static else {}))
+        for row in out[:, width:].tolist()[: len(prompts) - first]:
             cut = next((i + 1 for i, token in enumerate(row) if token in eos_ids), len(row))
             answers.append(row[:cut])
     return answers
@@ -94,9 +101,9 @@ def run_batches(context: BenchContext, prompts: list[list[int]], methods: list[s
                     return [o.token_ids for o in decode_batch(base, chosen, size, {**options,
                                                                                    "max_new_tokens": tokens},
                                                               plain=True)]
-            elif method == "hf":
-                def run(chosen, tokens):
-                    return hf_batched(context, chosen, size, tokens)
+            elif method in ("hf", "hf-static"):
+                def run(chosen, tokens, static=method == "hf-static"):
+                    return hf_batched(context, chosen, size, tokens, static)
             else:
                 spec, whole = method.removesuffix(WHOLE), method.endswith(WHOLE)
                 drafter, controller = split_controller(spec)

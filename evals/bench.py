@@ -333,7 +333,7 @@ def batch_command(config: BenchConfig, argv: list[str]) -> int:
         _write_side_run(config, argv, model, target, result, "batch", batch_bench.markdown(result))
     if not result["greedy"]:
         return 0
-    speculative = [r for r in result["rows"] if r["method"] not in ("ar", "hf")]  # (HF's own flips are its own)
+    speculative = [r for r in result["rows"] if r["method"] not in ("ar", "hf", "hf-static")]  # (HF's flips: its own)
     return (EXIT_ALGORITHMIC if any(r["algorithmic"] for r in speculative) else
             EXIT_NEAR_TIE if any(r["near_ties"] for r in speculative) else 0)
 

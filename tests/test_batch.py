@@ -207,6 +207,21 @@ def test_the_batch_benchmark_measures_each_method_against_batched_ar_at_the_same
         run_batches(context, prompts(2), ["ngram"], [1], 4)
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_hf_batched_peers_give_each_prompt_its_greedy_answer(static):
+    """HF's batched `generate`, dynamic or static cache (every batch padded to one shape, the last one filled with
+    copies that are not returned): left padding changes nothing in float32 on this tiny model."""
+    from specdec.evals.batch_bench import hf_batched
+    from specdec.evals.methods import BenchContext
+    from specdec.sampling import SamplingParams
+
+    model = eos_model()
+    batch = prompts(5, seed=6)
+    truth = [greedy_truth(model, tuple(p), 6, model.generation_config.eos_token_id) for p in batch]
+    answers = hf_batched(BenchContext(model, None, SamplingParams()), batch, 3, 6, static=static)
+    assert answers == truth
+
+
 @pytest.mark.parametrize("spec_rate, plain_rate", [(30.0, 10.0), (10.0, 30.0)])
 def test_the_batch_gate_follows_the_faster_kind_and_probes_the_other_ever_more_rarely(spec_rate, plain_rate):
     gate, choices = BatchGate(), []
