@@ -65,3 +65,15 @@ def test_the_generator_picks_the_native_batched_backend_only_where_it_runs(model
     assert type(batched_backend(gpt2, 2, native=True, max_len=32)) is BatchedStaticBackend
     with pytest.raises(ValueError, match="batch_size"):
         NativeBatchedBackend(model, 0, max_len=32)
+
+
+def test_sampled_rows_run_on_the_native_batched_cache(model):
+    """Temperature > 0: each row's tokens come from recursive rejection sampling on its own logits rows (the
+    distribution itself is checked per row on the HF-module cache, `test_batch.py`; the rows' logits are the same)."""
+    prompts = [repetitive_prompt(VOCAB, seed=s, length=n) for s, n in ((10, 5), (11, 9), (12, 7))]
+    with single_thread():
+        gen = SpeculativeGenerator(model, drafter="ngram", controller="heuristic", backend="native")
+        outs = gen.generate(prompts, batch_size=2, max_new_tokens=6, temperature=0.8, seed=1)
+    assert [len(o.token_ids) for o in outs] == [6, 6, 6]
+    assert all(0 <= token < VOCAB for o in outs for token in o.token_ids)
+    assert all(o.stats.drafter_errors == 0 for o in outs)
