@@ -150,9 +150,11 @@ class BatchedStaticBackend:
                       visible.to(self.device), last_only=True)
 
     @torch.inference_mode()
-    def score(self, roots: Sequence[int | None], trees: Sequence[DraftTree | None], argmax: bool = False):
+    def score(self, roots: Sequence[int | None], trees: Sequence[DraftTree | None], argmax: bool = False,
+              keep_logits: bool = True):
         """One forward over every active row's [root + tree] (None: an idle row) -> per row (N_b + 1, V) logits;
-        argmax: -> (those, per row the argmax of each of its queries as a host list: one device read for all)."""
+        argmax: -> (those, per row the argmax of each of its queries as a host list: one device read for all).
+        (keep_logits: the logits are always a step's own tensor here.)"""
         active = [b for b, root in enumerate(roots) if root is not None]
         width = max(len(trees[b]) + 1 for b in active)
         batch, size = self.batch_size, self.max_len
@@ -248,6 +250,8 @@ def accept_row(tree: DraftTree, logits: torch.Tensor, params, generator, best: l
     """Greedy: the argmax walk (`best`: the argmax of each of the row's queries, if already read); else recursive
     rejection sampling (`accept`) with the row's own generator."""
     if params.greedy:
+        if best is not None and not len(tree):  # a plain step: the root's argmax
+            return RowOutcome([], [], best[0], logits)
         best = logits.argmax(-1).tolist() if best is None else best
         tokens = tree.host_tokens if tree.host_tokens is not None else tree.tokens.tolist()
         deepest, bonus = greedy_walk(tree.host_parents, tokens, best)
@@ -410,6 +414,7 @@ class _Row:
     controller: object
     generator: torch.Generator | None
     committed: list[int]
+    lent: bool = False      # `committed` was handed to its drafter: the next step's tokens go into a new list
     generated: list[int] = field(default_factory=list)
     history: list = field(default_factory=list)
     stats: object = None
@@ -551,6 +556,7 @@ def batch_steps(gen, prompts: Sequence, batch_size: int, options: dict, plain: b
                             row.rule.limit - len(row.generated))
         if budget.max_nodes == 0 or budget.max_depth == 0:
             return empty
+        row.lent = True  # the drafter may keep this list (a new one takes the step's tokens)
         tree = _call(row, "propose", DraftContext(row.committed, budget, row.params, gen.target_view))
         problem = None if tree is None else gen._tree_problem(tree, budget)
         if problem:
@@ -574,7 +580,8 @@ def batch_steps(gen, prompts: Sequence, batch_size: int, options: dict, plain: b
             trees = allocator.allocate(trees)
         verify_started = time.perf_counter()
         greedy = all(row is None or row.params.greedy for row in rows)  # then one device read for every row
-        scored = backend.score([None if row is None else row.committed[-1] for row in rows], trees, argmax=greedy)
+        scored = backend.score([None if row is None else row.committed[-1] for row in rows], trees, argmax=greedy,
+                               keep_logits=speculative)  # a plain step's logits are read at once
         logits, best = scored if greedy else (scored, [None] * len(rows))
         outcomes = [None if row is None else accept_row(trees[b], logits[b], row.params, row.generator, best[b])
                     for b, row in enumerate(rows)]
@@ -602,7 +609,10 @@ def batch_steps(gen, prompts: Sequence, batch_size: int, options: dict, plain: b
             row.stats.accepted_hist[len(outcome.accepted_nodes)] += 1
             before = len(row.generated)
             row.generated += new_tokens
-            row.committed = row.committed + new_tokens
+            if row.lent:  # a drafter may keep the list it was shown: the row goes on in a new one
+                row.committed, row.lent = row.committed + new_tokens, False
+            else:  # plain steps: in place (a copy per row per step cost O(length) host time at 64 rows)
+                row.committed += new_tokens
             end = row.rule.cut(row.generated, before)
             chunks.append(StreamChunk(row.generated[before:end], row.text.push(row.generated, end), row.index))
             if end is not None:

@@ -142,9 +142,12 @@ class NativeBatchedBackend:
         return packed, masks, counts
 
     @torch.inference_mode()
-    def score(self, roots: Sequence[int | None], trees: Sequence[DraftTree | None], argmax: bool = False):
+    def score(self, roots: Sequence[int | None], trees: Sequence[DraftTree | None], argmax: bool = False,
+              keep_logits: bool = True):
         """One step over every active row's [root + tree] (None: an idle row) -> per row (N_b + 1, V) logits;
-        argmax: -> (those, per row the argmax of each of its queries as a host list: one device read for all)."""
+        argmax: -> (those, per row the argmax of each of its queries as a host list: one device read for all).
+        keep_logits=False: the rows' logits are views of the step graph's output, valid until the next step (a
+        caller that reads them at once, as a plain step's acceptance does); True: a copy."""
         active = [b for b, root in enumerate(roots) if root is not None]
         needed = max(len(trees[b]) + 1 for b in active)
         for b in active:
@@ -160,8 +163,10 @@ class NativeBatchedBackend:
             if step is None:
                 step = self._steps[width] = _BatchStep(self, width)
             logits, best = step.run(packed, masks)
-            logits = logits.view(self.batch_size, width, -1).clone()
-            rows = [logits[b, :counts[b]] if counts[b] else None for b in range(self.batch_size)]
+            logits = logits.view(self.batch_size, width, -1)
+            logits = logits.clone() if keep_logits else logits
+            rows = [None if not count else row if count == width else row[:count]
+                    for row, count in zip(logits.unbind(0), counts)]
             if not argmax:
                 return rows
             flat = best.tolist()
