@@ -80,8 +80,9 @@ class _BatchLayer(CacheLayerMixin):
         return self.keys.shape[-2]
 
 
-class BatchedStaticBackend:
-    """The target's KV for `batch_size` rows; `lengths[b]` = committed tokens cached in row b (its root's position)."""
+class BatchedCache:
+    """What the batched caches share (`BatchedStaticBackend`, `specdec.batch_native.NativeBatchedBackend`): the
+    checked sizes, `lengths[b]` = committed tokens cached in row b (its root's position), and a prefill's inputs."""
 
     def __init__(self, model: PreTrainedModel, batch_size: int, max_len: int | None = None):
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -93,13 +94,66 @@ class BatchedStaticBackend:
         self.max_len = max_len or self.max_positions
         if not self.max_len:
             raise ValueError("the model states no context window; pass max_len=... to size the batched cache")
+        self.lengths = [0] * batch_size
+
+    def prefill_row(self, row: int, token_ids: Sequence[int]) -> None:
+        """Row `row` now holds `token_ids` (a prompt but its last token, the first root); its stale tail stays."""
+        self.prefill_rows(row, [token_ids])
+
+    def prefill_rows(self, first: int, prompts: Sequence[Sequence[int]]) -> None:
+        raise NotImplementedError
+
+    def _commit_moves(self, paths: Sequence[Sequence[int] | None], row_slots: int = 0):
+        """(source, target) (B, longest) host int64 slots: each row's accepted nodes and the slots right behind its
+        root they move to, a row's slots offset by b * row_slots (a flat layout); unused entries move the root onto
+        itself (an idle row: slot 0). None when no row accepted a node. Host lists, no torch call per row."""
+        longest = max((len(p) for p in paths if p is not None), default=0)
+        if not longest:
+            return None
+        source, target = [], []
+        for b, path in enumerate(paths):
+            root = b * row_slots + (self.lengths[b] if path is not None and self.lengths[b] < self.max_len else 0)
+            path = list(path or ())
+            rest = [root] * (longest - len(path))
+            source.append([root + 1 + node for node in path] + rest)
+            target.append([root + 1 + k for k in range(len(path))] + rest)
+        return torch.tensor(source), torch.tensor(target)
+
+    def _advance(self, paths: Sequence[Sequence[int] | None]) -> None:
+        for b, path in enumerate(paths):
+            if path is not None:
+                self.lengths[b] += 1 + len(path)
+
+    def _prefill_inputs(self, first: int, prompts: Sequence[Sequence[int]]):
+        """Rows first, first + 1, ... get `prompts`' lengths; -> None (nothing to run), or the padded forward's
+        (R, W) host ids and (R, W, W) host mask: causal within each prompt, a padding query sees only itself."""
+        counts = [len(token_ids) for token_ids in prompts]
+        for offset, count in enumerate(counts):
+            if count + 1 > self.max_len:
+                raise ValueError(f"row {first + offset}: the prompt has {count + 1} tokens; the cache holds "
+                                 f"{self.max_len}")
+            self.lengths[first + offset] = count
+        width = max(counts)
+        if not width:
+            return None
+        span = torch.arange(width)
+        real = span[None, None, :] < torch.tensor(counts)[:, None, None]
+        visible = (span[None, :, None] >= span[None, None, :]) & real | torch.eye(width, dtype=torch.bool)
+        ids = torch.tensor([list(token_ids) + [0] * (width - len(token_ids)) for token_ids in prompts])
+        return ids, visible
+
+
+class BatchedStaticBackend(BatchedCache):
+    """The target's KV for `batch_size` rows on HF's modules (a `Cache` whose layers write each row at its slots)."""
+
+    def __init__(self, model: PreTrainedModel, batch_size: int, max_len: int | None = None):
+        super().__init__(model, batch_size, max_len)
         config = model.config.get_text_config()
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         self.buffer = torch.zeros((config.num_hidden_layers, 2, batch_size, kv_heads, self.max_len, head_dim),
                                   dtype=self.dtype, device=self.device)
-        self.lengths = [0] * batch_size
 
     def _cache(self, rows: slice, slots: _RowSlots) -> Cache:
         return Cache(layers=[_BatchLayer(self.buffer, index, rows, slots) for index in range(self.buffer.shape[0])])
@@ -124,28 +178,14 @@ class BatchedStaticBackend:
         return out.logits
 
     @torch.inference_mode()
-    def prefill_row(self, row: int, token_ids: Sequence[int]) -> None:
-        """Row `row` now holds `token_ids` (a prompt but its last token, the first root); its stale tail stays."""
-        self.prefill_rows(row, [token_ids])
-
-    @torch.inference_mode()
     def prefill_rows(self, first: int, prompts: Sequence[Sequence[int]]) -> None:
         """Rows first, first + 1, ... now hold `prompts` (each a prompt but its last token), in one forward padded
         to the longest: a padding query sees only itself and writes past its row's length (stale, never read)."""
-        counts = [len(token_ids) for token_ids in prompts]
-        for offset, count in enumerate(counts):
-            if count + 1 > self.max_len:
-                raise ValueError(f"row {first + offset}: the prompt has {count + 1} tokens; the cache holds "
-                                 f"{self.max_len}")
-            self.lengths[first + offset] = count
-        width = max(counts)
-        if not width:
+        inputs = self._prefill_inputs(first, prompts)
+        if inputs is None:
             return
-        span = torch.arange(width)
-        real = span[None, None, :] < torch.tensor(counts)[:, None, None]
-        visible = (span[None, :, None] >= span[None, None, :]) & real | torch.eye(width, dtype=torch.bool)
-        ids = torch.tensor([list(token_ids) + [0] * (width - len(token_ids)) for token_ids in prompts])
-        places = span.expand(len(prompts), width).to(self.device)
+        ids, visible = inputs
+        places = torch.arange(ids.shape[1]).expand(len(prompts), -1).to(self.device)
         self._forward(slice(first, first + len(prompts)), ids.to(self.device), places, places,
                       visible.to(self.device), last_only=True)
 
@@ -215,24 +255,15 @@ class BatchedStaticBackend:
     def commit(self, paths: Sequence[Sequence[int] | None]) -> None:
         """Per active row, its accepted nodes (path order): their KV moves behind the row's root in every layer (one
         gather, one scatter for all rows) and the row's length grows by 1 + len(path). None: an idle row."""
-        longest = max((len(p) for p in paths if p is not None), default=0)
-        if longest:
-            source, target = [], []  # host lists, one tensor each: no torch call per row
-            for b, path in enumerate(paths):
-                root = self.lengths[b] if path is not None and self.lengths[b] < self.max_len else 0
-                path = list(path or ())
-                rest = [root] * (longest - len(path))  # unused entries: the root onto itself
-                source.append([root + 1 + node for node in path] + rest)
-                target.append([root + 1 + k for k in range(len(path))] + rest)
-            source, target = torch.tensor(source), torch.tensor(target)
+        moves = self._commit_moves(paths)
+        if moves is not None:
+            source, target = moves
             layers, _, batch, heads, _, dim = self.buffer.shape
-            shape = (layers, 2, batch, heads, longest, dim)
+            shape = (layers, 2, batch, heads, source.shape[1], dim)
             source = source.to(self.device)[None, None, :, None, :, None].expand(shape)
             target = target.to(self.device)[None, None, :, None, :, None].expand(shape)
             self.buffer.scatter_(4, target, self.buffer.gather(4, source))
-        for b, path in enumerate(paths):
-            if path is not None:
-                self.lengths[b] += 1 + len(path)
+        self._advance(paths)
 
 
 @dataclass

@@ -26,8 +26,8 @@ import numpy
 import torch
 from transformers import PreTrainedModel
 
-from specdec.backends.hf import context_window
 from specdec.backends.native import BatchRows, NativeLlama, unsupported_reason
+from specdec.batch import BatchedCache
 from specdec.kernels.tree_attention import kernel_available
 from specdec.tree import DraftTree, depth_list, host_ancestor_mask
 
@@ -35,32 +35,23 @@ SPLIT_KEYS = 512  # attention's prefix chunk: fixed, so rows do not depend on ea
 WIDTHS = (1, 2, 4, 8, 12, 16, 24, 32)  # step widths captured as graphs (T = nodes + 1, rounded up); wider: eager
 
 
-class NativeBatchedBackend:
+class NativeBatchedBackend(BatchedCache):
     """The target's KV for `batch_size` rows on `NativeLlama`; `lengths[b]` = committed tokens cached in row b."""
 
     def __init__(self, model: PreTrainedModel, batch_size: int, max_len: int | None = None,
                  native: NativeLlama | None = None, graphs: bool = True):
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         reason = unsupported_reason(model)
         if reason is None and not kernel_available(model.device):
             reason = "Triton or CUDA is unavailable"
         if reason is not None:
             raise ValueError(f"the native batched backend cannot run {type(model).__name__}: {reason}")
-        self.model, self.batch_size = model, batch_size
-        self.device, self.dtype = model.device, next(model.parameters()).dtype
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        self.max_positions = context_window(model.config)
-        self.max_len = max_len or self.max_positions
-        if not self.max_len:
-            raise ValueError("the model states no context window; pass max_len=... to size the batched cache")
+        super().__init__(model, batch_size, max_len)
         self.native = native if native is not None and native.cos.shape[0] >= self.max_len else NativeLlama(
             model, self.max_len)
         config = model.config.get_text_config()
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self.buffer = torch.zeros((config.num_hidden_layers, 2, 1, kv_heads, batch_size * self.max_len,
                                    self.native.head_dim), dtype=self.dtype, device=self.device)
-        self.lengths = [0] * batch_size
         self.graphs = graphs and self.device.type == "cuda"
         self._steps: dict[int, _BatchStep] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
@@ -79,26 +70,14 @@ class NativeBatchedBackend:
         return BatchRows(first, self.max_len, SPLIT_KEYS)
 
     @torch.inference_mode()
-    def prefill_row(self, row: int, token_ids: Sequence[int]) -> None:
-        self.prefill_rows(row, [token_ids])
-
-    @torch.inference_mode()
     def prefill_rows(self, first: int, prompts: Sequence[Sequence[int]]) -> None:
         """Rows first, first + 1, ... now hold `prompts` (each a prompt but its last token), in one eager forward
         padded to the longest (a padding query sees only itself and writes past its row's length); no LM head."""
-        counts = [len(token_ids) for token_ids in prompts]
-        for offset, count in enumerate(counts):
-            if count + 1 > self.max_len:
-                raise ValueError(f"row {first + offset}: the prompt has {count + 1} tokens; the cache holds "
-                                 f"{self.max_len}")
-            self.lengths[first + offset] = count
-        width = max(counts)
-        if not width:
+        inputs = self._prefill_inputs(first, prompts)
+        if inputs is None:
             return
-        span = torch.arange(width)
-        real = span[None, None, :] < torch.tensor(counts)[:, None, None]
-        visible = (span[None, :, None] >= span[None, None, :]) & real | torch.eye(width, dtype=torch.bool)
-        ids = torch.tensor([list(token_ids) + [0] * (width - len(token_ids)) for token_ids in prompts])
+        ids, visible = inputs
+        span = torch.arange(ids.shape[1])
         rows = torch.arange(len(prompts))[:, None]
         slots = (first + rows) * self.max_len + span
         self.native.forward(self.buffer, ids.flatten().to(self.device), span.repeat(len(prompts)).to(self.device),
@@ -194,26 +173,15 @@ class NativeBatchedBackend:
     def commit(self, paths: Sequence[Sequence[int] | None]) -> None:
         """Per active row, its accepted nodes (path order): their KV moves behind the row's root in every layer (one
         gather, one scatter for all rows) and the row's length grows by 1 + len(path). None: an idle row."""
-        longest = max((len(p) for p in paths if p is not None), default=0)
-        if longest:
-            size = self.max_len
-            source, target = [], []
-            for b, path in enumerate(paths):
-                root = self.lengths[b] if path is not None and self.lengths[b] < size else 0
-                path = list(path or ())
-                rest = [b * size + root] * (longest - len(path))  # unused entries: the root onto itself
-                source.append([b * size + root + 1 + node for node in path] + rest)
-                target.append([b * size + root + 1 + k for k in range(len(path))] + rest)
-            source = torch.tensor(source).flatten().to(self.device)
-            target = torch.tensor(target).flatten().to(self.device)
+        moves = self._commit_moves(paths, row_slots=self.max_len)  # flat slots: row b's start at b * S
+        if moves is not None:
+            source, target = (part.flatten().to(self.device) for part in moves)
             layers, _, _, heads, _, dim = self.buffer.shape
             shape = (layers, 2, 1, heads, len(source), dim)
             source = source[None, None, None, :, None].expand(shape)
             target = target[None, None, None, :, None].expand(shape)
             self.buffer.scatter_(4, target, self.buffer.gather(4, source))
-        for b, path in enumerate(paths):
-            if path is not None:
-                self.lengths[b] += 1 + len(path)
+        self._advance(paths)
 
 
 class _BatchStep:
