@@ -10,10 +10,11 @@ its neighbours or the batch size.
 
 A step of width T (the widest row's nodes + 1, rounded up to a bucket of WIDTHS on CUDA) runs the whole batch:
 tokens, positions, write slots and prefix lengths in one int64 copy, the masks in one bool copy, then one graph
-replay (captured at the bucket's first use: forward, LM head over all B * T queries, their argmax). Greedy decoding
-reads the argmax in one device read; per-row logits are views into the graph's output, cloned for the rows (a
-drafter may keep them past the next replay). Without CUDA (tests under the Triton interpreter) the same inputs run
-eagerly, the LM head on real queries only. `commit` is `BatchedStaticBackend`'s single gather / scatter.
+replay (forward, LM head over all B * T queries, their argmax; every width captured when the cache is made,
+`capture_all`). Greedy decoding reads the argmax in one device read; per-row logits are views into the graph's
+output, copied on speculative steps (a drafter may keep them past the next replay). Without CUDA (tests under the
+Triton interpreter) the same inputs run eagerly, the LM head on real queries only. `commit` moves each row's
+accepted KV with one gather / scatter for all rows and layers (`BatchedCache`).
 
 `batched_backend(model, B, native=...)` picks it where `NativeLlama` runs the model, else the HF-module backend.
 """
