@@ -1,11 +1,12 @@
 """Step costs of batched decoding on a GPU, on random-init Llama shapes (no model to carry): one call.
 
-For each shape and batch size B: t_AR(B) = a batched plain step (`BatchedStaticBackend.score` with empty trees),
-t_verify(B, N) = a step scoring a chain of N drafted nodes in every row, the per-row commit of 3 accepted nodes,
-each on the HF-module batched cache and (CUDA) the native one (`specdec.batch_native`: per-row tree attention,
-a graph per width), whose logits are compared; and HF's own batched step (one token per row through `DynamicCache`, as `generate` runs it) on the same prompts.
-CUDA-synchronised wall time, median of REPS after warm-up. Then a torch.profiler table of the native t_AR(B_max) step:
-where the batched step's time goes. The issue's goal: t_verify(64, 8) <= 1.5 x t_AR(64) on the 1.1B shape.
+For each shape and batch size B: t_AR(B) = a batched plain step (`score` with empty trees, the argmax read),
+t_verify(B, N) = a step scoring a chain of N drafted nodes in every row, and the per-row commit of 3 accepted
+nodes, each on the HF-module batched cache and (where the kernels run) the native one (`specdec.batch_native`:
+per-row tree attention, a graph per width), whose logits are compared; and HF's own batched step (one token per
+row through `DynamicCache`, as `generate` runs it) on the same prompts. CUDA-synchronised wall time, median of REPS
+(env, default 20) after warm-up. Then a torch.profiler table of each backend's t_AR(B_max) step: where the batched
+step's time goes. The issue's goal: t_verify(64, 8) <= 1.5 x t_AR(64) on the 1.1B shape.
 
     python3 evals/scripts/batch_step_cost.py OUT_DIR [shapes: 1b,135m] [batch sizes: 1,16,64]
 """
