@@ -31,12 +31,12 @@ def hf_batched(context: BenchContext, prompts: list[list[int]], batch_size: int,
     eos = model.generation_config.eos_token_id
     eos_ids = set([eos] if isinstance(eos, int) else eos or [])
     answers = []
-    longest = max(map(len, prompts))
+    longest, rows = max(map(len, prompts)), min(batch_size, len(prompts))
     for first in range(0, len(prompts), batch_size):
         chunk = prompts[first: first + batch_size]
         width = longest if static else max(map(len, chunk))
-        rows = min(batch_size, len(prompts))  # static: a last, partial batch filled with copies (not counted)
-        chunk = chunk + [chunk[-1]] * (rows - len(chunk)) if static else chunk
+        chunk = chunk + [chunk[-1]] * (rows - len(chunk)) if static else chunk  # static: a last batch filled with
+        # copies (their answers not counted)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=model.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
         with torch.inference_mode():
@@ -96,25 +96,19 @@ def run_batches(context: BenchContext, prompts: list[list[int]], methods: list[s
     rows = []
     for size in batch_sizes:
         for method in methods:
-            if method == "ar":
-                def run(chosen, tokens):
-                    return [o.token_ids for o in decode_batch(base, chosen, size, {**options,
-                                                                                   "max_new_tokens": tokens},
-                                                              plain=True)]
-            elif method in ("hf", "hf-static"):
+            if method in ("hf", "hf-static"):
                 def run(chosen, tokens, static=method == "hf-static"):
                     return hf_batched(context, chosen, size, tokens, static)
             else:
                 spec, whole = method.removesuffix(WHOLE), method.endswith(WHOLE)
                 drafter, controller = split_controller(spec)
-                generator = SpeculativeGenerator(context.model, tokenizer=context.tokenizer, drafter=drafter,
-                                                 controller=controller or context.controller, backend=backend)
+                generator = base if method == "ar" else SpeculativeGenerator(
+                    context.model, tokenizer=context.tokenizer, drafter=drafter,
+                    controller=controller or context.controller, backend=backend)
 
-                def run(chosen, tokens, generator=generator, whole=whole):
-                    return [o.token_ids for o in generator.generate(
-                        chosen, batch_size=size, batch_allocate=not whole,
-                        **{k: v for k, v in options.items() if k not in ("stop", "chat", "max_new_tokens")},
-                        max_new_tokens=tokens)]
+                def run(chosen, tokens, generator=generator, plain=method == "ar", allocate=not whole):
+                    return [o.token_ids for o in decode_batch(generator, chosen, size, {
+                        **options, "max_new_tokens": tokens}, plain=plain, allocate=allocate)]
             longest = sorted(prompts, key=len)[-size:]  # untimed: the batched cache the timed run reuses (sized
             run(longest, max_new_tokens)  # for the longest prompts and all the tokens), graphs, compiles
             answers, seconds = _timed(lambda: run(prompts, max_new_tokens))

@@ -24,6 +24,7 @@ run their own forwards per row (not yet batched across rows).
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 import weakref
@@ -80,7 +81,7 @@ class _BatchLayer(CacheLayerMixin):
         return self.keys.shape[-2]
 
 
-class BatchedCache:
+class BatchedCache(abc.ABC):
     """What the batched caches share (`BatchedStaticBackend`, `specdec.batch_native.NativeBatchedBackend`): the
     checked sizes, `lengths[b]` = committed tokens cached in row b (its root's position), and a prefill's inputs."""
 
@@ -100,8 +101,29 @@ class BatchedCache:
         """Row `row` now holds `token_ids` (a prompt but its last token, the first root); its stale tail stays."""
         self.prefill_rows(row, [token_ids])
 
+    @abc.abstractmethod
     def prefill_rows(self, first: int, prompts: Sequence[Sequence[int]]) -> None:
-        raise NotImplementedError
+        """Rows first, first + 1, ... now hold `prompts` (each a prompt but its last token)."""
+
+    def capture_all(self) -> None:
+        """Capture the steps' graphs before any row is prefilled (a cache with graphs); here: none."""
+
+    @staticmethod
+    def _rows_out(logits: torch.Tensor, counts: Sequence[int], stride: int | None, argmax: bool,
+                  best: torch.Tensor | None = None):
+        """A step's (queries, V) logits -> per row its counts[b] rows (None: an idle row), the rows packed one after
+        another (stride None) or row b's from query b * stride; argmax: -> (those, per row the argmax of each of its
+        queries as a host list, from `best` or the logits: one device read for all)."""
+        def per_row(values):
+            out, at = [], 0
+            for b, count in enumerate(counts):
+                start = at if stride is None else b * stride
+                out.append(values[start: start + count] if count else None)
+                at += count
+            return out
+
+        rows = per_row(logits)
+        return (rows, per_row((logits.argmax(-1) if best is None else best).tolist())) if argmax else rows
 
     def _commit_moves(self, paths: Sequence[Sequence[int] | None], row_slots: int = 0):
         """(source, target) (B, longest) host int64 slots: each row's accepted nodes and the slots right behind its
@@ -236,20 +258,7 @@ class BatchedStaticBackend(BatchedCache):
         keep = None if len(real) == batch * width else torch.tensor(real).to(self.device)
         logits = self._forward(slice(None), ids.to(self.device), positions.to(self.device), slots.to(self.device),
                                visible.to(self.device), keep=keep)
-        if keep is None:
-            rows = [logits[b, :counts[b]] if b in live else None for b in range(batch)]
-        else:
-            parts = iter(logits.split([counts[b] for b in active]))
-            rows = [next(parts) if b in live else None for b in range(batch)]
-        if not argmax:
-            return rows
-        flat = logits.flatten(0, -2).argmax(-1).tolist()
-        best, at = [], 0
-        for b in range(batch):
-            offset = at if keep is not None else b * width
-            best.append(flat[offset:offset + counts[b]] if b in live else None)
-            at += counts[b]
-        return rows, best
+        return self._rows_out(logits.flatten(0, -2), counts, width if keep is None else None, argmax)
 
     @torch.inference_mode()
     def commit(self, paths: Sequence[Sequence[int] | None]) -> None:
@@ -491,7 +500,7 @@ def _reused_backend(single, batch_size: int, max_len: int):
             kept.pop(next(iter(kept)))
         backend = batched_backend(single.model, batch_size, native=getattr(single, "native", False),
                                   max_len=max_len)
-        getattr(backend, "capture_all", lambda: None)()  # graphs now, before any row is prefilled
+        backend.capture_all()  # graphs now, before any row is prefilled
     kept[key] = backend  # the latest used last
     backend.lengths = [0] * batch_size
     return backend

@@ -28,7 +28,7 @@ import torch
 from transformers import PreTrainedModel
 
 from specdec.backends.native import BatchRows, NativeLlama, unsupported_reason
-from specdec.batch import BatchedCache
+from specdec.batch import BatchedCache, BatchedStaticBackend
 from specdec.kernels.tree_attention import kernel_available
 from specdec.tree import DraftTree, depth_list, host_ancestor_mask
 
@@ -143,15 +143,7 @@ class NativeBatchedBackend(BatchedCache):
             if step is None:
                 step = self._steps[width] = _BatchStep(self, width)
             logits, best = step.run(packed, masks)
-            logits = logits.view(self.batch_size, width, -1)
-            logits = logits.clone() if keep_logits else logits
-            rows = [None if not count else row if count == width else row[:count]
-                    for row, count in zip(logits.unbind(0), counts)]
-            if not argmax:
-                return rows
-            flat = best.tolist()
-            return rows, [flat[b * width: b * width + counts[b]] if counts[b] else None
-                          for b in range(self.batch_size)]
+            return self._rows_out(logits.clone() if keep_logits else logits, counts, width, argmax, best)
         real = [b * width + i for b in active for i in range(counts[b])]
         inputs = torch.from_numpy(packed).to(self.device)
         batch_width = self.batch_size * width
@@ -159,16 +151,7 @@ class NativeBatchedBackend(BatchedCache):
                                      inputs[2 * batch_width: 3 * batch_width], inputs[3 * batch_width:],
                                      torch.from_numpy(masks).to(self.device), self._rows(0),
                                      keep=torch.tensor(real, device=self.device))
-        parts = iter(logits.split([counts[b] for b in active]))
-        rows = [next(parts) if counts[b] else None for b in range(self.batch_size)]
-        if not argmax:
-            return rows
-        flat = logits.argmax(-1).tolist()
-        best, at = [], 0
-        for b in range(self.batch_size):
-            best.append(flat[at: at + counts[b]] if counts[b] else None)
-            at += counts[b]
-        return rows, best
+        return self._rows_out(logits, counts, None, argmax)
 
     @torch.inference_mode()
     def commit(self, paths: Sequence[Sequence[int] | None]) -> None:
@@ -237,8 +220,6 @@ def batched_backend(model: PreTrainedModel, batch_size: int, native: bool | Nati
                     max_len: int | None = None):
     """The batched cache for `model`: `NativeBatchedBackend` when `native` (True or the generator's own
     `NativeLlama`) and the model and machine allow it, else `BatchedStaticBackend` (HF's modules)."""
-    from specdec.batch import BatchedStaticBackend
-
     if native and unsupported_reason(model) is None and kernel_available(model.device):
         return NativeBatchedBackend(model, batch_size, max_len,
                                     native=native if isinstance(native, NativeLlama) else None)
