@@ -304,7 +304,7 @@ def accept_row(tree: DraftTree, logits: torch.Tensor, params, generator, best: l
     return RowOutcome(nodes, [tokens[node] for node in nodes], bonus, logits)
 
 
-PROBE_SHARE = 0.05  # the batch gate's probes of the losing kind may cost at most this share of the time
+PROBE_SHARE = 0.02  # the batch gate's probes of the losing kind may cost at most this share of the time
 
 
 class BatchGate:
@@ -462,6 +462,35 @@ class _Row:
     text: object = None     # its `_TextStream`
 
 
+PHASES = ("draft", "allocate", "score", "accept", "commit", "bookkeeping")
+
+
+@dataclass
+class BatchStats:
+    """One batched decode's steps (`SpeculativeGenerator.batch_stats` after a batched `generate`): how many steps
+    speculated, the rows they carried, the tokens committed, and the wall seconds of each phase summed over the steps
+    of each kind ("speculative", "plain"). A phase's seconds are host time, except that `score` waits for the step's
+    device work where it reads the argmax (a greedy batch) and `accept` where it reads logits (a sampled one).
+    bookkeeping: the rows' drafter and controller observations, statistics, stopping rules and chunks."""
+
+    steps: dict[str, int] = field(default_factory=lambda: {"speculative": 0, "plain": 0})
+    row_steps: dict[str, int] = field(default_factory=lambda: {"speculative": 0, "plain": 0})
+    tokens: dict[str, int] = field(default_factory=lambda: {"speculative": 0, "plain": 0})
+    seconds: dict[str, dict[str, float]] = field(
+        default_factory=lambda: {kind: dict.fromkeys(PHASES, 0.0) for kind in ("speculative", "plain")})
+    widths: dict[int, int] = field(default_factory=dict)  # a speculative step's width (1 + nodes) -> steps
+
+    def per_step_ms(self, kind: str) -> dict[str, float]:
+        """Mean milliseconds of each phase over the steps of `kind`."""
+        steps = self.steps[kind]
+        return {phase: 1000 * seconds / steps if steps else 0.0 for phase, seconds in self.seconds[kind].items()}
+
+    def as_dict(self) -> dict:
+        return {"steps": dict(self.steps), "row_steps": dict(self.row_steps), "tokens": dict(self.tokens),
+                "per_step_ms": {kind: self.per_step_ms(kind) for kind in self.steps},
+                "widths": dict(sorted(self.widths.items()))}
+
+
 STEP_SLACK = 64  # cache slots past a row's last token: a step's padding queries write there (widths up to 33)
 PREFILL_PAD = 1.25  # rows prefilled in one forward only while its padded tokens are at most this many times the real
 PREFILL_TOKENS = 8192  # ... and its padded tokens at most this many
@@ -504,6 +533,17 @@ def _reused_backend(single, batch_size: int, max_len: int):
     kept[key] = backend  # the latest used last
     backend.lengths = [0] * batch_size
     return backend
+
+
+def kept_policy(gen, batch_size: int, allocate: bool) -> tuple[BatchGate, BatchAllocator | None]:
+    """The batch gate and allocator of `gen`'s batches of this size: what they measured (the rates of speculative and
+    plain steps, each width's seconds, the drafts' acceptance) carries over to its next batched call, as the
+    controllers' cost model does across generations. A short batch then starts from its measurements instead of
+    probing: 48 rows of 128 tokens are ~130 steps, and two losing probes cost ~5% of them."""
+    key = (batch_size, allocate)
+    if key not in gen.batch_policies:
+        gen.batch_policies[key] = (BatchGate(), BatchAllocator() if allocate else None)
+    return gen.batch_policies[key]
 
 
 def decode_batch(gen, prompts: Sequence, batch_size: int, options: dict, plain: bool = False,
@@ -603,9 +643,9 @@ def batch_steps(gen, prompts: Sequence, batch_size: int, options: dict, plain: b
             _failed(row, ValueError(problem))
         return empty if tree is None or problem else tree
 
+    stats = gen.batch_stats = BatchStats()
     empty = DraftTree.empty()  # one for every row's plain step (a tree is immutable)
-    gate = None if plain else BatchGate()
-    allocator = BatchAllocator() if allocate and not plain else None
+    gate, allocator = (None, None) if plain else kept_policy(gen, backend.batch_size, allocate)
     while waiting or any(rows):
         free = [slot for slot in range(backend.batch_size) if rows[slot] is None][:len(waiting)]
         if free:  # the next prompts, shortest in the first free row: similar lengths side by side, fewer pads
@@ -616,6 +656,7 @@ def batch_steps(gen, prompts: Sequence, batch_size: int, options: dict, plain: b
         step_started = time.perf_counter()
         speculative = gate is not None and gate.speculate()
         trees = [None if row is None else propose(row) if speculative else empty for row in rows]
+        drafted = time.perf_counter()
         if speculative and allocator is not None:
             trees = allocator.allocate(trees)
         verify_started = time.perf_counter()
@@ -623,12 +664,15 @@ def batch_steps(gen, prompts: Sequence, batch_size: int, options: dict, plain: b
         scored = backend.score([None if row is None else row.committed[-1] for row in rows], trees, argmax=greedy,
                                keep_logits=speculative)  # a plain step's logits are read at once
         logits, best = scored if greedy else (scored, [None] * len(rows))
+        scored_at = time.perf_counter()
         outcomes = [None if row is None else accept_row(trees[b], logits[b], row.params, row.generator, best[b])
                     for b, row in enumerate(rows)]
+        accepted_at = time.perf_counter()
         backend.commit([None if outcome is None else outcome.accepted_nodes for outcome in outcomes])
+        committed_at = time.perf_counter()
+        width = 1 + max(len(tree) for tree in trees if tree is not None)
         if allocator is not None:
-            allocator.observe_cost(1 + max(len(tree) for tree in trees if tree is not None),
-                                   time.perf_counter() - verify_started)
+            allocator.observe_cost(width, committed_at - verify_started)
         committed_now, chunks = 0, []
         for slot, (row, tree, outcome) in enumerate(zip(rows, trees, outcomes)):
             if row is None:
@@ -660,7 +704,19 @@ def batch_steps(gen, prompts: Sequence, batch_size: int, options: dict, plain: b
                 if tail:
                     chunks.append(StreamChunk([], tail, row.index))
                 rows[slot] = None
+        step_ended = time.perf_counter()
         if gate is not None:
-            gate.observe(speculative, committed_now, time.perf_counter() - step_started)
+            gate.observe(speculative, committed_now, step_ended - step_started)
+        kind = "speculative" if speculative else "plain"
+        stats.steps[kind] += 1
+        stats.row_steps[kind] += len(outcomes) - outcomes.count(None)
+        stats.tokens[kind] += committed_now
+        if speculative:
+            stats.widths[width] = stats.widths.get(width, 0) + 1
+        phases = stats.seconds[kind]
+        for phase, begun, ended in (("draft", step_started, drafted), ("allocate", drafted, verify_started),
+                                    ("score", verify_started, scored_at), ("accept", scored_at, accepted_at),
+                                    ("commit", accepted_at, committed_at), ("bookkeeping", committed_at, step_ended)):
+            phases[phase] += ended - begun
         yield from chunks
     return outputs

@@ -140,6 +140,8 @@ class SpeculativeGenerator:
             backend = BACKENDS[backend](target)
         self.backend = backend or HFBackend(target)
         self.phase_sync = False  # PhaseTimer(cuda_sync): benchmarks set it to charge GPU work to its phase
+        self.batch_stats = None  # the last batched generate's `specdec.batch.BatchStats` (steps, phase seconds)
+        self.batch_policies: dict = {}  # (batch size, allocate) -> its batch gate and allocator (`kept_policy`)
         self.drafter = make_drafter(drafter)
         self.controller = make_controller(controller)
         # batched decoding makes a drafter and a controller per row from these (None: objects were given)
