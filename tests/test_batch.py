@@ -203,6 +203,8 @@ def test_the_batch_benchmark_measures_each_method_against_batched_ar_at_the_same
     assert all(r["identical_to_ar"] == 7 and r["near_ties"] == r["algorithmic"] == 0 for r in result["rows"])
     assert all(r["speedup"] == 1.0 for r in result["rows"] if r["method"] == "ar")
     assert markdown(result).count("\n") == 2 + 6
+    assert all(r["steps"]["steps"]["speculative"] == 0 for r in result["rows"] if r["method"] == "ar")
+    assert all(r["steps"]["steps"]["speculative"] > 0 for r in result["rows"] if r["method"] == "test_batch_oracle")
     with pytest.raises(ValueError, match="needs 'ar'"):
         run_batches(context, prompts(2), ["ngram"], [1], 4)
 
