@@ -74,7 +74,20 @@ class DraftTree:
             raise ValueError(f"source must name {n} nodes, got {len(self.source)}")
 
     def __len__(self) -> int:
-        return self.tokens.numel()
+        return len(self.host_parents)
+
+    @classmethod
+    def _built(cls, tokens: Sequence[int], parents: Sequence[int], source: tuple[str, ...] | None = None,
+               origin: tuple[int, ...] | None = None) -> DraftTree:
+        """A deterministic host tree from lists this module built in topological order (`from_paths`, `subtree`):
+        the checks of `__post_init__` hold by construction and are skipped (a batch of 64 rows builds two trees a
+        row a step; the checks were half of each tree's host time)."""
+        tree = object.__new__(cls)
+        for name, value in (("tokens", _long_tensor(tokens)), ("parents", _long_tensor(parents)),
+                            ("draft_probs", None), ("source", source), ("host_parents", tuple(parents)),
+                            ("host_tokens", tuple(tokens)), ("origin", origin)):
+            object.__setattr__(tree, name, value)
+        return tree
 
     @classmethod
     def empty(cls, device: torch.device | str = "cpu") -> DraftTree:
@@ -114,7 +127,7 @@ class DraftTree:
                     parents.append(parent)
                 parent = node
         names = None if source is None else (source,) * len(tokens)
-        return cls(tokens=_long_tensor(tokens), parents=_long_tensor(parents), source=names)
+        return cls._built(tokens, parents, names)
 
     def to(self, device: torch.device | str) -> DraftTree:
         tokens, parents = self.tokens.to(device), self.parents.to(device)
@@ -137,13 +150,16 @@ def subtree(tree: DraftTree, keep: Sequence[int]) -> DraftTree:
     except KeyError:
         raise ValueError(f"keep {keep} drops the parent of a kept node") from None
     host_tokens = None if tree.host_tokens is None else tuple(tree.host_tokens[old] for old in keep)
+    source = None if tree.source is None else tuple(tree.source[old] for old in keep)
+    origin = tuple(keep) if tree.origin is None else tuple(tree.origin[old] for old in keep)
+    on_host = tree.tokens.device.type == "cpu" and tree.parents.device.type == "cpu"
+    if host_tokens is not None and on_host and tree.draft_probs is None:
+        return DraftTree._built(host_tokens, parents, source, origin)
     if host_tokens is not None and tree.tokens.device.type == "cpu":
         tokens = _long_tensor(list(host_tokens))
     else:
         tokens = tree.tokens[torch.tensor(keep, dtype=torch.long).to(tree.tokens.device)]
     probs = None if tree.draft_probs is None else tree.draft_probs[torch.tensor(keep).to(tree.draft_probs.device)]
-    source = None if tree.source is None else tuple(tree.source[old] for old in keep)
-    origin = tuple(keep) if tree.origin is None else tuple(tree.origin[old] for old in keep)
     return DraftTree(tokens, _long_tensor(parents).to(tree.parents.device), probs, source, tuple(parents),
                      host_tokens, origin)
 
