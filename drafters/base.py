@@ -51,7 +51,13 @@ class DraftContext:
 
 @runtime_checkable
 class Drafter(Protocol):
-    """vocab_size: the vocabulary the drafter's token ids live in, or None when it copies ids from the context."""
+    """vocab_size: the vocabulary the drafter's token ids live in, or None when it copies ids from the context.
+
+    Optional, for batched decoding: `batch_proposer(batch_size, max_len, target, native)` -> an object with
+    `propose(contexts) -> trees` (one per row, None for an idle row or a row that drafts nothing) and
+    `release(row)` (a new sequence takes the row), or None. Where a drafter has one, a batch's rows draft through it
+    in one call (the `model` drafter: one draft forward per depth for all rows); its rows' own drafters still
+    observe their verified trees."""
 
     vocab_size: int | None
 

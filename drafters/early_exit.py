@@ -75,6 +75,10 @@ class EarlyExitDrafter(ModelDrafter):
         self.share_kv, self._shared = bool(share_kv), False  # _shared: this step's cache is the target's view
         self.reset()
 
+    def batch_proposer(self, batch_size: int, max_len: int, target, native=False):
+        """None: its draft is the target's own first layers, run per row (no batched draft cache of its own)."""
+        return None
+
     def propose(self, ctx: DraftContext) -> DraftTree:
         if ctx.target.model is not self.model:
             self._load(ctx.target)

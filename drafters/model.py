@@ -129,6 +129,17 @@ class ModelDrafter:
         if self.model is None:
             self._load(target)
 
+    def batch_proposer(self, batch_size: int, max_len: int, target: TargetView, native=False):
+        """Batched decoding (`specdec.batch`): one `BatchedChains` drafting every row's greedy chain with one forward
+        per depth, or None where the rows' drafts are more than fixed greedy chains (a tree, online learning, the
+        cost stop): each row then proposes alone."""
+        if self.width != 1 or self.online_config is not None or self.cost is not None:
+            return None
+        from specdec.drafters.model_batch import BatchedChains
+
+        self.bind(target)
+        return BatchedChains(self.model, batch_size, max_len, native)
+
     @property
     def version(self) -> int:
         """The weights serving now: 0 = as loaded, n = the n-th published by online learning."""

@@ -546,6 +546,15 @@ def kept_policy(gen, batch_size: int, allocate: bool) -> tuple[BatchGate, BatchA
     return gen.batch_policies[key]
 
 
+def batch_proposer(gen, backend: BatchedCache):
+    """The drafter family's proposer for a whole batch (`Drafter.batch_proposer`: e.g. the `model` drafter's chains,
+    one draft forward per depth for all rows), made from the generator's own drafter; None: rows propose alone."""
+    make = getattr(gen.drafter, "batch_proposer", None)
+    if make is None:
+        return None
+    return make(backend.batch_size, backend.max_len, gen.target_view, native=getattr(gen.backend, "native", False))
+
+
 def decode_batch(gen, prompts: Sequence, batch_size: int, options: dict, plain: bool = False,
                  allocate: bool = True) -> list:
     """`SpeculativeGenerator.generate(prompts, batch_size=B)`: up to B rows at once (module docstring); returns
@@ -631,19 +640,39 @@ def batch_steps(gen, prompts: Sequence, batch_size: int, options: dict, plain: b
             _failed(row, error)
             return None
 
-    def propose(row: _Row) -> DraftTree:
+    def context(row: _Row) -> DraftContext | None:
+        """The row's draft context under its controller's budget (None: the budget is 0)."""
         budget = gen._clamp(row.controller.budget(row.history), len(row.committed),
                             row.rule.limit - len(row.generated))
         if budget.max_nodes == 0 or budget.max_depth == 0:
-            return empty
+            return None
         row.lent = True  # the drafter may keep this list (a new one takes the step's tokens)
-        tree = _call(row, "propose", DraftContext(row.committed, budget, row.params, gen.target_view))
-        problem = None if tree is None else gen._tree_problem(tree, budget)
+        return DraftContext(row.committed, budget, row.params, gen.target_view)
+
+    def checked(row: _Row, ctx: DraftContext | None, tree) -> DraftTree:
+        problem = None if tree is None else gen._tree_problem(tree, ctx.budget)
         if problem:
             _failed(row, ValueError(problem))
         return empty if tree is None or problem else tree
 
+    def propose_all() -> list[DraftTree | None]:
+        """Every row's tree: from the batch's proposer (one call for all rows) where the drafter has one, else from
+        each row's drafter. A proposer that raises costs its rows one plain step."""
+        contexts = [None if row is None else context(row) for row in rows]
+        if proposer is None:
+            trees = [None if ctx is None else _call(row, "propose", ctx) for row, ctx in zip(rows, contexts)]
+        else:
+            try:
+                trees = proposer.propose(contexts)
+            except Exception as error:  # noqa: BLE001 - as a row's drafter failing: plain steps, nothing lost
+                for row, ctx in zip(rows, contexts):
+                    if ctx is not None:
+                        _failed(row, error)
+                trees = [None] * len(rows)
+        return [None if row is None else checked(row, ctx, tree) for row, ctx, tree in zip(rows, contexts, trees)]
+
     stats = gen.batch_stats = BatchStats()
+    proposer = None if plain else batch_proposer(gen, backend)
     empty = DraftTree.empty()  # one for every row's plain step (a tree is immutable)
     gate, allocator = (None, None) if plain else kept_policy(gen, backend.batch_size, allocate)
     while waiting or any(rows):
@@ -652,10 +681,12 @@ def batch_steps(gen, prompts: Sequence, batch_size: int, options: dict, plain: b
             starting = sorted((waiting.pop() for _ in free), key=lambda index: len(prepared[index][0]))
             for slot, index in zip(free, starting):
                 rows[slot] = start(slot, index)
+                if proposer is not None:
+                    proposer.release(slot)
             prefill_runs(backend, [(slot, rows[slot].prompt_ids[:-1]) for slot in free])
         step_started = time.perf_counter()
         speculative = gate is not None and gate.speculate()
-        trees = [None if row is None else propose(row) if speculative else empty for row in rows]
+        trees = propose_all() if speculative else [None if row is None else empty for row in rows]
         drafted = time.perf_counter()
         if speculative and allocator is not None:
             trees = allocator.allocate(trees)
