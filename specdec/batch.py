@@ -17,7 +17,8 @@ one scatter for all rows (no Python loop over rows; a row's unused index entries
 (a batch-1 prefill into that row of the buffer); each row has its own drafter and controller (made from their specs),
 its own sampling generator (prompt i samples with seed + i) and stopping rule. A `BatchGate` decides each step
 whether the batch speculates or steps plainly, on the tokens per second it measures of each; when it speculates, a
-`BatchAllocator` cuts the rows' trees to the common width worth its measured cost. `batch_steps` yields each row's
+`BatchAllocator` cuts the rows' trees to the common width worth its measured cost, and a row whose drafts keep
+missing sits out a growing number of speculative steps (its budget 0: no drafter call, no tree). `batch_steps` yields each row's
 chunk per step (`stream(prompts, batch_size=B)`). Model-free drafters propose per row on the host; model drafters
 run their own forwards per row (not yet batched across rows).
 """
@@ -457,6 +458,8 @@ class _Row:
     lent: bool = False      # `committed` was handed to its drafter: the next step's tokens go into a new list
     generated: list[int] = field(default_factory=list)
     history: list = field(default_factory=list)
+    misses: int = 0         # its speculative steps in a row that accepted no drafted token
+    sit_out: int = 0        # speculative steps it still skips drafting (`ROW_BACKOFF`)
     stats: object = None
     started: float = 0.0
     text: object = None     # its `_TextStream`
@@ -489,6 +492,9 @@ class BatchStats:
         return {"steps": dict(self.steps), "row_steps": dict(self.row_steps), "tokens": dict(self.tokens),
                 "per_step_ms": {kind: self.per_step_ms(kind) for kind in self.steps},
                 "widths": dict(sorted(self.widths.items()))}
+
+
+ROW_BACKOFF = 64  # a row whose drafts keep missing sits out 1, 2, 4, ... up to this many speculative steps
 
 
 STEP_SLACK = 64  # cache slots past a row's last token: a step's padding queries write there (widths up to 33)
@@ -641,7 +647,10 @@ def batch_steps(gen, prompts: Sequence, batch_size: int, options: dict, plain: b
             return None
 
     def context(row: _Row) -> DraftContext | None:
-        """The row's draft context under its controller's budget (None: the budget is 0)."""
+        """The row's draft context under its controller's budget (None: the budget is 0, or the row sits out)."""
+        if row.sit_out:
+            row.sit_out -= 1
+            return None
         budget = gen._clamp(row.controller.budget(row.history), len(row.committed),
                             row.rule.limit - len(row.generated))
         if budget.max_nodes == 0 or budget.max_depth == 0:
@@ -654,6 +663,16 @@ def batch_steps(gen, prompts: Sequence, batch_size: int, options: dict, plain: b
         if problem:
             _failed(row, ValueError(problem))
         return empty if tree is None or problem else tree
+
+    def back_off(row: _Row, tree: DraftTree, outcome: RowOutcome) -> None:
+        """A row whose drafts missed twice running sits out the next 1, 2, 4, ... speculative steps (up to
+        ROW_BACKOFF; its drafter and the host time of its tree spared), then drafts again; a hit resets it."""
+        if outcome.accepted_nodes:
+            row.misses = 0
+        elif len(tree):
+            row.misses += 1
+            if row.misses >= 2:
+                row.sit_out = min(1 << (row.misses - 2), ROW_BACKOFF)
 
     def propose_all() -> list[DraftTree | None]:
         """Every row's tree: from the batch's proposer (one call for all rows) where the drafter has one, else from
@@ -719,6 +738,7 @@ def batch_steps(gen, prompts: Sequence, batch_size: int, options: dict, plain: b
                 row.controller.observe(step)
                 if allocator is not None:
                     allocator.observe_tree(tree, outcome.accepted_nodes)
+                back_off(row, tree, outcome)
             row.stats.target_forwards += 1
             row.stats.drafted_nodes += len(tree)
             row.stats.accepted_hist[len(outcome.accepted_nodes)] += 1

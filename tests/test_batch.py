@@ -281,6 +281,33 @@ def test_a_generators_batches_of_one_size_share_their_gate_and_report_their_step
     assert set(generator.batch_policies) == {(4, True), (2, True)}
 
 
+@register_drafter("test_batch_counted")
+class CountedDrafter(NoiseDrafter):
+    """`NoiseDrafter` that counts its proposals (all instances together)."""
+
+    calls = 0
+
+    def propose(self, ctx):
+        CountedDrafter.calls += 1
+        return super().propose(ctx)
+
+
+def test_rows_whose_drafts_keep_missing_sit_out_ever_longer(monkeypatch):
+    """Always-wrong drafts: after two misses a row sits out 1, 2, 4, ... speculative steps, so it drafts in far
+    fewer than all of them; every row still gets its batch-1 answer."""
+    monkeypatch.setattr(BatchGate, "speculate", lambda self: True)
+    model = eos_model()
+    batch = prompts(4, seed=11)
+    CountedDrafter.calls = 0
+    generator = SpeculativeGenerator(model, drafter="test_batch_counted:always_wrong=True",
+                                     controller="static:max_depth=3,max_nodes=3")
+    outputs = generator.generate(batch, max_new_tokens=40, batch_size=4)
+    eos = model.generation_config.eos_token_id
+    assert [out.token_ids for out in outputs] == [greedy_truth(model, tuple(p), 40, eos) for p in batch]
+    row_steps = generator.batch_stats.row_steps["speculative"]
+    assert row_steps >= 60 and CountedDrafter.calls <= row_steps // 3
+
+
 def _tree(parents: list[int]) -> DraftTree:
     return DraftTree(torch.arange(len(parents)), torch.tensor(parents))
 
