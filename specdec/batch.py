@@ -458,7 +458,8 @@ class _Row:
     lent: bool = False      # `committed` was handed to its drafter: the next step's tokens go into a new list
     generated: list[int] = field(default_factory=list)
     history: list = field(default_factory=list)
-    misses: int = 0         # its speculative steps in a row that accepted no drafted token
+    misses: int = 0         # its drafts in a row (empty ones too) that had no token accepted
+    drafted: bool = False   # its drafter was asked this step
     sit_out: int = 0        # speculative steps it still skips drafting (`ROW_BACKOFF`)
     stats: object = None
     started: float = 0.0
@@ -494,7 +495,7 @@ class BatchStats:
                 "widths": dict(sorted(self.widths.items()))}
 
 
-ROW_BACKOFF = 64  # a row whose drafts keep missing sits out 1, 2, 4, ... up to this many speculative steps
+ROW_BACKOFF = 16  # a row whose drafts keep missing sits out 1, 2, 4, ... up to this many speculative steps
 
 
 STEP_SLACK = 64  # cache slots past a row's last token: a step's padding queries write there (widths up to 33)
@@ -648,6 +649,7 @@ def batch_steps(gen, prompts: Sequence, batch_size: int, options: dict, plain: b
 
     def context(row: _Row) -> DraftContext | None:
         """The row's draft context under its controller's budget (None: the budget is 0, or the row sits out)."""
+        row.drafted = False
         if row.sit_out:
             row.sit_out -= 1
             return None
@@ -655,7 +657,7 @@ def batch_steps(gen, prompts: Sequence, batch_size: int, options: dict, plain: b
                             row.rule.limit - len(row.generated))
         if budget.max_nodes == 0 or budget.max_depth == 0:
             return None
-        row.lent = True  # the drafter may keep this list (a new one takes the step's tokens)
+        row.drafted = row.lent = True  # the drafter may keep this list (a new one takes the step's tokens)
         return DraftContext(row.committed, budget, row.params, gen.target_view)
 
     def checked(row: _Row, ctx: DraftContext | None, tree) -> DraftTree:
@@ -664,12 +666,13 @@ def batch_steps(gen, prompts: Sequence, batch_size: int, options: dict, plain: b
             _failed(row, ValueError(problem))
         return empty if tree is None or problem else tree
 
-    def back_off(row: _Row, tree: DraftTree, outcome: RowOutcome) -> None:
-        """A row whose drafts missed twice running sits out the next 1, 2, 4, ... speculative steps (up to
-        ROW_BACKOFF; its drafter and the host time of its tree spared), then drafts again; a hit resets it."""
+    def back_off(row: _Row, outcome: RowOutcome) -> None:
+        """A row whose drafts missed twice running (no token accepted, or nothing drafted) sits out the next 1, 2,
+        4, ... speculative steps (up to ROW_BACKOFF; its drafter's and its tree's host time spared), then drafts
+        again; a hit resets it."""
         if outcome.accepted_nodes:
             row.misses = 0
-        elif len(tree):
+        elif row.drafted:
             row.misses += 1
             if row.misses >= 2:
                 row.sit_out = min(1 << (row.misses - 2), ROW_BACKOFF)
@@ -729,7 +732,7 @@ def batch_steps(gen, prompts: Sequence, batch_size: int, options: dict, plain: b
                 continue
             new_tokens = outcome.accepted_tokens + [outcome.bonus_token]
             committed_now += len(new_tokens)
-            if speculative:  # the batch's plain steps are the gate's, not the row's drafter's or controller's
+            if speculative and row.drafted:  # plain steps (the gate's, or a row sitting out) are not the row's
                 _call(row, "observe", VerifyResult(tree, outcome.accepted_nodes, outcome.accepted_tokens,
                                                    outcome.bonus_token, outcome.logits))
                 step = StepStats(len(tree), max_depth(tree), len(outcome.accepted_nodes), tree=tree,
@@ -738,7 +741,7 @@ def batch_steps(gen, prompts: Sequence, batch_size: int, options: dict, plain: b
                 row.controller.observe(step)
                 if allocator is not None:
                     allocator.observe_tree(tree, outcome.accepted_nodes)
-                back_off(row, tree, outcome)
+                back_off(row, outcome)
             row.stats.target_forwards += 1
             row.stats.drafted_nodes += len(tree)
             row.stats.accepted_hist[len(outcome.accepted_nodes)] += 1
