@@ -127,19 +127,21 @@ class BatchedCache(abc.ABC):
         return (rows, per_row((logits.argmax(-1) if best is None else best).tolist())) if argmax else rows
 
     def _commit_moves(self, paths: Sequence[Sequence[int] | None], row_slots: int = 0):
-        """(source, target) (B, longest) host int64 slots: each row's accepted nodes and the slots right behind its
-        root they move to, a row's slots offset by b * row_slots (a flat layout); unused entries move the root onto
-        itself (an idle row: slot 0). None when no row accepted a node. Host lists, no torch call per row."""
-        longest = max((len(p) for p in paths if p is not None), default=0)
+        """(source, target) (B, longest) host int64 slots: each row's accepted nodes that are not yet in place and
+        the slots right behind its root they move to, a row's slots offset by b * row_slots (a flat layout); unused
+        entries move the root onto itself (an idle row: slot 0). None when nothing moves: no row accepted a node, or
+        every accepted node already sits where it belongs (node k at depth k + 1: a chain's accepted prefix, the
+        usual case, needs no device work). Host lists, no torch call per row."""
+        moving = [[] if path is None else [(node, k) for k, node in enumerate(path) if node != k] for path in paths]
+        longest = max(map(len, moving))
         if not longest:
             return None
         source, target = [], []
-        for b, path in enumerate(paths):
+        for b, (path, moves) in enumerate(zip(paths, moving)):
             root = b * row_slots + (self.lengths[b] if path is not None and self.lengths[b] < self.max_len else 0)
-            path = list(path or ())
-            rest = [root] * (longest - len(path))
-            source.append([root + 1 + node for node in path] + rest)
-            target.append([root + 1 + k for k in range(len(path))] + rest)
+            rest = [root] * (longest - len(moves))
+            source.append([root + 1 + node for node, _ in moves] + rest)
+            target.append([root + 1 + k for _, k in moves] + rest)
         return torch.tensor(source), torch.tensor(target)
 
     def _advance(self, paths: Sequence[Sequence[int] | None]) -> None:
