@@ -106,6 +106,8 @@ class BatchedCache(abc.ABC):
     def prefill_rows(self, first: int, prompts: Sequence[Sequence[int]]) -> None:
         """Rows first, first + 1, ... now hold `prompts` (each a prompt but its last token)."""
 
+    step_widths: tuple[int, ...] | None = None  # the widths its steps run at (each graph's), a width rounded up
+
     def capture_all(self) -> None:
         """Capture the steps' graphs before any row is prefilled (a cache with graphs); here: none."""
 
@@ -372,23 +374,28 @@ class BatchAllocator:
         (active rows + sum over rows of the values kept) / t(1 + N)
 
     where t(T) is the measured seconds of a batched step of width T (scoring, acceptance, commit): a decayed mean per
-    width, a least-squares line through them for widths not yet measured (before a second width is measured: flat,
+    width (per bucket where the cache runs a step at the next of its graphs' widths: widths 5-8 cost what 8 costs,
+    so a tree of 7 nodes is never cut to 5), a least-squares line through them for widths not yet measured (before a second width is measured: flat,
     the optimistic guess, which the first wide step corrects). N >= 1: a speculative step keeps every row's best
     node, so the acceptance model keeps learning (cut to nothing, it would never see a draft again); whether to
     speculate at all is the `BatchGate`'s choice, on measured rates. Values fall along paths and with the rank among
     siblings, so a kept node's parent and earlier siblings are kept: a trimmed sampled tree is still verified exactly
     (recursive rejection needs them)."""
 
-    def __init__(self, max_depth: int = 32, decay: float = 0.8):
+    def __init__(self, max_depth: int = 32, decay: float = 0.8, buckets: Sequence[int] | None = None):
         from specdec.controllers.acceptance import AcceptanceModel
 
         self.acceptance = AcceptanceModel(max_depth)
         self.decay = decay
+        self.buckets = sorted(buckets or ())  # the widths a step really runs at (graphs), a width rounded up to one
         self.sums: dict[int, list[float]] = {}  # width -> decayed (seconds, weight)
         self.trimmed = 0
 
+    def _bucket(self, width: int) -> int:
+        return next((bucket for bucket in self.buckets if bucket >= width), width)
+
     def observe_cost(self, width: int, seconds: float) -> None:
-        kept = self.sums.setdefault(width, [0.0, 0.0])
+        kept = self.sums.setdefault(self._bucket(width), [0.0, 0.0])
         kept[0], kept[1] = kept[0] * self.decay + seconds, kept[1] * self.decay + 1.0
 
     def observe_tree(self, tree: DraftTree, accepted_nodes: Sequence[int]) -> None:
@@ -396,7 +403,9 @@ class BatchAllocator:
             self.acceptance.observe(tree.host_parents, accepted_nodes)
 
     def cost(self, widths: Sequence[int]) -> list[float]:
-        """Predicted seconds of a step of each width: measured means, the weighted line elsewhere."""
+        """Predicted seconds of a step of each width (that of its bucket): measured means, the weighted line
+        elsewhere."""
+        widths = [self._bucket(w) for w in widths]
         means = {w: s / n for w, (s, n) in self.sums.items() if n > 0}
         if not means:
             return [1.0] * len(widths)
@@ -544,14 +553,14 @@ def _reused_backend(single, batch_size: int, max_len: int):
     return backend
 
 
-def kept_policy(gen, batch_size: int, allocate: bool) -> tuple[BatchGate, BatchAllocator | None]:
+def kept_policy(gen, backend: BatchedCache, allocate: bool) -> tuple[BatchGate, BatchAllocator | None]:
     """The batch gate and allocator of `gen`'s batches of this size: what they measured (the rates of speculative and
     plain steps, each width's seconds, the drafts' acceptance) carries over to its next batched call, as the
     controllers' cost model does across generations. A short batch then starts from its measurements instead of
     probing: 48 rows of 128 tokens are ~130 steps, and two losing probes cost ~5% of them."""
-    key = (batch_size, allocate)
+    key = (backend.batch_size, allocate)
     if key not in gen.batch_policies:
-        gen.batch_policies[key] = (BatchGate(), BatchAllocator() if allocate else None)
+        gen.batch_policies[key] = (BatchGate(), BatchAllocator(buckets=backend.step_widths) if allocate else None)
     return gen.batch_policies[key]
 
 
@@ -698,7 +707,7 @@ def batch_steps(gen, prompts: Sequence, batch_size: int, options: dict, plain: b
     stats = gen.batch_stats = BatchStats()
     proposer = None if plain else batch_proposer(gen, backend)
     empty = DraftTree.empty()  # one for every row's plain step (a tree is immutable)
-    gate, allocator = (None, None) if plain else kept_policy(gen, backend.batch_size, allocate)
+    gate, allocator = (None, None) if plain else kept_policy(gen, backend, allocate)
     while waiting or any(rows):
         free = [slot for slot in range(backend.batch_size) if rows[slot] is None][:len(waiting)]
         if free:  # the next prompts, shortest in the first free row: similar lengths side by side, fewer pads

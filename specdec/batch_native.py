@@ -54,6 +54,7 @@ class NativeBatchedBackend(BatchedCache):
         self.buffer = torch.zeros((config.num_hidden_layers, 2, 1, kv_heads, batch_size * self.max_len,
                                    self.native.head_dim), dtype=self.dtype, device=self.device)
         self.graphs = graphs and self.device.type == "cuda"
+        self.step_widths = WIDTHS if self.graphs else None
         self._steps: dict[int, _BatchStep] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
 

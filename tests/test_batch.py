@@ -343,6 +343,20 @@ def test_the_batch_allocator_picks_the_best_common_width_and_keeps_closed_subtre
         assert list(after.host_tokens) == [before.host_tokens[o] for o in origin]
 
 
+def test_the_batch_allocator_costs_a_width_as_its_bucket_and_fills_it():
+    """On a cache with graphs a step runs at the next bucket's width: 3 nodes cost what 4 queries cost, so a
+    4-query bucket is filled rather than cut to 3 queries."""
+    chain = _tree([-1, 0, 1, 2, 3, 4, 5])
+    bucketed = BatchAllocator(buckets=(1, 2, 4, 8))
+    for _ in range(40):
+        bucketed.observe_tree(chain, [0, 1, 2])
+    bucketed.observe_cost(1, 0.010)
+    bucketed.observe_cost(3, 0.030)  # a step of width 3 ran as the 4-wide graph
+    high = 0.030 + 4 * 0.020 / 3  # bucket 8: on the line through widths 1 and 4
+    assert bucketed.cost([3, 4, 5, 8]) == pytest.approx([0.030, 0.030, high, high])
+    assert len(bucketed.allocate([chain])[0]) == 3  # width 4: the bucket's every query used
+
+
 def test_the_batch_allocators_cost_uses_measured_widths_and_a_line_between_them():
     allocator = BatchAllocator(decay=0.5)
     assert allocator.cost([1, 9]) == [1.0, 1.0]  # nothing measured: all alike
