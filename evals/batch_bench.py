@@ -145,7 +145,8 @@ def steps_cells(row: dict) -> tuple[str, str]:
     if not steps:
         return "-", "-"
     count = steps["steps"]
-    mean = [f"{sum(steps['per_step_ms'][kind].values()):.1f}" if count[kind] else "-" for kind in ("speculative", "plain")]
+    mean = [f"{sum(steps['per_step_ms'][kind].values()):.1f}" if count[kind] else "-"
+            for kind in ("speculative", "plain")]
     return f"{count['speculative']}/{count['speculative'] + count['plain']}", ", ".join(mean)
 
 

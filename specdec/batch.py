@@ -18,9 +18,10 @@ one scatter for all rows (no Python loop over rows; a row's unused index entries
 its own sampling generator (prompt i samples with seed + i) and stopping rule. A `BatchGate` decides each step
 whether the batch speculates or steps plainly, on the tokens per second it measures of each; when it speculates, a
 `BatchAllocator` cuts the rows' trees to the common width worth its measured cost, and a row whose drafts keep
-missing sits out a growing number of speculative steps (its budget 0: no drafter call, no tree). `batch_steps` yields each row's
-chunk per step (`stream(prompts, batch_size=B)`). Model-free drafters propose per row on the host; model drafters
-run their own forwards per row (not yet batched across rows).
+missing sits out a growing number of speculative steps (its budget 0: no drafter call, no tree). The gate and the
+allocator are kept per generator and batch size (`kept_policy`). `batch_steps` yields each row's chunk per step
+(`stream(prompts, batch_size=B)`). Model-free drafters propose per row on the host; a drafter with a
+`batch_proposer` drafts all rows in one call (the `model` drafter's chains: one draft forward per depth).
 """
 
 from __future__ import annotations
@@ -375,10 +376,10 @@ class BatchAllocator:
 
     where t(T) is the measured seconds of a batched step of width T (scoring, acceptance, commit): a decayed mean per
     width (per bucket where the cache runs a step at the next of its graphs' widths: widths 5-8 cost what 8 costs,
-    so a tree of 7 nodes is never cut to 5), a least-squares line through them for widths not yet measured (before a second width is measured: flat,
-    the optimistic guess, which the first wide step corrects). N >= 1: a speculative step keeps every row's best
-    node, so the acceptance model keeps learning (cut to nothing, it would never see a draft again); whether to
-    speculate at all is the `BatchGate`'s choice, on measured rates. Values fall along paths and with the rank among
+    so a tree of 7 nodes is never cut to 5), a least-squares line through them for widths not yet measured (before
+    a second width is measured: flat, the optimistic guess, which the first wide step corrects). N >= 1: a
+    speculative step keeps every row's best node, so the acceptance model keeps learning (cut to nothing, it would
+    never see a draft again); whether to speculate at all is the `BatchGate`'s choice, on measured rates. Values fall along paths and with the rank among
     siblings, so a kept node's parent and earlier siblings are kept: a trimmed sampled tree is still verified exactly
     (recursive rejection needs them)."""
 
