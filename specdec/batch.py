@@ -83,6 +83,22 @@ class _BatchLayer(CacheLayerMixin):
         return self.keys.shape[-2]
 
 
+class RowSlices(Sequence):
+    """Per row b its `counts[b]` rows of a step's (queries, V) `values` from `starts[b]` (None: an idle row), sliced
+    when asked for: a tensor slice costs ~2 us of host time, and a plain greedy step never asks (its rows take the
+    argmax, read for all rows at once)."""
+
+    def __init__(self, values: torch.Tensor, starts: list[int], counts: Sequence[int]):
+        self.values, self.starts, self.counts = values, starts, counts
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def __getitem__(self, b: int) -> torch.Tensor | None:
+        count = self.counts[b]
+        return self.values[self.starts[b]: self.starts[b] + count] if count else None
+
+
 class BatchedCache(abc.ABC):
     """What the batched caches share (`BatchedStaticBackend`, `specdec.batch_native.NativeBatchedBackend`): the
     checked sizes, `lengths[b]` = committed tokens cached in row b (its root's position), and a prefill's inputs."""
@@ -118,16 +134,15 @@ class BatchedCache(abc.ABC):
         """A step's (queries, V) logits -> per row its counts[b] rows (None: an idle row), the rows packed one after
         another (stride None) or row b's from query b * stride; argmax: -> (those, per row the argmax of each of its
         queries as a host list, from `best` or the logits: one device read for all)."""
-        def per_row(values):
-            out, at = [], 0
-            for b, count in enumerate(counts):
-                start = at if stride is None else b * stride
-                out.append(values[start: start + count] if count else None)
-                at += count
-            return out
-
-        rows = per_row(logits)
-        return (rows, per_row((logits.argmax(-1) if best is None else best).tolist())) if argmax else rows
+        starts, at = [], 0
+        for b, count in enumerate(counts):
+            starts.append(at if stride is None else b * stride)
+            at += count
+        rows = RowSlices(logits, starts, counts)
+        if not argmax:
+            return rows
+        best = (logits.argmax(-1) if best is None else best).tolist()
+        return rows, [best[start: start + count] if count else None for start, count in zip(starts, counts)]
 
     def _commit_moves(self, paths: Sequence[Sequence[int] | None], row_slots: int = 0):
         """(source, target) (B, longest) host int64 slots: each row's accepted nodes that are not yet in place and
@@ -730,8 +745,9 @@ def batch_steps(gen, prompts: Sequence, batch_size: int, options: dict, plain: b
                                keep_logits=speculative)  # a plain step's logits are read at once
         logits, best = scored if greedy else (scored, [None] * len(rows))
         scored_at = time.perf_counter()
-        outcomes = [None if row is None else accept_row(trees[b], logits[b], row.params, row.generator, best[b])
-                    for b, row in enumerate(rows)]
+        outcomes = [None if row is None else RowOutcome([], [], best[b][0], None) if greedy and not speculative
+                    else accept_row(trees[b], logits[b], row.params, row.generator, best[b])
+                    for b, row in enumerate(rows)]  # a plain greedy row: its root's argmax
         accepted_at = time.perf_counter()
         backend.commit([None if outcome is None else outcome.accepted_nodes for outcome in outcomes])
         committed_at = time.perf_counter()

@@ -40,7 +40,7 @@ def test_native_steps_equal_the_hf_module_backend_row_by_row(model):
             outs.append((first, best, second, list(backend.lengths)))
     (hf_first, hf_best, hf_second, hf_lengths), (first, best, second, lengths) = outs
     assert lengths == hf_lengths and first[2] is None and second[2] is None and best[2] is None
-    for mine, theirs in zip(first + second, hf_first + hf_second):
+    for mine, theirs in zip([*first, *second], [*hf_first, *hf_second]):
         if theirs is not None:
             assert mine.shape == theirs.shape and torch.isfinite(mine).all()
             torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
