@@ -78,7 +78,8 @@ class ModelDrafter:
     between generations): online_lr, online_every (buffered positions per update), online_loss ("fkl", "tvd",
     "jsd"), online_epochs (passes over each update's data), online_background (train in a worker thread instead of
     inline between generations), online_checkpoint (a file, saved after each update and resumed from); `version`
-    counts the weights published so far."""
+    counts the weights published so far. batched: in batched decoding, draft every row's chain together
+    (`batch_proposer`; False: each row drafts alone)."""
 
     learns_online = True  # make_drafter refuses online=True for drafters without it
     threshold = 0.0  # expand a node only while its own slot probability reaches this (early_exit raises it)
@@ -87,8 +88,9 @@ class ModelDrafter:
     def __init__(self, model=None, path: str | None = None, mode: str = "tree", topk: int = 4, graphs: bool = False,
                  calibrate: bool = True, cost_stop: bool = False, online: bool = False, online_lr: float = 3e-4,
                  online_every: int = 2048, online_loss: str = "fkl", online_epochs: int = 1,
-                 online_background: bool = False, online_checkpoint: str | None = None):
+                 online_background: bool = False, online_checkpoint: str | None = None, batched: bool = True):
         self._set_drafting(mode, topk, calibrate, cost_stop)
+        self.batched = batched
         self._set_online(online, lr=online_lr, every=online_every, loss=online_loss, epochs=online_epochs,
                          background=online_background, checkpoint=online_checkpoint)
         source = path if model is None else model
@@ -133,7 +135,7 @@ class ModelDrafter:
         """Batched decoding (`specdec.batch`): one `BatchedChains` drafting every row's greedy chain with one forward
         per depth, or None where the rows' drafts are more than fixed greedy chains (a tree, online learning, the
         cost stop): each row then proposes alone."""
-        if self.width != 1 or self.online_config is not None or self.cost is not None:
+        if not self.batched or self.width != 1 or self.online_config is not None or self.cost is not None:
             return None
         from specdec.drafters.model_batch import BatchedChains
 

@@ -95,4 +95,6 @@ def test_trees_and_learning_drafters_keep_drafting_per_row(pair):
     tree = SpeculativeGenerator(target, drafter=f"model:path={same},mode=tree").drafter
     chain = SpeculativeGenerator(target, drafter=f"model:path={same},mode=chain").drafter
     assert tree.batch_proposer(2, 64, view) is None
+    alone = SpeculativeGenerator(target, drafter=f"model:path={same},mode=chain,batched=False").drafter
+    assert alone.batch_proposer(2, 64, view) is None
     assert isinstance(chain.batch_proposer(2, 64, view), BatchedChains)
