@@ -155,6 +155,38 @@ class NativeBatchedBackend(BatchedCache):
         return self._rows_out(logits, counts, None, argmax)
 
     @torch.inference_mode()
+    def plain_run(self, roots: Sequence[int | None], steps: int) -> list[list[int] | None]:
+        """`steps` plain greedy steps with no host read between them: after each, its argmax becomes the next
+        step's roots on the device and every position, slot and prefix moves on by one (a width-1 step's inputs are
+        only those), so the host builds one step's inputs and reads all the tokens once (B x steps)."""
+        self._check_run(roots, steps)
+        active = [b for b, root in enumerate(roots) if root is not None]
+        batch = self.batch_size
+        packed, masks, _ = self._inputs(roots, [None] * batch, 1, active)
+        tokens = torch.empty(steps, batch, dtype=torch.long, device=self.device)
+        if self.graphs:
+            step = self._steps.get(1) or self._steps.setdefault(1, _BatchStep(self, 1))
+            inputs = step.inputs  # the graph's own: the first step's copy fills it
+        else:
+            inputs, masks = torch.from_numpy(packed).to(self.device), torch.from_numpy(masks).to(self.device)
+            every = torch.arange(batch, device=self.device)
+        for index in range(steps):
+            if self.graphs:
+                best = step.replay() if index else step.run(packed, masks)[1]
+            else:
+                best = self.native.forward(self.buffer, inputs[:batch], inputs[batch: 2 * batch],
+                                           inputs[2 * batch: 3 * batch], inputs[3 * batch:], masks, self._rows(0),
+                                           keep=every).argmax(-1)
+            tokens[index].copy_(best)
+            if index + 1 < steps:  # the next step: these tokens at the next slots and positions
+                inputs[:batch].copy_(best)
+                inputs[batch:].add_(1)
+        for b in active:
+            self.lengths[b] += steps
+        read = tokens.T.tolist()
+        return [read[b] if roots[b] is not None else None for b in range(batch)]
+
+    @torch.inference_mode()
     def commit(self, paths: Sequence[Sequence[int] | None]) -> None:
         """Per active row, its accepted nodes (path order): their KV moves behind the row's root in every layer (one
         gather, one scatter for all rows) and the row's length grows by 1 + len(path). None: an idle row."""
@@ -215,6 +247,11 @@ class _BatchStep:
             self.capture()
         self.graph.replay()
         return self.logits, self.best
+
+    def replay(self) -> torch.Tensor:
+        """The step again on what its device inputs hold now (`plain_run` moved them on) -> its argmax."""
+        self.graph.replay()
+        return self.best
 
 
 def batched_backend(model: PreTrainedModel, batch_size: int, native: bool | NativeLlama = False,

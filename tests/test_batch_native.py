@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("triton")
 
 from specdec import SpeculativeGenerator  # noqa: E402
-from specdec.batch import BatchedStaticBackend  # noqa: E402
+from specdec.batch import BatchGate, BatchedStaticBackend  # noqa: E402
 from specdec.batch_native import NativeBatchedBackend, batched_backend  # noqa: E402
 from specdec.tree import DraftTree  # noqa: E402
 from tiny_models import VOCAB, fresh_tiny_model, greedy_truth, repetitive_prompt, single_thread  # noqa: E402
@@ -47,15 +47,35 @@ def test_native_steps_equal_the_hf_module_backend_row_by_row(model):
     assert best == hf_best
 
 
-def test_greedy_rows_through_the_native_generator_equal_batch_one(model):
-    """Mixed lengths, rows finishing early (different max lengths come from the queue refilling), a drafter."""
+def test_a_native_plain_run_equals_plain_steps_one_at_a_time(model):
+    """`plain_run`: 5 greedy steps with the roots fed back on the device equal 5 steps read one by one (the base
+    cache's loop, on HF's modules), an idle row among them; every row's length grows by 5."""
+    prompts = [repetitive_prompt(VOCAB, seed=s, length=n) for s, n in ((11, 7), (12, 15), (13, 4))]
+    runs = []
+    with single_thread():
+        for backend in (BatchedStaticBackend(model, 3, max_len=40), NativeBatchedBackend(model, 3, max_len=40)):
+            backend.prefill_rows(0, [p[:-1] for p in prompts])
+            roots = [prompts[0][-1], None, prompts[2][-1]]
+            runs.append((backend.plain_run(roots, 5), list(backend.lengths)))
+            with pytest.raises(ValueError, match="does not fit"):
+                backend.plain_run(roots, 40)
+    assert runs[0] == runs[1] and runs[0][0][1] is None and runs[0][1] == [6 + 5, 14, 3 + 5]
+
+
+@pytest.mark.parametrize("speculate", [True, False])
+def test_greedy_rows_through_the_native_generator_equal_batch_one(model, speculate, monkeypatch):
+    """Mixed lengths, rows finishing early (different max lengths come from the queue refilling), a drafter; every
+    step drafting, or the gate free to run plain runs on the device."""
+    if speculate:
+        monkeypatch.setattr(BatchGate, "speculate", lambda self: True)
     prompts = [repetitive_prompt(VOCAB, seed=s, length=n) for s, n in ((5, 6), (6, 21), (7, 11), (8, 3), (9, 15))]
     with single_thread():
         gen = SpeculativeGenerator(model, drafter="ngram", controller="heuristic", backend="native")
         outs = gen.generate(prompts, batch_size=3, max_new_tokens=12)
         truth = [greedy_truth(model, tuple(p), 12) for p in prompts]
     assert [o.token_ids for o in outs] == truth
-    assert sum(k * n for o in outs for k, n in o.stats.accepted_hist.items()) > 0  # drafts were accepted
+    if speculate:
+        assert sum(k * n for o in outs for k, n in o.stats.accepted_hist.items()) > 0  # drafts were accepted
 
 
 def test_the_generator_picks_the_native_batched_backend_only_where_it_runs(model):
