@@ -1,8 +1,9 @@
 """Step costs of batched decoding on a GPU, on random-init Llama shapes (no model to carry): one call.
 
 For each shape and batch size B: t_AR(B) = a batched plain step (`score` with empty trees, the argmax read),
-t_verify(B, N) = a step scoring a chain of N drafted nodes in every row, and the per-row commit of 3 accepted
-nodes, each on the HF-module batched cache and (where the kernels run) the native one (`specdec.batch_native`:
+t_verify(B, N) = a step scoring a chain of N drafted nodes in every row, a plain step within a run of 8 on the
+device (`plain_run`), and the per-row commit of 3 accepted nodes (a chain's, in place; and 3 nodes that move), each
+on the HF-module batched cache and (where the kernels run) the native one (`specdec.batch_native`:
 per-row tree attention, a graph per width), whose logits are compared; and HF's own batched step (one token per
 row through `DynamicCache`, as `generate` runs it) on the same prompts. CUDA-synchronised wall time, median of REPS
 (env, default 20) after warm-up. Then a torch.profiler table of each backend's t_AR(B_max) step: where the batched
@@ -115,17 +116,23 @@ def main(out: str, shapes: str = "1b,135m", sizes: str = "1,16,64") -> None:
                     continue
                 scored[kind] = backend.score(roots, chains[7])
 
-                def commit_and_undo():
-                    lengths = list(backend.lengths)
-                    backend.commit([[0, 1, 2]] * batch)
-                    backend.lengths = lengths
+                def undone(action):
+                    def run():
+                        lengths = list(backend.lengths)
+                        action()
+                        backend.lengths = lengths
+                    return run
 
-                commit = timed(commit_and_undo)
+                in_place = timed(undone(lambda: backend.commit([[0, 1, 2]] * batch)))  # a chain's: nothing moves
+                moved = timed(undone(lambda: backend.commit([[1, 2, 3]] * batch)))  # 3 nodes moved in every row
+                run = timed(undone(lambda: backend.plain_run(roots, 8))) / 8
                 ar = costs[0]
-                lines.append(f"{shape} B={batch:3d} {kind:6s}: t_AR {1e3 * ar:7.2f} ms | t_verify N=3 "
+                lines.append(f"{shape} B={batch:3d} {kind:6s}: t_AR {1e3 * ar:7.2f} ms (in a plain run of 8: "
+                             f"{1e3 * run:7.2f}) | t_verify N=3 "
                              f"{1e3 * costs[3]:7.2f} ({costs[3] / ar:.2f}x) N=7 {1e3 * costs[7]:7.2f} "
                              f"({costs[7] / ar:.2f}x) N=15 {1e3 * costs[15]:7.2f} ({costs[15] / ar:.2f}x) | commit "
-                             f"{1e3 * commit:6.2f} ms | HF step {1e3 * hf:7.2f} ms (ours {ar / hf:.2f}x HF's)")
+                             f"chain {1e3 * in_place:6.2f} ms, moved {1e3 * moved:6.2f} ms | HF step {1e3 * hf:7.2f} "
+                             f"ms (ours {ar / hf:.2f}x HF's)")
                 print(lines[-1], flush=True)
                 del backend
             if len(scored) == 2:  # the two forwards agree (bf16: rounding apart)
