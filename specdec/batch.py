@@ -614,7 +614,8 @@ def batch_proposer(gen, backend: BatchedCache):
     make = getattr(gen.drafter, "batch_proposer", None)
     if make is None:
         return None
-    return make(backend.batch_size, backend.max_len, gen.target_view, native=getattr(gen.backend, "native", False))
+    native = getattr(gen.backend, "native", None) is not None  # the draft's own native forward, never the target's
+    return make(backend.batch_size, backend.max_len, gen.target_view, native=native)
 
 
 def decode_batch(gen, prompts: Sequence, batch_size: int, options: dict, plain: bool = False,

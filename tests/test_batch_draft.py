@@ -98,3 +98,16 @@ def test_trees_and_learning_drafters_keep_drafting_per_row(pair):
     alone = SpeculativeGenerator(target, drafter=f"model:path={same},mode=chain,batched=False").drafter
     assert alone.batch_proposer(2, 64, view) is None
     assert isinstance(chain.batch_proposer(2, 64, view), BatchedChains)
+
+
+def test_on_a_native_target_the_draft_runs_its_own_native_forward(pair):
+    """The draft's batched cache gets a native forward of the draft's weights, never the target's."""
+    from specdec.batch import batch_proposer
+    from specdec.batch_native import NativeBatchedBackend, batched_backend
+
+    pytest.importorskip("triton")
+    target, other = fresh_tiny_model("llama", init_range=0.1).float(), pair[2]  # the native forward: float32
+    generator = SpeculativeGenerator(target, drafter=f"model:path={other},mode=chain", backend="native")
+    proposer = batch_proposer(generator, batched_backend(target, 2, native=generator.backend.native, max_len=64))
+    assert isinstance(proposer.cache, NativeBatchedBackend)
+    assert proposer.cache.native is not generator.backend.native and proposer.cache.model is generator.drafter.model
