@@ -201,10 +201,10 @@ def test_graph_backend_steps_go_through_the_kernel_with_the_prefix_on_the_device
     model, name = tiny_llama(), register_tree_attention()
     prompt = repetitive_prompt(100, seed=2, length=48)
     model.set_attn_implementation("sdpa")
-    expected = reference_decode(HFBackend(model), prompt, GREEDY, StopRule(24))
+    expected = reference_decode(HFBackend(model), prompt, GREEDY, StopRule(16))
     model.set_attn_implementation(name)
     backend = GraphBackend(model, max_len=160, buckets=(1, 4, 16, 64))
-    out = SpeculativeGenerator(model, drafter="ngram", backend=backend).generate(prompt, max_new_tokens=24)
+    out = SpeculativeGenerator(model, drafter="ngram", backend=backend).generate(prompt, max_new_tokens=16)
     assert out.token_ids == expected
     assert out.stats.tau > 1.0
     prefill_steps = 1  # the 47 cached prompt tokens: one causal step of the 64 bucket
