@@ -50,6 +50,7 @@ class BatchedChains:
         if not any(root is not None for root in roots):
             return [None] * len(contexts)
         chains: list[list[int]] = [[] for _ in contexts]
+        empty = DraftTree.empty()  # every row's tree past the catch-up (a tree is immutable)
         for depth in range(1, max(lengths) + 1):
             _, best = self.cache.score(roots, trees, argmax=True, keep_logits=False)
             self.forwards += 1
@@ -59,7 +60,7 @@ class BatchedChains:
                     chains[b].append(best[b][-1])
             roots = [chains[b][-1] if root is not None and depth < lengths[b] else None
                      for b, root in enumerate(roots)]
-            trees = [DraftTree.empty() if root is not None else None for root in roots]
+            trees = [empty if root is not None else None for root in roots]
         for b, cached in enumerate(self.cached):  # the drafted tokens' KV is dropped (stale, never read)
             if cached is not None:
                 self.cache.lengths[b] = len(cached)
@@ -74,7 +75,8 @@ class BatchedChains:
         for b, (ctx, length) in enumerate(zip(contexts, lengths)):
             if ctx is None or length <= 0:
                 continue
-            tokens, cached = list(ctx.token_ids), self.cached[b]
+            # the row's committed list, kept as it is: the batch hands a drafter's row a new list after the step
+            tokens, cached = ctx.token_ids, self.cached[b]
             if (cached is None or len(tokens) - len(cached) > CATCH_UP or len(cached) >= len(tokens)
                     or tokens[:len(cached)] != cached):
                 self.cache.prefill_row(b, tokens[:-1])

@@ -166,9 +166,9 @@ class BatchedCache(abc.ABC):
         return min(self.max_len - self.lengths[b] for b, root in enumerate(roots) if root is not None)
 
     def _check_run(self, roots: Sequence[int | None], steps: int) -> None:
-        if steps > self.run_room(roots):
-            raise ValueError(f"a plain run of {steps} steps does not fit: the fullest row has room for "
-                             f"{self.run_room(roots)}")
+        room = self.run_room(roots)
+        if steps > room:
+            raise ValueError(f"a plain run of {steps} steps does not fit: the fullest row has room for {room}")
 
     def _commit_moves(self, paths: Sequence[Sequence[int] | None], row_slots: int = 0):
         """(source, target) (B, longest) host int64 slots: each row's accepted nodes that are not yet in place and
@@ -420,9 +420,9 @@ class BatchAllocator:
     so a tree of 7 nodes is never cut to 5), a least-squares line through them for widths not yet measured (before
     a second width is measured: flat, the optimistic guess, which the first wide step corrects). N >= 1: a
     speculative step keeps every row's best node, so the acceptance model keeps learning (cut to nothing, it would
-    never see a draft again); whether to speculate at all is the `BatchGate`'s choice, on measured rates. Values fall along paths and with the rank among
-    siblings, so a kept node's parent and earlier siblings are kept: a trimmed sampled tree is still verified exactly
-    (recursive rejection needs them)."""
+    never see a draft again); whether to speculate at all is the `BatchGate`'s choice, on measured rates. Values
+    fall along paths and with the rank among siblings, so a kept node's parent and earlier siblings are kept: a
+    trimmed sampled tree is still verified exactly (recursive rejection needs them)."""
 
     def __init__(self, max_depth: int = 32, decay: float = 0.8, buckets: Sequence[int] | None = None):
         from specdec.controllers.acceptance import AcceptanceModel

@@ -68,6 +68,13 @@ class NativeBatchedBackend(BatchedCache):
                 step = self._steps[width] = _BatchStep(self, width)
                 step.capture()
 
+    def _step(self, width: int) -> _BatchStep:
+        """The graph step of `width` (captured at its first run where `capture_all` did not)."""
+        step = self._steps.get(width)
+        if step is None:
+            step = self._steps[width] = _BatchStep(self, width)
+        return step
+
     def _rows(self, first: int) -> BatchRows:
         return BatchRows(first, self.max_len, SPLIT_KEYS)
 
@@ -140,10 +147,7 @@ class NativeBatchedBackend(BatchedCache):
             width = needed
         packed, masks, counts = self._inputs(roots, trees, width, active)
         if self.graphs and width in WIDTHS:
-            step = self._steps.get(width)
-            if step is None:
-                step = self._steps[width] = _BatchStep(self, width)
-            logits, best = step.run(packed, masks)
+            logits, best = self._step(width).run(packed, masks)
             return self._rows_out(logits.clone() if keep_logits else logits, counts, width, argmax, best)
         real = [b * width + i for b in active for i in range(counts[b])]
         inputs = torch.from_numpy(packed).to(self.device)
@@ -165,7 +169,7 @@ class NativeBatchedBackend(BatchedCache):
         packed, masks, _ = self._inputs(roots, [None] * batch, 1, active)
         tokens = torch.empty(steps, batch, dtype=torch.long, device=self.device)
         if self.graphs:
-            step = self._steps.get(1) or self._steps.setdefault(1, _BatchStep(self, 1))
+            step = self._step(1)
             inputs = step.inputs  # the graph's own: the first step's copy fills it
         else:
             inputs, masks = torch.from_numpy(packed).to(self.device), torch.from_numpy(masks).to(self.device)
