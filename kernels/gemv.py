@@ -197,7 +197,7 @@ def gemv_config(kind: str, rows: int, size: int) -> tuple[int, int, int, int]:
     entry, else what won the sweep at other shapes: 2 rows a program (many programs in flight: the weight stream
     needs them) over the whole row, or 1024-column chunks past 16k. The interpreter wants few, big tiles."""
     if interpret_mode():
-        return 16, min(triton.next_power_of_2(size), 1024), 4, 1
+        return 128, min(triton.next_power_of_2(size), 1024), 4, 1
     if (kind, rows, size) in TUNED:
         return TUNED[kind, rows, size]
     whole = triton.next_power_of_2(size)
