@@ -75,11 +75,11 @@ def set_attention(model, attn: str) -> None:
     model.set_attn_implementation(attn)
 
 
-def _median_ms(fn, reps: int) -> float:
-    """Median wall time of fn() in ms, GPU-synchronised, after two warm-up calls."""
+def _median_ms(fn, reps: int, warmup: int = 2) -> float:
+    """Median wall time of fn() in ms, GPU-synchronised, after `warmup` warm-up calls."""
     import time
 
-    for _ in range(2):
+    for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
@@ -121,10 +121,11 @@ def replay_ms(graph: torch.cuda.CUDAGraph, reps: int) -> float:
     return statistics.median(times)
 
 
-def step_costs(model, shape: str, path: str, contexts: list[int], sizes: list[int], reps: int) -> list[StepTiming]:
+def step_costs(model, shape: str, path: str, contexts: list[int], sizes: list[int], reps: int,
+               warmup: int = 2) -> list[StepTiming]:
     """t_verify(n) through a backend ("hf"; "graph": static cache + CUDA graphs of the sizes measured; "native": the
-    same with specdec's own forward): score a
-    chain of n-1 nodes, then drop it again (the cache keeps its length). n = 1 is the AR step."""
+    same with specdec's own forward): score a chain of n-1 nodes, then drop it again (the cache keeps its length).
+    n = 1 is the AR step. Each timing: the median of `reps` after `warmup` untimed calls."""
     backend_name, _, option = path.split("@")[1].partition("+")
     vocab = model.get_output_embeddings().weight.shape[0]
     out = []
@@ -147,7 +148,7 @@ def step_costs(model, shape: str, path: str, contexts: list[int], sizes: list[in
                 if backend_name == "hf":
                     state.cache.crop(-1)
 
-            out.append(StepTiming(shape, path, context, n, _median_ms(step, reps)))
+            out.append(StepTiming(shape, path, context, n, _median_ms(step, reps, warmup)))
         if hasattr(backend, "greedy_decode") and 1 in backend.buckets:
             def chain():  # greedy AR, AR_CHAIN tokens per host round trip
                 backend.greedy_decode(state, 7, AR_CHAIN)
@@ -161,9 +162,9 @@ def step_costs(model, shape: str, path: str, contexts: list[int], sizes: list[in
                 state.length -= streamed
 
             out.append(StepTiming(shape, f"{path} ar-chain{AR_CHAIN}", context, 1,
-                                  _median_ms(chain, reps) / AR_CHAIN))
+                                  _median_ms(chain, reps, warmup) / AR_CHAIN))
             out.append(StepTiming(shape, f"{path} ar-stream{AR_CHAIN}", context, 1,
-                                  _median_ms(stream, reps) / streamed))
+                                  _median_ms(stream, reps, warmup) / streamed))
     return out
 
 
@@ -275,6 +276,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contexts", default="512,2048,8192")
     parser.add_argument("--sizes", default="1,2,4,8,16,32,64,128,256", help="queries per step (root + nodes)")
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before each step's timed ones")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--kernel-contexts", default="4096,8192,16384,32768")
     parser.add_argument("--out", type=Path, default=None, help="write step_bench.json here")
@@ -297,7 +299,7 @@ def run(args) -> int:
                 raise ValueError(f"path {path!r}: expected <attention>@hf, <attention>@graph, "
                                  f"<attention>@graph+compile or specdec_tree@native")
             set_attention(model, attn)
-            timings += step_costs(model, shape, path, ints(args.contexts), ints(args.sizes), args.reps)
+            timings += step_costs(model, shape, path, ints(args.contexts), ints(args.sizes), args.reps, args.warmup)
             if device == "cuda":
                 torch.cuda.empty_cache()
         del model

@@ -166,8 +166,8 @@ def test_questions_shard_over_processes(target_dir, data_file, tmp_path):
 def test_bench_step_smoke(tmp_path):
     """`specdec bench-step` on the tiny shape: every (path, context, n) is timed and written (no timing asserted)."""
     paths = ("sdpa@hf", "specdec_tree@native")  # (the graph and hf tree paths run in their own tests)
-    argv = ["bench-step", "--shapes", "tiny", "--paths", ",".join(paths), "--contexts", "32", "--sizes", "1,3",
-            "--reps", "1", "--kernel-contexts", "32", "--out", str(tmp_path)]
+    argv = ["bench-step", "--shapes", "tiny", "--paths", ",".join(paths), "--contexts", "16", "--sizes", "1,3",
+            "--reps", "1", "--warmup", "1", "--kernel-contexts", "32", "--out", str(tmp_path)]
     assert cli_main(argv) == 0
     result = json.loads((tmp_path / "step_bench.json").read_text())
     chained = {(f"{p} ar-{how}8", 1) for p in paths if not p.endswith("@hf") for how in ("chain", "stream")}
