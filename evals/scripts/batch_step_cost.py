@@ -2,12 +2,13 @@
 
 For each shape and batch size B: t_AR(B) = a batched plain step (`score` with empty trees, the argmax read),
 t_verify(B, N) = a step scoring a chain of N drafted nodes in every row, a plain step within a run of 8 on the
-device (`plain_run`), and the per-row commit of 3 accepted nodes (a chain's, in place; and 3 nodes that move), each
-on the HF-module batched cache and (where the kernels run) the native one (`specdec.batch_native`:
-per-row tree attention, a graph per width), whose logits are compared; and HF's own batched step (one token per
-row through `DynamicCache`, as `generate` runs it) on the same prompts. CUDA-synchronised wall time, median of REPS
-(env, default 20) after warm-up. Then a torch.profiler table of each backend's t_AR(B_max) step: where the batched
-step's time goes. The issue's goal: t_verify(64, 8) <= 1.5 x t_AR(64) on the 1.1B shape.
+device (`plain_run`; its tokens checked against the same steps one at a time), and the per-row commit of 3 accepted
+nodes (a chain's, in place; and 3 nodes that move), each on the HF-module batched cache and (where the kernels run)
+the native one (`specdec.batch_native`: per-row tree attention, a graph per width), whose logits are compared; and
+HF's own batched step (one token per row through `DynamicCache`, as `generate` runs it) on the same prompts.
+CUDA-synchronised wall time, median of REPS (env, default 20) after warm-up. Then a torch.profiler table of each
+backend's t_AR(B_max) step: where the batched step's time goes. The issue's goal: t_verify(64, 8) <= 1.5 x t_AR(64)
+on the 1.1B shape.
 
     python3 evals/scripts/batch_step_cost.py OUT_DIR [shapes: 1b,135m] [batch sizes: 1,16,64]
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from specdec.batch import BatchedStaticBackend
+from specdec.batch import BatchedCache, BatchedStaticBackend
 from specdec.batch_native import NativeBatchedBackend
 from specdec.kernels.tree_attention import kernel_available
 from specdec.tree import DraftTree
@@ -126,9 +127,15 @@ def main(out: str, shapes: str = "1b,135m", sizes: str = "1,16,64") -> None:
                 in_place = timed(undone(lambda: backend.commit([[0, 1, 2]] * batch)))  # a chain's: nothing moves
                 moved = timed(undone(lambda: backend.commit([[1, 2, 3]] * batch)))  # 3 nodes moved in every row
                 run = timed(undone(lambda: backend.plain_run(roots, 8))) / 8
+                lengths = list(backend.lengths)  # the run's tokens against 8 plain steps one at a time
+                ran = backend.plain_run(roots, 8)
+                backend.lengths = list(lengths)
+                stepped = BatchedCache.plain_run(backend, roots, 8)
+                backend.lengths = lengths
+                same_run = sum(a == b for a, b in zip(ran, stepped))
                 ar = costs[0]
                 lines.append(f"{shape} B={batch:3d} {kind:6s}: t_AR {1e3 * ar:7.2f} ms (in a plain run of 8: "
-                             f"{1e3 * run:7.2f}) | t_verify N=3 "
+                             f"{1e3 * run:7.2f}; its tokens = one step at a time in {same_run}/{batch} rows) | t_verify N=3 "
                              f"{1e3 * costs[3]:7.2f} ({costs[3] / ar:.2f}x) N=7 {1e3 * costs[7]:7.2f} "
                              f"({costs[7] / ar:.2f}x) N=15 {1e3 * costs[15]:7.2f} ({costs[15] / ar:.2f}x) | commit "
                              f"chain {1e3 * in_place:6.2f} ms, moved {1e3 * moved:6.2f} ms | HF step {1e3 * hf:7.2f} "
