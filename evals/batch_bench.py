@@ -8,7 +8,9 @@ padded to one shape). Per batch size and method: tokens/s, milliseconds per outp
 time a sequence waits per token: seconds x B / tokens), speedup over `ar` at the same batch size, and at
 temperature 0 how many answers equal batch-1 `ar`'s (HF's padded batches may differ by rounding). Each method first
 runs untimed on the B longest prompts: the batched cache sized, its graphs captured, kernels compiled. `--backend
-native` runs ar and the drafter methods on the native batched forward (`specdec.batch_native`)."""
+native` runs ar and the drafter methods on the native batched forward (`specdec.batch_native`). `--runs N` times
+each batch size's methods N times in turn and reports the median (the spread in brackets): at tens of prompts a
+GPU run's wall time varies by tens of percent."""
 
 from __future__ import annotations
 
@@ -78,13 +80,18 @@ def differences(context: BenchContext, prompts: list[list[int]], answers: list[l
 
 
 def run_batches(context: BenchContext, prompts: list[list[int]], methods: list[str], batch_sizes: list[int],
-                max_new_tokens: int, tie_tolerance: float = 0.0) -> dict:
+                max_new_tokens: int, tie_tolerance: float = 0.0, runs: int = 1) -> dict:
     """Every method at every batch size; returns rows of measurements and the lossless counts (at temperature 0,
-    differences from batch-1 `ar` classified; tie_tolerance: as `specdec bench --tie-tolerance`, 0 = by dtype)."""
+    differences from batch-1 `ar` classified; tie_tolerance: as `specdec bench --tie-tolerance`, 0 = by dtype).
+    runs > 1: each batch size's methods are timed `runs` times in turn (ar, ngram, ..., ar, ngram, ...: a drift of
+    the machine touches every method alike) and each row reports the median run (of an even count, the faster of
+    the middle two); `seconds_runs` keeps them all."""
     if "ar" not in methods:
         raise ValueError("--batch-size needs 'ar' among the methods: the baseline at each batch size")
     if any(size < 1 for size in batch_sizes):
         raise ValueError(f"--batch-size takes sizes >= 1, got {batch_sizes}")
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise ValueError(f"--runs must be an integer >= 1, got {runs!r}")
     backend = context.make_backend()  # "native": batches run on the native forward (`specdec.batch_native`)
     base = SpeculativeGenerator(context.model, tokenizer=context.tokenizer, drafter="ngram",
                                 controller=context.controller, backend=backend)
@@ -95,8 +102,11 @@ def run_batches(context: BenchContext, prompts: list[list[int]], methods: list[s
     reference = [out.token_ids for out in decode_batch(base, prompts, 1, options, plain=True)]
     rows = []
     for size in batch_sizes:
+        runners = {}
         for method in methods:
             if method in ("hf", "hf-static"):
+                generator = None
+
                 def run(chosen, tokens, static=method == "hf-static"):
                     return hf_batched(context, chosen, size, tokens, static)
             else:
@@ -111,10 +121,18 @@ def run_batches(context: BenchContext, prompts: list[list[int]], methods: list[s
                         **options, "max_new_tokens": tokens}, plain=plain, allocate=allocate)]
             longest = sorted(prompts, key=len)[-size:]  # untimed: the batched cache the timed run reuses (sized
             run(longest, max_new_tokens)  # for the longest prompts and all the tokens), graphs, compiles
-            answers, seconds = _timed(lambda: run(prompts, max_new_tokens))
+            runners[method] = (run, generator)
+        timed = {method: [] for method in methods}
+        for _ in range(runs):
+            for method, (run, generator) in runners.items():
+                answers, seconds = _timed(lambda: run(prompts, max_new_tokens))
+                steps = None if generator is None else generator.batch_stats.as_dict()
+                timed[method].append((seconds, answers, steps))
+        for method in methods:
+            seconds, answers, steps = sorted(timed[method], key=lambda kept: kept[0])[(runs - 1) // 2]  # median
             tokens = sum(map(len, answers))
-            steps = None if method in ("hf", "hf-static") else generator.batch_stats.as_dict()
             rows.append({"batch_size": size, "method": method, "tokens": tokens, "seconds": seconds, "steps": steps,
+                         "seconds_runs": [kept[0] for kept in timed[method]],
                          "tokens_per_s": tokens / seconds, "ms_per_token_per_seq": 1000 * seconds * min(size, len(
                              prompts)) / tokens, "identical_to_ar": sum(a == r for a, r in zip(answers, reference)),
                          **(differences(context, prompts, answers, reference, tie_tolerance)
@@ -122,7 +140,8 @@ def run_batches(context: BenchContext, prompts: list[list[int]], methods: list[s
     for row in rows:
         ar = next(r for r in rows if r["batch_size"] == row["batch_size"] and r["method"] == "ar")
         row["speedup"] = row["tokens_per_s"] / ar["tokens_per_s"]
-    return {"rows": rows, "prompts": len(prompts), "greedy": context.params.greedy, "backend": context.backend}
+    return {"rows": rows, "prompts": len(prompts), "greedy": context.params.greedy, "backend": context.backend,
+            "runs": runs}
 
 
 def same_as_ar(row: dict, result: dict) -> str:
@@ -150,8 +169,19 @@ def steps_cells(row: dict) -> tuple[str, str]:
     return f"{count['speculative']}/{count['speculative'] + count['plain']}", ", ".join(mean)
 
 
+def rate_cell(row: dict) -> str:
+    """"2869.0", or over several runs the median's and the spread: "2869.0 (2482-3104)"."""
+    cell = f"{row['tokens_per_s']:.1f}"
+    seconds = row.get("seconds_runs") or []
+    if len(seconds) > 1:
+        low, high = row["tokens"] / max(seconds), row["tokens"] / min(seconds)
+        digits = 0 if low >= 100 else 1
+        cell += f" ({low:.{digits}f}-{high:.{digits}f})"
+    return cell
+
+
 def cells(row: dict, result: dict) -> list[str]:
-    return [str(row["batch_size"]), row["method"], f"{row['tokens_per_s']:.1f}", f"{row['ms_per_token_per_seq']:.1f}",
+    return [str(row["batch_size"]), row["method"], rate_cell(row), f"{row['ms_per_token_per_seq']:.1f}",
             f"{row['speedup']:.2f}x", *steps_cells(row), same_as_ar(row, result)]
 
 

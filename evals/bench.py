@@ -60,7 +60,7 @@ class BenchConfig:
                                 "native (graph with specdec's own Llama-family forward)")
     assistant: str | None = option(None, "draft model for hf-assisted (any source --target takes)")
     max_new_tokens: int = option(128, "new tokens per turn")
-    runs: int = option(1, "timed repetitions (mean ± std over them)")
+    runs: int = option(1, "timed repetitions (mean ± std over them; --batch-size: the median, methods in turn)")
     warmup: int = option(1, "untimed questions per method before timing")
     temperature: float = option(0.0, "0 = greedy, where outputs are checked against ar")
     top_p: float = option(1.0, "nucleus mass")
@@ -327,7 +327,7 @@ def batch_command(config: BenchConfig, argv: list[str]) -> int:
         ids = encode_turn(tokenizer, [{"role": "user", "content": question.turns[0]}], "none" if raw else template)
         prompts.append(ids[-room:] if room else ids)
     result = batch_bench.run_batches(context, prompts, split_methods(config.methods), sizes, config.max_new_tokens,
-                                     config.tie_tolerance)
+                                     config.tie_tolerance, config.runs)
     console.print(batch_bench.batch_table(result))
     if config.out:
         _write_side_run(config, argv, model, target, result, "batch", batch_bench.markdown(result))

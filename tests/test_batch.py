@@ -209,6 +209,27 @@ def test_the_batch_benchmark_measures_each_method_against_batched_ar_at_the_same
         run_batches(context, prompts(2), ["ngram"], [1], 4)
 
 
+def test_the_batch_benchmark_times_methods_in_turn_and_reports_the_median_run(monkeypatch):
+    import specdec.batch
+    from specdec.evals import batch_bench
+    from specdec.evals.methods import BenchContext
+    from specdec.sampling import SamplingParams
+
+    context = BenchContext(eos_model(), None, SamplingParams(), "static:max_depth=4,max_nodes=6")
+    calls, decode = [], specdec.batch.decode_batch
+    monkeypatch.setattr(specdec.batch, "decode_batch", lambda gen, chosen, size, options, plain=False, **kw: (
+        calls.append("ar" if plain else "ngram"), decode(gen, chosen, size, options, plain=plain, **kw))[1])
+    result = batch_bench.run_batches(context, prompts(4, seed=2), ["ar", "ngram"], [2], 8, runs=3)
+    assert calls[1:] == ["ar", "ngram"] + ["ar", "ngram"] * 3  # batch-1 reference, warm-ups, then the runs in turn
+    assert result["runs"] == 3
+    for row in result["rows"]:
+        assert len(row["seconds_runs"]) == 3 and row["seconds"] == sorted(row["seconds_runs"])[1]
+        assert row["tokens_per_s"] == row["tokens"] / row["seconds"] and row["identical_to_ar"] == 4
+    assert all(" (" in line for line in batch_bench.markdown(result).splitlines()[2:])  # each rate shows its spread
+    with pytest.raises(ValueError, match="--runs must be an integer >= 1"):
+        batch_bench.run_batches(context, prompts(2), ["ar"], [1], 4, runs=0)
+
+
 @pytest.mark.parametrize("static", [False, True])
 def test_hf_batched_peers_give_each_prompt_its_greedy_answer(static):
     """HF's batched `generate`, dynamic or static cache (every batch padded to one shape, the last one filled with
