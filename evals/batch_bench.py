@@ -154,7 +154,7 @@ def same_as_ar(row: dict, result: dict) -> str:
 
 
 COLUMNS = ("batch", "method", "tok/s", "ms/token/seq", "speedup vs ar (same batch)", "speculative steps",
-           "ms a step: spec, plain", "= batch-1 ar")
+           "ms a step: spec, plain", "ms a row start: set-up, prefill", "= batch-1 ar")
 
 
 def steps_cells(row: dict) -> tuple[str, str]:
@@ -180,9 +180,17 @@ def rate_cell(row: dict) -> str:
     return cell
 
 
+def starts_cell(row: dict) -> str:
+    """"0.4, 2.1": mean ms a row's start took outside the steps (set-up, prefill); "-" for the HF peers."""
+    starts = (row.get("steps") or {}).get("starts")
+    if not starts or not starts["rows"]:
+        return "-"
+    return f"{1000 * starts['setup_s'] / starts['rows']:.1f}, {1000 * starts['prefill_s'] / starts['rows']:.1f}"
+
+
 def cells(row: dict, result: dict) -> list[str]:
     return [str(row["batch_size"]), row["method"], rate_cell(row), f"{row['ms_per_token_per_seq']:.1f}",
-            f"{row['speedup']:.2f}x", *steps_cells(row), same_as_ar(row, result)]
+            f"{row['speedup']:.2f}x", *steps_cells(row), starts_cell(row), same_as_ar(row, result)]
 
 
 def batch_table(result: dict) -> Table:

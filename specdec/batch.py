@@ -528,7 +528,9 @@ class BatchStats:
     speculated, the rows they carried, the tokens committed, and the wall seconds of each phase summed over the steps
     of each kind ("speculative", "plain"). A phase's seconds are host time, except that `score` waits for the step's
     device work where it reads the argmax (a greedy batch) and `accept` where it reads logits (a sampled one).
-    bookkeeping: the rows' drafter and controller observations, statistics, stopping rules and chunks."""
+    bookkeeping: the rows' drafter and controller observations, statistics, stopping rules and chunks. `starts`: the
+    rows started and the seconds outside the steps that starting them took (their set-up; their prefills, synchronised
+    on a GPU)."""
 
     steps: dict[str, int] = field(default_factory=lambda: {"speculative": 0, "plain": 0})
     row_steps: dict[str, int] = field(default_factory=lambda: {"speculative": 0, "plain": 0})
@@ -536,6 +538,8 @@ class BatchStats:
     seconds: dict[str, dict[str, float]] = field(
         default_factory=lambda: {kind: dict.fromkeys(PHASES, 0.0) for kind in ("speculative", "plain")})
     widths: dict[int, int] = field(default_factory=dict)  # a speculative step's width (1 + nodes) -> steps
+    starts: dict[str, float] = field(default_factory=lambda: {"rows": 0, "prefill_s": 0.0, "setup_s": 0.0})
+    # rows started, the seconds of their prefills (waiting for the device) and of their set-up (drafter, controller)
 
     def per_step_ms(self, kind: str) -> dict[str, float]:
         """Mean milliseconds of each phase over the steps of `kind`."""
@@ -545,7 +549,7 @@ class BatchStats:
     def as_dict(self) -> dict:
         return {"steps": dict(self.steps), "row_steps": dict(self.row_steps), "tokens": dict(self.tokens),
                 "per_step_ms": {kind: self.per_step_ms(kind) for kind in self.steps},
-                "widths": dict(sorted(self.widths.items()))}
+                "widths": dict(sorted(self.widths.items())), "starts": dict(self.starts)}
 
 
 PLAIN_RUN = 8  # plain greedy steps a batch runs on the device between host reads (batched `ar`, the gate's plain
@@ -756,12 +760,19 @@ def batch_steps(gen, prompts: Sequence, batch_size: int, options: dict, plain: b
     while waiting or any(rows):
         free = [slot for slot in range(backend.batch_size) if rows[slot] is None][:len(waiting)]
         if free:  # the next prompts, shortest in the first free row: similar lengths side by side, fewer pads
+            started = time.perf_counter()
             starting = sorted((waiting.pop() for _ in free), key=lambda index: len(prepared[index][0]))
             for slot, index in zip(free, starting):
                 rows[slot] = start(slot, index)
                 if proposer is not None:
                     proposer.release(slot)
+            prefilled = time.perf_counter()
             prefill_runs(backend, [(slot, rows[slot].prompt_ids[:-1]) for slot in free])
+            if backend.device.type == "cuda":  # the prefill's own time, not the next step's wait for it
+                torch.cuda.synchronize(backend.device)
+            stats.starts["rows"] += len(free)
+            stats.starts["setup_s"] += prefilled - started
+            stats.starts["prefill_s"] += time.perf_counter() - prefilled
         step_started = time.perf_counter()
         speculative = gate is not None and gate.speculate()
         trees = propose_all() if speculative else [None if row is None else empty for row in rows]

@@ -281,7 +281,7 @@ def test_the_batch_gate_keeps_expensive_probes_to_a_small_share_of_the_time():
 
 def test_a_generators_batches_of_one_size_share_their_gate_and_report_their_steps():
     """The gate and allocator carry over between batched calls of one size (`kept_policy`); `batch_stats` counts the
-    last call's steps, rows and tokens by kind and times each phase."""
+    last call's steps, rows and tokens by kind, times each phase, and the rows' starts outside the steps."""
     model = eos_model()
     batch = prompts(6, seed=7)
     generator = SpeculativeGenerator(model, drafter="ngram", controller="static:max_depth=4,max_nodes=6")
@@ -293,6 +293,8 @@ def test_a_generators_batches_of_one_size_share_their_gate_and_report_their_step
     spec_ms = stats.per_step_ms("speculative")
     assert set(spec_ms) == {"draft", "allocate", "score", "accept", "commit", "bookkeeping"}
     assert spec_ms["score"] > 0 and spec_ms["draft"] > 0
+    assert stats.starts["rows"] == 6 and stats.starts["prefill_s"] > 0 and stats.starts["setup_s"] > 0
+    assert stats.as_dict()["starts"] == stats.starts  # the batch bench's batch.json keeps them
     (gate, allocator), = generator.batch_policies.values()
     steps_seen = gate.sums[True][2] + gate.sums[False][2]
     generator.generate(batch, max_new_tokens=12, batch_size=4)
