@@ -154,7 +154,7 @@ def same_as_ar(row: dict, result: dict) -> str:
 
 
 COLUMNS = ("batch", "method", "tok/s", "ms/token/seq", "speedup vs ar (same batch)", "speculative steps",
-           "ms a step: spec, plain", "ms a row start: set-up, prefill", "= batch-1 ar")
+           "ms a step: spec, plain", "ms a row start: set-up, prefill (GPU)", "= batch-1 ar")
 
 
 def steps_cells(row: dict) -> tuple[str, str]:
@@ -181,11 +181,14 @@ def rate_cell(row: dict) -> str:
 
 
 def starts_cell(row: dict) -> str:
-    """"0.4, 2.1": mean ms a row's start took outside the steps (set-up, prefill); "-" for the HF peers."""
+    """"0.4, 2.1 (1.8)": mean ms a row's start took outside the steps, its set-up and its prefill in host time (and the
+    prefill's device time, on a GPU); "-" for the HF peers."""
     starts = (row.get("steps") or {}).get("starts")
     if not starts or not starts["rows"]:
         return "-"
-    return f"{1000 * starts['setup_s'] / starts['rows']:.1f}, {1000 * starts['prefill_s'] / starts['rows']:.1f}"
+    per_row = {key: 1000 * starts.get(key, 0.0) / starts["rows"] for key in ("setup_s", "prefill_s", "prefill_gpu_s")}
+    device = f" ({per_row['prefill_gpu_s']:.1f})" if per_row["prefill_gpu_s"] else ""
+    return f"{per_row['setup_s']:.1f}, {per_row['prefill_s']:.1f}{device}"
 
 
 def cells(row: dict, result: dict) -> list[str]:

@@ -529,8 +529,8 @@ class BatchStats:
     of each kind ("speculative", "plain"). A phase's seconds are host time, except that `score` waits for the step's
     device work where it reads the argmax (a greedy batch) and `accept` where it reads logits (a sampled one).
     bookkeeping: the rows' drafter and controller observations, statistics, stopping rules and chunks. `starts`: the
-    rows started and the seconds outside the steps that starting them took (their set-up; their prefills, synchronised
-    on a GPU)."""
+    rows started and the host seconds outside the steps that starting them took (their set-up; their prefills), and on
+    a GPU the prefills' device seconds (CUDA events, read when the batch ends: no sync in the loop)."""
 
     steps: dict[str, int] = field(default_factory=lambda: {"speculative": 0, "plain": 0})
     row_steps: dict[str, int] = field(default_factory=lambda: {"speculative": 0, "plain": 0})
@@ -538,8 +538,9 @@ class BatchStats:
     seconds: dict[str, dict[str, float]] = field(
         default_factory=lambda: {kind: dict.fromkeys(PHASES, 0.0) for kind in ("speculative", "plain")})
     widths: dict[int, int] = field(default_factory=dict)  # a speculative step's width (1 + nodes) -> steps
-    starts: dict[str, float] = field(default_factory=lambda: {"rows": 0, "prefill_s": 0.0, "setup_s": 0.0})
-    # rows started, the seconds of their prefills (waiting for the device) and of their set-up (drafter, controller)
+    starts: dict[str, float] = field(default_factory=lambda: {"rows": 0, "prefill_s": 0.0, "setup_s": 0.0,
+                                                              "prefill_gpu_s": 0.0})
+    # rows started, the host seconds of their set-up (drafter, controller) and prefills, the prefills' device seconds
 
     def per_step_ms(self, kind: str) -> dict[str, float]:
         """Mean milliseconds of each phase over the steps of `kind`."""
@@ -754,6 +755,7 @@ def batch_steps(gen, prompts: Sequence, batch_size: int, options: dict, plain: b
         return [None if row is None else checked(row, ctx, tree) for row, ctx, tree in zip(rows, contexts, trees)]
 
     stats = gen.batch_stats = BatchStats()
+    prefill_events = [] if backend.device.type == "cuda" else None  # (begun, ended) CUDA events of each prefill
     proposer = None if plain else batch_proposer(gen, backend)
     empty = DraftTree.empty()  # one for every row's plain step (a tree is immutable)
     gate, allocator = (None, None) if plain else kept_policy(gen, backend, allocate)
@@ -767,9 +769,14 @@ def batch_steps(gen, prompts: Sequence, batch_size: int, options: dict, plain: b
                 if proposer is not None:
                     proposer.release(slot)
             prefilled = time.perf_counter()
+            timing = prefill_events is not None and (torch.cuda.Event(enable_timing=True),
+                                                     torch.cuda.Event(enable_timing=True))
+            if timing:
+                timing[0].record()
             prefill_runs(backend, [(slot, rows[slot].prompt_ids[:-1]) for slot in free])
-            if backend.device.type == "cuda":  # the prefill's own time, not the next step's wait for it
-                torch.cuda.synchronize(backend.device)
+            if timing:  # its device time, read when the batch ends: no sync here
+                timing[1].record()
+                prefill_events.append(timing)
             stats.starts["rows"] += len(free)
             stats.starts["setup_s"] += prefilled - started
             stats.starts["prefill_s"] += time.perf_counter() - prefilled
@@ -849,4 +856,7 @@ def batch_steps(gen, prompts: Sequence, batch_size: int, options: dict, plain: b
                                     ("commit", accepted_at, committed_at), ("bookkeeping", committed_at, step_ended)):
             phases[phase] += ended - begun
         yield from chunks
+    if prefill_events:
+        prefill_events[-1][1].synchronize()
+        stats.starts["prefill_gpu_s"] = sum(begun.elapsed_time(ended) for begun, ended in prefill_events) / 1000
     return outputs

@@ -120,22 +120,21 @@ def main(out: str, shapes: str = "1b,135m", sizes: str = "1,16,64") -> None:
                 def undone(action):
                     def run():
                         lengths = list(backend.lengths)
-                        action()
+                        result = action()
                         backend.lengths = lengths
+                        return result
                     return run
 
                 in_place = timed(undone(lambda: backend.commit([[0, 1, 2]] * batch)))  # a chain's: nothing moves
                 moved = timed(undone(lambda: backend.commit([[1, 2, 3]] * batch)))  # 3 nodes moved in every row
                 run = timed(undone(lambda: backend.plain_run(roots, 8))) / 8
-                lengths = list(backend.lengths)  # the run's tokens against 8 plain steps one at a time
-                ran = backend.plain_run(roots, 8)
-                backend.lengths = list(lengths)
-                stepped = BatchedCache.plain_run(backend, roots, 8)
-                backend.lengths = lengths
+                ran = undone(lambda: backend.plain_run(roots, 8))()  # its tokens against 8 steps one at a time
+                stepped = undone(lambda: BatchedCache.plain_run(backend, roots, 8))()
                 same_run = sum(a == b for a, b in zip(ran, stepped))
                 ar = costs[0]
                 lines.append(f"{shape} B={batch:3d} {kind:6s}: t_AR {1e3 * ar:7.2f} ms (in a plain run of 8: "
-                             f"{1e3 * run:7.2f}; its tokens = one step at a time in {same_run}/{batch} rows) | t_verify N=3 "
+                             f"{1e3 * run:7.2f}; its tokens = one step at a time in {same_run}/{batch} rows) | "
+                             f"t_verify N=3 "
                              f"{1e3 * costs[3]:7.2f} ({costs[3] / ar:.2f}x) N=7 {1e3 * costs[7]:7.2f} "
                              f"({costs[7] / ar:.2f}x) N=15 {1e3 * costs[15]:7.2f} ({costs[15] / ar:.2f}x) | commit "
                              f"chain {1e3 * in_place:6.2f} ms, moved {1e3 * moved:6.2f} ms | HF step {1e3 * hf:7.2f} "
