@@ -197,16 +197,17 @@ def test_best_tree_is_the_brute_force_best_set_of_nodes():
 
 
 def test_goodput_goes_plain_when_drafts_fail_and_probes_with_doubling_gaps():
+    """A drafter whose drafts cost 2 plain tokens (a model's) is probed after 4, 8, 16 plain tokens, twice a probe."""
     controller = prepared(GoodputController(probe_every=4, probe_max=16, plain_chain=4, resolve_every=1),
                           linear_cost(per_node=0.004))
     for _ in range(40):  # drafts of 4 that never get accepted
-        controller.observe(chain_step(4, 0, verify_s=0.026, step_s=0.026))
+        controller.observe(chain_step(4, 0, draft_s=0.020, verify_s=0.026, step_s=0.046))
     decisions = []
     for _ in range(30):
         budget = controller.budget([])
         decisions.append(budget.max_nodes)
         if budget.max_nodes:
-            controller.observe(chain_step(budget.max_depth, 0, verify_s=0.026, step_s=0.026))
+            controller.observe(chain_step(budget.max_depth, 0, draft_s=0.020, verify_s=0.026, step_s=0.046))
         else:
             assert budget.plain_steps >= 1
             controller.observe(StepStats(0, 0, 0, verify_s=0.010 * budget.plain_steps,
@@ -226,18 +227,24 @@ def test_goodput_gates_speculation_on_measured_rates_not_on_the_models_alone():
     controller = prepared(GoodputController(resolve_every=1, probe_every=2, plain_chain=4), linear_cost(0.010, 1e-5))
     for _ in range(10):
         for _ in range(2):  # (the first draft after plain runs pays the drafter's catch-up: not measured)
-            controller.observe(chain_step(4, 4, verify_s=0.0101, step_s=0.100))  # 5 tokens in 100 ms: 50 tok/s
+            controller.observe(chain_step(4, 4, draft_s=0.08, verify_s=0.0101, step_s=0.100))  # 5 in 100 ms: 50 tok/s
         controller.observe(StepStats(0, 0, 0, verify_s=0.04, step_s=0.040, plain_steps=4))  # 100 tok/s
-    decisions = []
-    for _ in range(20):
-        budget = controller.budget([])
-        decisions.append(budget.max_nodes)
-        if budget.max_nodes:  # a probe, now fast: 5 tokens in 20 ms
-            controller.observe(chain_step(4, 4, verify_s=0.0101, step_s=0.020))
-        else:
-            controller.observe(StepStats(0, 0, 0, verify_s=0.04, step_s=0.040, plain_steps=budget.plain_steps))
-    speculated = [nodes for nodes in decisions[-8:] if nodes]
-    assert 0 in decisions[:4] and len(speculated) >= 7  # (at most one plain probe)
+    def decide(steps: int, spec_s: float) -> list[int]:
+        decisions = []
+        for _ in range(steps):
+            budget = controller.budget([])
+            decisions.append(budget.max_nodes)
+            if budget.max_nodes:
+                controller.observe(chain_step(4, 4, draft_s=spec_s - 0.0101, verify_s=0.0101, step_s=spec_s))
+            else:
+                controller.observe(StepStats(0, 0, 0, verify_s=0.04, step_s=0.040, plain_steps=budget.plain_steps))
+        return decisions
+
+    slow = decide(16, spec_s=0.100)  # probes as slow as before: plain runs win, probes (two drafts) after 4, 8, 16
+    assert slow.count(0) >= 7 and slow[-7:].count(0) >= 4
+    fast = decide(20, spec_s=0.030)  # probes now make 5 tokens in 30 ms (167 tok/s): speculation resumes
+    speculated = [nodes for nodes in fast[-8:] if nodes]
+    assert len(speculated) >= 7  # (at most one plain probe)
 
 
 def test_a_drafters_slow_first_step_does_not_turn_speculation_off():
@@ -259,7 +266,8 @@ def run_trace(controller, steps: int, spec_s: float, plain_s: float) -> list[int
         if budget.max_nodes:
             controller.observe(chain_step(4, 4, verify_s=0.0101, step_s=spec_s))
         else:
-            controller.observe(StepStats(0, 0, 0, verify_s=plain_s, step_s=plain_s, plain_steps=budget.plain_steps))
+            run_s = plain_s * budget.plain_steps / 8
+            controller.observe(StepStats(0, 0, 0, verify_s=run_s, step_s=run_s, plain_steps=budget.plain_steps))
     return decisions
 
 
@@ -306,6 +314,68 @@ def test_a_probe_that_accepts_nothing_does_not_lock_goodput_into_plain_runs():
             controller.observe(StepStats(0, 0, 0, verify_s=0.040, step_s=0.040, plain_steps=budget.plain_steps))
             plain_tokens += budget.plain_steps
     assert spec_tokens >= 3 * plain_tokens
+
+
+def test_a_cheap_drafter_is_probed_after_1_2_4_plain_tokens_up_to_a_gap_its_misses_make_cheap():
+    """A drafter whose drafts cost ~nothing (0.1 ms against 10 ms a plain token) and never match: each probe is one
+    measured step (no second draft), after 1, 2, 4, ... plain tokens, at most 21: a probe that finds nothing costs
+    0.21 plain tokens (12.1 ms against 10), 1% (PROBE_SHARE) of 21."""
+    controller = prepared(GoodputController(resolve_every=1, plain_chain=8), linear_cost(0.010, 1e-5))
+    controller.cost.seed_plain({8: 0.080})
+    gaps, plain = [], 0
+    for _ in range(60):
+        budget = controller.budget([])
+        if budget.max_nodes:
+            gaps.append(plain)
+            plain = 0
+            controller.observe(chain_step(4, 0, draft_s=0.0001, verify_s=0.012, step_s=0.0121))
+        else:
+            plain += budget.plain_steps
+            run_s = 0.010 * budget.plain_steps
+            controller.observe(StepStats(0, 0, 0, verify_s=run_s, step_s=run_s, plain_steps=budget.plain_steps))
+    # the first two steps draft (nothing measured yet; the first is a sequence's first draft: not measured)
+    assert gaps[:7] == [0, 0, 1, 2, 4, 8, 16] and set(gaps[7:]) == {21}
+
+
+def simulate(policy: str, match_span: int, period: int = 200, total: int = 3000, spec_s: float = 0.012,
+             token_s: float = 0.010, draft_s: float = 0.0002) -> float:
+    """Tokens per second of an n-gram-like drafter on a text whose first `match_span` positions of every `period`
+    are matched (a draft there is accepted up to the span's end; elsewhere nothing is): `goodput`, `plain` (runs
+    of 8), or `static` (always a depth-8 draft). A speculative step takes draft_s + spec_s, a plain token token_s."""
+    controller = prepared(GoodputController(resolve_every=1, plain_chain=8), linear_cost(0.010, 1e-5))
+    controller.cost.seed_plain({8: 8 * token_s})
+    position, seconds = 0, 0.0
+    while position < total:
+        budget = controller.budget([]) if policy == "goodput" else Budget(0 if policy == "plain" else 8, 8, None, 8)
+        if not budget.max_nodes:
+            seconds += budget.plain_steps * token_s
+            position += budget.plain_steps
+            if policy == "goodput":
+                run_s = budget.plain_steps * token_s
+                controller.observe(StepStats(0, 0, 0, verify_s=run_s, step_s=run_s, plain_steps=budget.plain_steps))
+            continue
+        left = match_span - position % period
+        accepted = min(budget.max_depth, left - 1) if left > 1 else 0
+        seconds += draft_s + spec_s
+        position += accepted + 1
+        if policy == "goodput":
+            controller.observe(chain_step(budget.max_depth, accepted, draft_s, spec_s, draft_s + spec_s))
+    return position / seconds
+
+
+@pytest.mark.parametrize("token_s, spec_s, draft_s", [(0.010, 0.012, 0.0002), (0.00095, 0.0013, 0.00015)],
+                         ids=["cpu-like", "gpu-like"])
+def test_goodput_follows_runs_of_matches_and_never_loses_to_plain_runs(token_s, spec_s, draft_s):
+    """Matches come in runs. Always drafting loses where they are rare (a step that finds nothing costs more than
+    a plain token); plain runs lose where they are common. goodput speculates after a step that paid and probes
+    at growing gaps after one that did not: >= 0.98x the better of the two everywhere, better than both where
+    matches are neither rare nor everywhere. (A CPU's costs, and an H100's for SmolLM2-135M with `ngram`.)"""
+    costs = dict(token_s=token_s, spec_s=spec_s, draft_s=draft_s)
+    for span in (0, 8, 20, 60, 150):
+        rates = {policy: simulate(policy, span, **costs) for policy in ("goodput", "plain", "static")}
+        assert rates["goodput"] >= 0.98 * max(rates["plain"], rates["static"]), (span, rates)
+        if span in (60, 150):
+            assert rates["goodput"] > max(rates["plain"], rates["static"]), (span, rates)
 
 
 def test_goodput_drafts_deep_when_verification_is_flat_and_drafts_are_accepted():

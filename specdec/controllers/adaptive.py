@@ -21,7 +21,12 @@ drafter's catch-up on what it missed -- a draft model's prefill -- as a sequence
 measured either). While speculation wins, a **plain probe** (one plain run of `plain_chain`) follows 4, then 8, ...
 up to 128 speculative steps: the plain rate is measured in the loop it competes in, never only taken from the
 profile (on an H200 the profiled chains missed the loop's own costs by enough that `recycling`, 0.85x of `ar`, never
-ran plainly). Decisions read host numbers only: no device sync is added."""
+ran plainly). Drafts come in runs (an n-gram match, a copied span): a speculative step that **paid** (its tokens per
+second at least the plain rate) is followed by another, whatever the average says. A drafter whose measured draft
+costs at most CHEAP_DRAFT of a plain token is **cheap** (model-free drafters): its probes are single measured steps
+(no catch-up to pay), after 1, 2, 4, ... plain tokens, at most as many as make a probe that finds nothing cost
+PROBE_SHARE of them, so a match is found within a few tokens of appearing (on an H100 the average alone kept `ngram` 100% plain: 0.99x of `ar` against 1.19x for a static
+depth 8). Decisions read host numbers only: no device sync is added."""
 
 from __future__ import annotations
 
@@ -45,6 +50,9 @@ TRIM_SAVING = 0.10  # cut a proposal only where a smaller tree can save this sha
 LEARN_SHARE = 0.01  # the models learn from every k-th speculative step, k such that learning costs <= 1% of steps
 LEARN_GAP_MAX = 8
 PLAIN_PROBE_FIRST, PLAIN_PROBE_MAX = 4, 128  # speculative steps before a plain probe while speculation wins (doubling)
+CHEAP_DRAFT = 0.5  # a drafter is cheap if its measured draft seconds are at most this share of a plain token's
+PROBE_SHARE = 0.01  # a cheap drafter's probes (a step that finds nothing) may cost this share of the plain tokens
+DRAFT_DECAY = 0.8  # the measured draft seconds: a moving average over about the last 5 speculative steps
 
 
 class CostAware(abc.ABC):
@@ -79,7 +87,7 @@ class CostAware(abc.ABC):
         self._backend, self._seen_tree = None, False
         self._width = RANKS  # branching seen in proposals (max rank + 1); until the first, any
         self._tokens = self._seconds = 0.0  # moving sums of committed tokens and step seconds: the rate R
-        self._since_draft, self._probe_gap, self._probing = 0, probe_every, False
+        self._since_draft, self._probe_gap, self._probing = 0, 0, False  # gap 0: set when plain runs start
         self._choice: Budget | None = None
         self._choice_rate = 0.0
         self._steps_since_solve, self._solve_gap, self._trim_from, self._steps_weight = 0, 1, 0, 0.0
@@ -92,6 +100,8 @@ class CostAware(abc.ABC):
         self._spec_steps, self._plain_gap = 0, PLAIN_PROBE_FIRST  # speculative steps since / before a plain probe
         self._counters = dict(controller_s=0.0, plain_tokens=0, probes=0, plain_probes=0, trimmed_nodes=0)
         self._mark = (0.0, 0)  # the cost model's error sums when this generation began
+        self._draft_avg = None  # moving average of a speculative step's draft seconds (None: none measured)
+        self._last_paid = False  # the last measured speculative step made tokens at least at the plain rate
 
     # ---- the generator's hooks ------------------------------------------------------------------------------------
 
@@ -141,13 +151,18 @@ class CostAware(abc.ABC):
         else:
             kept_tokens, kept_steps = self._spec_tokens  # its tokens count, whatever its seconds
             self._spec_tokens = (TOKENS_DECAY * kept_tokens + tokens, TOKENS_DECAY * kept_steps + 1.0)
-            if self._unmeasured:  # a sequence's first draft, or the first after plain runs: it pays the drafter's
-                self._unmeasured = False  # catch-up (a draft model's prefill of what it missed), not a step's cost
-                self._follow_up = self._since_draft > 0  # a probe: its second step is the measured one
-                self._since_draft = 0
+            if self._unmeasured and not self._cheap():  # a sequence's first draft, or the first after plain runs:
+                self._unmeasured = False  # it pays the drafter's catch-up (a draft model's prefill of what it
+                self._follow_up = self._since_draft > 0  # missed), not a step's cost; a probe's second step is
+                self._since_draft = 0  # the measured one
+                self._last_paid = False
             else:  # a probe's measured step weighs more: it is the only news of speculation while plain runs win
+                self._unmeasured, self._since_draft = False, 0
                 self._measure("spec", 1.0, seconds, 0.5 if self._probe_measure else MEASURE_DECAY)
                 self._probe_measure = False
+                self._last_paid = seconds > 0 and tokens / seconds >= self._plain_rate()
+                self._draft_avg = step.draft_s if self._draft_avg is None else (
+                    DRAFT_DECAY * self._draft_avg + (1.0 - DRAFT_DECAY) * step.draft_s)
         self._steps_since_solve += 1
         self._counters["controller_s"] += time.perf_counter() - started
 
@@ -205,8 +220,9 @@ class CostAware(abc.ABC):
         if self._follow_up:  # the probe's second, measured step
             self._follow_up, self._probing, self._probe_measure = False, True, True
             return self._choice
-        if self._spec_rate() >= self._plain_rate() or self._choice.max_nodes == 0:
-            self._probe_gap = self.probe_every
+        # drafts come in runs (a match, a copied span): a step that paid is likely to be followed by another
+        if self._last_paid or self._spec_rate() >= self._plain_rate() or self._choice.max_nodes == 0:
+            self._probe_gap = 0
             if self._choice.max_nodes and self._spec_steps >= self._plain_gap:  # probe a plain run: its rate is
                 self._spec_steps = 0  # measured, not taken from the profile (which can miss the loop's own costs)
                 self._plain_gap = min(2 * self._plain_gap, PLAIN_PROBE_MAX)
@@ -215,13 +231,27 @@ class CostAware(abc.ABC):
             self._spec_steps += 1
             return self._choice
         self._plain_gap = PLAIN_PROBE_FIRST
+        if not self._probe_gap:  # plain runs start: the first probe after 1 plain token (a cheap drafter) or more
+            self._probe_gap = 1 if self._cheap() else self.probe_every
         if self._since_draft >= self._probe_gap:  # probe: draft once, uncut, so the acceptance model learns
-            self._probe_gap = min(2 * self._probe_gap, self.probe_max)
+            self._probe_gap = min(2 * self._probe_gap, self._cheap_gap() if self._cheap() else self.probe_max)
             self._probing = True
             self._counters["probes"] += 1
             return self._choice
         steps = min(self.plain_chain, self._probe_gap - self._since_draft)
         return Budget(0, 0, plain_steps=1 << (steps.bit_length() - 1))  # a power of two: few device chains to capture
+
+    def _cheap(self) -> bool:
+        """The drafter's measured draft seconds are at most CHEAP_DRAFT of a plain token's: probing costs ~nothing."""
+        return self._draft_avg is not None and self._draft_avg * self._plain_rate() <= CHEAP_DRAFT
+
+    def _cheap_gap(self) -> int:
+        """The most plain tokens between a cheap drafter's probes: enough that a probe that finds nothing (a measured
+        speculative step's seconds less a plain token's) costs at most PROBE_SHARE of them."""
+        steps, seconds = self._measured["spec"]
+        plain_rate = self._plain_rate()
+        extra = (seconds / steps) * plain_rate - 1.0 if steps else 0.0  # in plain tokens
+        return int(min(max(round(extra / PROBE_SHARE), 1), self.probe_max))
 
     def _spec_rate(self) -> float:
         """Tokens per second of speculative steps: tokens per step averaged over the last ~30 of them (one probe's
