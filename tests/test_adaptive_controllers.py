@@ -318,8 +318,8 @@ def test_a_probe_that_accepts_nothing_does_not_lock_goodput_into_plain_runs():
 
 def test_a_cheap_drafter_is_probed_after_1_2_4_plain_tokens_up_to_a_gap_its_misses_make_cheap():
     """A drafter whose drafts cost ~nothing (0.1 ms against 10 ms a plain token) and never match: each probe is one
-    measured step (no second draft), after 1, 2, 4, ... plain tokens, at most 21: a probe that finds nothing costs
-    0.21 plain tokens (12.1 ms against 10), 1% (PROBE_SHARE) of 21."""
+    measured step (no second draft), after 1, 2, 4, ... plain tokens, at most 11: a probe that finds nothing costs
+    0.22 plain tokens (12.2 ms against 10), 2% (PROBE_SHARE) of 11."""
     controller = prepared(GoodputController(resolve_every=1, plain_chain=8), linear_cost(0.010, 1e-5))
     controller.cost.seed_plain({8: 0.080})
     gaps, plain = [], 0
@@ -328,13 +328,13 @@ def test_a_cheap_drafter_is_probed_after_1_2_4_plain_tokens_up_to_a_gap_its_miss
         if budget.max_nodes:
             gaps.append(plain)
             plain = 0
-            controller.observe(chain_step(4, 0, draft_s=0.0001, verify_s=0.012, step_s=0.0121))
+            controller.observe(chain_step(4, 0, draft_s=0.0001, verify_s=0.012, step_s=0.0122))
         else:
             plain += budget.plain_steps
             run_s = 0.010 * budget.plain_steps
             controller.observe(StepStats(0, 0, 0, verify_s=run_s, step_s=run_s, plain_steps=budget.plain_steps))
     # the first two steps draft (nothing measured yet; the first is a sequence's first draft: not measured)
-    assert gaps[:7] == [0, 0, 1, 2, 4, 8, 16] and set(gaps[7:]) == {21}
+    assert gaps[:6] == [0, 0, 1, 2, 4, 8] and set(gaps[6:]) == {11}
 
 
 def simulate(policy: str, match_span: int, period: int = 200, total: int = 3000, spec_s: float = 0.012,
@@ -368,12 +368,13 @@ def simulate(policy: str, match_span: int, period: int = 200, total: int = 3000,
 def test_goodput_follows_runs_of_matches_and_never_loses_to_plain_runs(token_s, spec_s, draft_s):
     """Matches come in runs. Always drafting loses where they are rare (a step that finds nothing costs more than
     a plain token); plain runs lose where they are common. goodput speculates after a step that paid and probes
-    at growing gaps after one that did not: >= 0.98x the better of the two everywhere, better than both where
-    matches are neither rare nor everywhere. (A CPU's costs, and an H100's for SmolLM2-135M with `ngram`.)"""
+    at growing gaps after one that did not: >= 0.97x the better of the two everywhere (probes may cost 2% of the
+    plain tokens, PROBE_SHARE, and a backoff misses a run's first tokens), better than both where matches are
+    neither rare nor everywhere. (A CPU's costs, and an H100's for SmolLM2-135M with `ngram`.)"""
     costs = dict(token_s=token_s, spec_s=spec_s, draft_s=draft_s)
     for span in (0, 8, 20, 60, 150):
         rates = {policy: simulate(policy, span, **costs) for policy in ("goodput", "plain", "static")}
-        assert rates["goodput"] >= 0.98 * max(rates["plain"], rates["static"]), (span, rates)
+        assert rates["goodput"] >= 0.97 * max(rates["plain"], rates["static"]), (span, rates)
         if span in (60, 150):
             assert rates["goodput"] > max(rates["plain"], rates["static"]), (span, rates)
 

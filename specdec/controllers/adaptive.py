@@ -51,8 +51,8 @@ LEARN_SHARE = 0.01  # the models learn from every k-th speculative step, k such 
 LEARN_GAP_MAX = 8
 PLAIN_PROBE_FIRST, PLAIN_PROBE_MAX = 4, 128  # speculative steps before a plain probe while speculation wins (doubling)
 CHEAP_DRAFT = 0.5  # a drafter is cheap if its measured draft seconds are at most this share of a plain token's
-PROBE_SHARE = 0.01  # a cheap drafter's probes (a step that finds nothing) may cost this share of the plain tokens
-DRAFT_DECAY = 0.8  # the measured draft seconds: a moving average over about the last 5 speculative steps
+PROBE_SHARE = 0.02  # a cheap drafter's probes (a step that finds nothing) may cost this share of the plain tokens
+DRAFT_DECAY = 0.8  # draft seconds, steps that did not pay: moving averages over about the last 5 of them
 
 
 class CostAware(abc.ABC):
@@ -102,6 +102,7 @@ class CostAware(abc.ABC):
         self._mark = (0.0, 0)  # the cost model's error sums when this generation began
         self._draft_avg = None  # moving average of a speculative step's draft seconds (None: none measured)
         self._last_paid = False  # the last measured speculative step made tokens at least at the plain rate
+        self._miss_avg = None  # moving average of the seconds of measured speculative steps that did not pay
 
     # ---- the generator's hooks ------------------------------------------------------------------------------------
 
@@ -161,6 +162,9 @@ class CostAware(abc.ABC):
                 self._measure("spec", 1.0, seconds, 0.5 if self._probe_measure else MEASURE_DECAY)
                 self._probe_measure = False
                 self._last_paid = seconds > 0 and tokens / seconds >= self._plain_rate()
+                if not self._last_paid:
+                    self._miss_avg = seconds if self._miss_avg is None else (
+                        DRAFT_DECAY * self._miss_avg + (1.0 - DRAFT_DECAY) * seconds)
                 self._draft_avg = step.draft_s if self._draft_avg is None else (
                     DRAFT_DECAY * self._draft_avg + (1.0 - DRAFT_DECAY) * step.draft_s)
         self._steps_since_solve += 1
@@ -196,6 +200,11 @@ class CostAware(abc.ABC):
     def report(self) -> dict:
         """This generation's numbers: the cost model's error on its steps, the controller's own seconds, ..."""
         out = dict(self._counters)
+        steps, seconds = self._measured["spec"]  # what the gate compares (moving sums), for a run's diagnosis
+        out["spec_step_ms"] = 1e3 * seconds / steps if steps else 0.0
+        out["plain_token_ms"] = 1e3 / self._plain_rate() if self.cost is not None else 0.0
+        out["draft_ms"] = 1e3 * (self._draft_avg or 0.0)
+        out["cheap"], out["probe_gap"] = int(self._cheap()) if self.cost is not None else 0, self._probe_gap
         if self.cost is not None:
             total, steps = self.cost._errors
             steps -= self._mark[1]
@@ -246,11 +255,12 @@ class CostAware(abc.ABC):
         return self._draft_avg is not None and self._draft_avg * self._plain_rate() <= CHEAP_DRAFT
 
     def _cheap_gap(self) -> int:
-        """The most plain tokens between a cheap drafter's probes: enough that a probe that finds nothing (a measured
-        speculative step's seconds less a plain token's) costs at most PROBE_SHARE of them."""
-        steps, seconds = self._measured["spec"]
-        plain_rate = self._plain_rate()
-        extra = (seconds / steps) * plain_rate - 1.0 if steps else 0.0  # in plain tokens
+        """The most plain tokens between a cheap drafter's probes: enough that a probe that does not pay (the measured
+        seconds of such steps, less a plain token's) costs at most PROBE_SHARE of them."""
+        miss_s = self._miss_avg  # measured; else the cost model's step of no nodes
+        if miss_s is None:
+            miss_s = self.cost.verify_s(0) + self.cost.other + (self._draft_avg or 0.0)
+        extra = miss_s * self._plain_rate() - 1.0  # in plain tokens
         return int(min(max(round(extra / PROBE_SHARE), 1), self.probe_max))
 
     def _spec_rate(self) -> float:

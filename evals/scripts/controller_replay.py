@@ -1,0 +1,161 @@
+"""Replay draft-budget policies on a bench run's real answers with a device's measured costs: no model, no device.
+
+Greedy answers are fixed by the target, so what a model-free drafter would propose at each position, and how much of
+it the target would accept, follows from the text alone. This script rebuilds each `ar` answer's prompt (turn 0),
+walks the answer as a policy would (a plain run of k tokens, or a speculative step whose tree `ngram` proposes from
+the committed text; accepted = the longest tree path equal to the answer's next tokens), and charges each decision
+what the run measured on its device:
+    plain token      `ar`'s seconds per forward (runs of 8 on the device)
+    speculative step the profiled verify_s(nodes) of the run's cost cache + the drafter's seconds per step + the
+                     rest of a step (the static method's t_draft and t_other less the prefill, per step)
+Policies: `ar`, `static` (depth 8, 16 nodes: the bench's sweep), `goodput` (the real controller, its cost model built
+from the same profile: it sees the step times the replay charges). Prints tokens/s and speedup over `ar` per
+category and overall; set NOISE=0.05 to jitter each charged time by +-5% (seeded).
+
+    python3 evals/scripts/controller_replay.py RESULTS.json COSTS.json [STATIC_METHOD]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from collections import defaultdict
+
+from specdec.controllers import Budget, StepStats
+from specdec.controllers.adaptive import GoodputController
+from specdec.controllers.cost import CostModel
+from specdec.drafters.base import DraftContext
+from specdec.drafters.ngram import NgramDrafter
+from specdec.evals.data import load_questions
+from specdec.evals.runner import BenchSettings, encode_turn
+from specdec.models import load_model
+from specdec.sampling import SamplingParams
+from specdec.tree import DraftTree, max_depth
+
+NOISE = float(os.environ.get("NOISE", 0.0))
+
+
+def accepted_length(tree: DraftTree, answer: list[int], at: int) -> int:
+    """The longest root-to-node path of `tree` whose tokens equal answer[at:] (greedy acceptance)."""
+    if not len(tree):
+        return 0
+    parents, tokens = tree.host_parents, tree.host_tokens or tree.tokens.tolist()
+    depth_of, best = {}, 0
+    for node, (parent, token) in enumerate(zip(parents, tokens)):
+        depth = 1 if parent < 0 else depth_of.get(parent, -1) + 1 if parent in depth_of else 0
+        if depth and at + depth - 1 < len(answer) and answer[at + depth - 1] == token:
+            depth_of[node] = depth
+            best = max(best, depth)
+    return best
+
+
+class Charges:
+    def __init__(self, results: dict, profile: dict, static: str):
+        summary = results["summary"]
+        overall = summary["ar"].get("overall") or next(iter(summary["ar"].values()))
+        self.plain = overall["t_step"]["mean"]
+        stat = summary[static].get("overall") or next(iter(summary[static].values()))
+        self.draft = stat["t_draft"]["mean"]  # per target forward: a speculative step is one
+        self.other = max(stat["t_other"]["mean"] - stat["t_prefill"]["mean"], 0.0)
+        self.points = {int(n): s for n, s in profile["points"].items()}
+        self.cost = CostModel(self.points, stepwise=True)
+        self.rng = random.Random(0)
+
+    def jitter(self, seconds: float) -> float:
+        return seconds * (1.0 + self.rng.uniform(-NOISE, NOISE)) if NOISE else seconds
+
+
+def replay(policy: str, cases: list, charges: Charges) -> dict:
+    controller = None
+    if policy == "goodput":
+        controller = GoodputController()
+        controller.cost, controller._backend = CostModel(dict(charges.points), stepwise=True), object()
+        controller.cost.seed_plain({8: 8 * charges.plain})
+    per_category = defaultdict(lambda: [0, 0.0])
+    drafter = NgramDrafter()
+    for category, prompt, answer in cases:
+        drafter.reset()
+        if controller is not None:
+            controller._unmeasured = True  # as `prepare` leaves it for a new sequence
+        position, seconds = 0, 0.0
+        while position < len(answer):
+            if policy == "ar":
+                budget = Budget(0, 0, plain_steps=8)
+            elif policy == "static":
+                budget = Budget(16, 8)
+            else:
+                budget = controller.budget([])
+            left = len(answer) - position
+            if budget.max_nodes == 0:
+                steps = min(budget.plain_steps, left)
+                run_s = charges.jitter(steps * charges.plain)
+                seconds += run_s
+                position += steps
+                if controller is not None:
+                    controller.observe(StepStats(0, 0, 0, verify_s=run_s, step_s=run_s, plain_steps=steps))
+                continue
+            depth = min(budget.max_depth, left - 1)
+            context = DraftContext(prompt + answer[:position], Budget(budget.max_nodes, max(depth, 0)),
+                                   SamplingParams(), None)
+            tree = drafter.propose(context) if depth > 0 else DraftTree.empty()
+            if controller is not None and len(tree):
+                tree = controller.trim(tree, charges.draft)
+            accepted = accepted_length(tree, answer, position)
+            draft_s, verify_s = charges.jitter(charges.draft), charges.jitter(charges.cost.verify_s(len(tree)))
+            step_s = draft_s + verify_s + charges.jitter(charges.other)
+            seconds += step_s
+            position += accepted + 1
+            if controller is not None:
+                controller.observe(StepStats(len(tree), max_depth(tree), accepted,
+                                             draft_s, verify_s, step_s, tree, tuple(range(accepted))))
+        per_category[category][0] += len(answer)
+        per_category[category][1] += seconds
+    if controller is not None and os.environ.get("VERBOSE"):
+        print(policy, controller._counters, "draft avg", controller._draft_avg, "cheap", controller._cheap(),
+              "gap", controller._probe_gap)
+    return dict(per_category)
+
+
+def main(results_path: str, costs_path: str, static: str = "ngram@static:max_depth=8,max_nodes=16") -> None:
+    results, profile = json.load(open(results_path)), json.load(open(costs_path))
+    config = results["config"]
+    _, tokenizer, _ = load_model(config["target"], "float32", "cpu")
+    template = BenchSettings(["ar"], template=config["template"]).template
+    questions = {q.question_id: q for q in load_questions(config["data"], config["categories"] or (), None, None,
+                                                             config["field"])}
+    cases = []
+    for record in results["records"]:
+        if record["method"] != "ar" or record["turn"] != 0 or record["run"] != 0:
+            continue
+        question = questions[record["question_id"]]
+        raw = question.category.startswith("code") and template == "auto"
+        prompt = encode_turn(tokenizer, [{"role": "user", "content": question.turns[0]}], "none" if raw else template)
+        answer = record["token_ids"]
+        answer = json.loads(answer) if isinstance(answer, str) else answer
+        if len(prompt) != record["prompt_tokens"]:
+            print(f"question {record['question_id']}: prompt {len(prompt)} tokens, the run had "
+                  f"{record['prompt_tokens']}: skipped")
+            continue
+        cases.append((question.category, prompt, answer))
+    charges = Charges(results, profile, static)
+    print(f"{len(cases)} answers; plain token {1e3 * charges.plain:.3f} ms, draft {1e3 * charges.draft:.3f} ms a "
+          f"step, rest {1e3 * charges.other:.3f} ms, verify_s {{n: ms}} "
+          f"{ {n: round(1e3 * s, 3) for n, s in charges.points.items()} }, noise {NOISE}")
+    rates = {policy: replay(policy, cases, charges) for policy in ("ar", "static", "goodput")}
+    categories = sorted(rates["ar"])
+    print(f"{'category':>22} " + " ".join(f"{p:>10}" for p in rates))
+    for category in categories + ["overall"]:
+        cells = []
+        for policy, table in rates.items():
+            pick = table.values() if category == "overall" else [table[category]]
+            tokens, seconds = sum(t for t, _ in pick), sum(s for _, s in pick)
+            base = rates["ar"].values() if category == "overall" else [rates["ar"][category]]
+            speed = (tokens / seconds) / (sum(t for t, _ in base) / sum(s for _, s in base))
+            cells.append(f"{speed:9.3f}x")
+        print(f"{category:>22} " + " ".join(cells))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
