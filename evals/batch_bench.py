@@ -54,8 +54,9 @@ def differences(context: BenchContext, prompts: list[list[int]], answers: list[l
                 reference: list[list[int]], tie_tolerance: float = 0.0) -> dict:
     """Each answer that differs from batch-1 `ar`'s, classified at its first differing position as the main bench
     does (`runner.tie_gap`): a near-tie (the target's two logits within the rounding tolerance of its dtype: a batch's
-    shape changes the rounding) or algorithmic -> {"near_ties": n, "algorithmic": n, "algorithmic_cases": [{prompt,
-    position, gap, tolerance}]}."""
+    shape changes the rounding; on the native backend in half precision the tolerance is also at least twice the
+    native forward's own error of the gap there, `native_row_gap` against float32) or algorithmic ->
+    {"near_ties": n, "algorithmic": n, "algorithmic_cases": [{prompt, position, gap, tolerance}]}."""
     import copy
     import functools
 
@@ -71,12 +72,32 @@ def differences(context: BenchContext, prompts: list[list[int]], answers: list[l
         position = next((i for i, (a, b) in enumerate(zip(expected, answer)) if a != b), min(len(expected),
                                                                                              len(answer)))
         gap, tolerance = tie_gap(model, prompt, expected, answer, position, tie_tolerance, exact)
+        if half and context.backend == "native" and gap is not None:  # the rounding error of the path that ran:
+            from specdec.evals.runner import logit_gap  # the native forward's gap against the float32 one
+
+            ids = list(prompt) + list(expected[:position])
+            exact_gap = logit_gap(exact(), ids, expected[position], answer[position])[0]
+            native = native_row_gap(model, ids, expected[position], answer[position])
+            tolerance = max(tolerance, 2 * abs(native - exact_gap))
         near = gap is not None and gap <= tolerance
         counts["near_ties" if near else "algorithmic"] += 1
         if not near:  # what to examine: the prompt, where, and by how much
             counts["algorithmic_cases"].append({"prompt": index, "position": position, "gap": gap,
                                                 "tolerance": tolerance})
     return counts
+
+
+@torch.inference_mode()
+def native_row_gap(model, token_ids: list[int], expected: int, got: int) -> float:
+    """logit(expected) - logit(got) after `token_ids` by the native batched forward (one row: the context prefilled
+    but its last token, which one step scores), the path batched `ar` runs on a native backend."""
+    from specdec.batch_native import NativeBatchedBackend
+    from specdec.tree import DraftTree
+
+    backend = NativeBatchedBackend(model, 1, len(token_ids) + 8, graphs=False)
+    backend.prefill_rows(0, [token_ids[:-1]])
+    logits = backend.score([token_ids[-1]], [DraftTree.empty()])[0][0].float()
+    return float(logits[expected] - logits[got])
 
 
 def run_batches(context: BenchContext, prompts: list[list[int]], methods: list[str], batch_sizes: list[int],

@@ -94,3 +94,15 @@ def test_sampled_rows_run_on_the_native_batched_cache(model):
     assert [len(o.token_ids) for o in outs] == [6, 6, 6]
     assert all(0 <= token < VOCAB for o in outs for token in o.token_ids)
     assert all(o.stats.drafter_errors == 0 for o in outs)
+
+
+def test_the_bench_reads_a_logit_gap_through_the_native_row_path_as_hf_does(model):
+    """`native_row_gap` (what the batch bench's classifier weighs a native run's rounding by) is the same gap as a
+    plain HF forward's in float32."""
+    from specdec.evals.batch_bench import native_row_gap
+    from specdec.evals.runner import logit_gap
+
+    ids = repetitive_prompt(VOCAB, seed=5, length=20)
+    with torch.inference_mode():
+        top = model(input_ids=torch.tensor([ids])).logits[0, -1].topk(2).indices.tolist()
+    assert native_row_gap(model, ids, *top) == pytest.approx(logit_gap(model, ids, *top)[0], abs=1e-4)

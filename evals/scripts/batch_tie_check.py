@@ -28,6 +28,7 @@ import torch
 from specdec import SpeculativeGenerator
 from specdec.batch import decode_batch
 from specdec.batch_native import NativeBatchedBackend
+from specdec.evals.batch_bench import native_row_gap
 from specdec.evals.data import load_questions
 from specdec.evals.runner import BenchSettings, encode_turn, logit_gap
 from specdec.models import load_model
@@ -82,7 +83,7 @@ def main(out: str, target: str, limit: str, max_new: str, size: str, which: str)
             case.update(expected=expected, got=got, gaps={
                 "fp32-hf": logit_gap(exact, context, expected, got)[0],
                 "bf16-hf": logit_gap(model, context, expected, got)[0],
-                "native-b1": native_gap(model, [context], 0, expected, got),
+                "native-b1": native_row_gap(model, context, expected, got),
                 f"native-b{len(neighbours)}": native_gap(model, [context if i == index else c for i, c in zip(
                     range(first, first + len(neighbours)), neighbours)], index - first, expected, got),
             })
