@@ -193,15 +193,20 @@ class BatchedCache(abc.ABC):
             if path is not None:
                 self.lengths[b] += 1 + len(path)
 
-    def _prefill_inputs(self, first: int, prompts: Sequence[Sequence[int]]):
-        """Rows first, first + 1, ... get `prompts`' lengths; -> None (nothing to run), or the padded forward's
-        (R, W) host ids and (R, W, W) host mask: causal within each prompt, a padding query sees only itself."""
+    def _start_rows(self, first: int, prompts: Sequence[Sequence[int]]) -> list[int]:
+        """Rows first, first + 1, ... get `prompts`' lengths (checked against the cache); -> the lengths."""
         counts = [len(token_ids) for token_ids in prompts]
         for offset, count in enumerate(counts):
             if count + 1 > self.max_len:
                 raise ValueError(f"row {first + offset}: the prompt has {count + 1} tokens; the cache holds "
                                  f"{self.max_len}")
             self.lengths[first + offset] = count
+        return counts
+
+    def _prefill_inputs(self, first: int, prompts: Sequence[Sequence[int]]):
+        """Rows first, first + 1, ... get `prompts`' lengths; -> None (nothing to run), or the padded forward's
+        (R, W) host ids and (R, W, W) host mask: causal within each prompt, a padding query sees only itself."""
+        counts = self._start_rows(first, prompts)
         width = max(counts)
         if not width:
             return None

@@ -21,7 +21,10 @@ def model():
     return fresh_tiny_model("llama").float()
 
 
-def test_native_steps_equal_the_hf_module_backend_row_by_row(model):
+@pytest.mark.parametrize("single_prefill", [False, True], ids=["padded-prefill", "single-sequence-prefill"])
+def test_native_steps_equal_the_hf_module_backend_row_by_row(model, single_prefill):
+    """(single-sequence-prefill: rows prefilled as on a GPU, through the single-sequence native backend's chunks,
+    each row's KV copied in.)"""
     prompts = [repetitive_prompt(VOCAB, seed=s, length=n) for s, n in ((1, 9), (2, 17), (3, 4), (4, 12))]
     trees = [DraftTree.chain([5, 6, 7]), DraftTree.empty(), None,
              DraftTree.from_paths([[8, 9], [8, 10, 11], [12]])]
@@ -30,6 +33,7 @@ def test_native_steps_equal_the_hf_module_backend_row_by_row(model):
         for backend in (BatchedStaticBackend(model, 4, max_len=48), NativeBatchedBackend(model, 4, max_len=48)):
             if isinstance(backend, NativeBatchedBackend):
                 backend.buffer.fill_(float("nan"))  # stale KV is never read
+                backend.prefill_single = single_prefill
             backend.prefill_rows(0, [p[:-1] for p in prompts[:2]])
             backend.prefill_rows(2, [p[:-1] for p in prompts[2:]])
             roots = [p[-1] for p in prompts]

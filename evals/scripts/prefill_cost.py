@@ -4,7 +4,8 @@ SmolLM2-135M shape (random init: nothing to carry). The H100 batch bench spent 1
 wall time at batch 4-16) where the row's plain steps cost ~1 ms a token.
 
 Per prompt length L: CUDA-synchronised wall time (median of REPS after warm-up) of
-    native-rows     NativeBatchedBackend.prefill_rows(row, [L - 1 tokens])  (one eager forward, a (1, W, W) mask)
+    native-rows padded  NativeBatchedBackend.prefill_rows(row, [L - 1 tokens]) as one eager forward, a (1, W, W) mask
+    native-rows     the same through the single-sequence backend's graph chunks, the KV copied in (on CUDA)
     native-rows x4  four rows of length L at once
     hf-rows         BatchedStaticBackend.prefill_rows (HF's modules, SDPA)
     native-single   NativeBackend.prefill (the single-sequence path: square graph chunks)
@@ -71,7 +72,11 @@ def main(out: str, lengths: str = "40,100,200,400,770") -> None:
     for length in map(int, lengths.split(",")):
         prompt = torch.randint(model.config.vocab_size, (length,), generator=generator).tolist()
         four = [prompt] * 4
+        rows.prefill_single = False
+        padded = timed(lambda: rows.prefill_rows(3, [prompt[:-1]]))
+        rows.prefill_single = DEVICE == "cuda"
         costs = {
+            "native-rows padded": padded,
             "native-rows": timed(lambda: rows.prefill_rows(3, [prompt[:-1]])),
             "native-rows x4": timed(lambda: rows.prefill_rows(4, [p[:-1] for p in four])),
             "hf-rows": timed(lambda: hf_rows.prefill_rows(3, [prompt[:-1]])),

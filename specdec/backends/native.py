@@ -245,11 +245,13 @@ class NativeBackend(GraphBackend):
     """`GraphBackend` whose every step (graphs, prefill chunks, eager fallbacks) runs `NativeLlama`'s forward."""
 
     def __init__(self, model: PreTrainedModel, max_len: int | None = None,
-                 buckets: Sequence[int] = DEFAULT_BUCKETS):
+                 buckets: Sequence[int] = DEFAULT_BUCKETS, native: NativeLlama | None = None):
         super().__init__(model, max_len, buckets, attention=None)
         if not kernel_available(self.device):
             raise ValueError("the native forward needs Triton on a CUDA device (or TRITON_INTERPRET=1)")
-        self.native = NativeLlama(model, self.max_len)
+        # `native`: another backend's forward of this model (its fused weights shared), if it covers max_len
+        self.native = native if native is not None and native.cos.shape[0] >= self.max_len else NativeLlama(
+            model, self.max_len)
 
     def chain_forward(self, step: _Step) -> Callable[[], torch.Tensor]:
         """The step's forward with its block mask built once (a chain's stays [[True]] throughout)."""
