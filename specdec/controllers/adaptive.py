@@ -103,6 +103,7 @@ class CostAware(abc.ABC):
         self._draft_avg = None  # moving average of a speculative step's draft seconds (None: none measured)
         self._last_paid = False  # the last measured speculative step made tokens at least at the plain rate
         self._miss_avg = None  # moving average of the seconds of measured speculative steps that did not pay
+        self._sequence_start = False  # no speculative step yet in this sequence (`prepare` sets it)
 
     # ---- the generator's hooks ------------------------------------------------------------------------------------
 
@@ -119,7 +120,7 @@ class CostAware(abc.ABC):
             self._backend, self._choice = backend, None
         total, steps = self.cost._errors
         self._mark = (total, steps)
-        self._unmeasured = True  # a new sequence: the drafter's first draft includes its prefill
+        self._unmeasured = self._sequence_start = True  # a new sequence: the first draft includes its prefill
         self._counters = dict(controller_s=0.0, plain_tokens=0, probes=0, plain_probes=0, trimmed_nodes=0)
         self._counters["profile_s"] = time.perf_counter() - started
 
@@ -159,14 +160,16 @@ class CostAware(abc.ABC):
                 self._last_paid = False
             else:  # a probe's measured step weighs more: it is the only news of speculation while plain runs win
                 self._unmeasured, self._since_draft = False, 0
-                self._measure("spec", 1.0, seconds, 0.5 if self._probe_measure else MEASURE_DECAY)
-                self._probe_measure = False
                 self._last_paid = seconds > 0 and tokens / seconds >= self._plain_rate()
-                if not self._last_paid:
-                    self._miss_avg = seconds if self._miss_avg is None else (
-                        DRAFT_DECAY * self._miss_avg + (1.0 - DRAFT_DECAY) * seconds)
-                self._draft_avg = step.draft_s if self._draft_avg is None else (
-                    DRAFT_DECAY * self._draft_avg + (1.0 - DRAFT_DECAY) * step.draft_s)
+                if not self._sequence_start:  # (a cheap drafter's first draft of a sequence indexes its prompt)
+                    self._measure("spec", 1.0, seconds, 0.5 if self._probe_measure else MEASURE_DECAY)
+                    self._probe_measure = False
+                    if not self._last_paid:
+                        self._miss_avg = seconds if self._miss_avg is None else (
+                            DRAFT_DECAY * self._miss_avg + (1.0 - DRAFT_DECAY) * seconds)
+                    self._draft_avg = step.draft_s if self._draft_avg is None else (
+                        DRAFT_DECAY * self._draft_avg + (1.0 - DRAFT_DECAY) * step.draft_s)
+            self._sequence_start = False
         self._steps_since_solve += 1
         self._counters["controller_s"] += time.perf_counter() - started
 
