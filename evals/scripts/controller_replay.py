@@ -5,7 +5,7 @@ it the target would accept, follows from the text alone. This script rebuilds ea
 walks the answer as a policy would (a plain run of k tokens, or a speculative step whose tree `ngram` proposes from
 the committed text; accepted = the longest tree path equal to the answer's next tokens), and charges each decision
 what the run measured on its device:
-    plain token      `ar`'s seconds per forward (runs of 8 on the device)
+    plain run of k   one plain step (verify_s(0)) + k - 1 chained tokens, so that a run of 8 costs `ar`'s 8 tokens
     speculative step the profiled verify_s(nodes) of the run's cost cache + the drafter's seconds per step + the
                      rest of a step (the static method's t_draft and t_other less the prefill, per step)
 Policies: `ar`, `static` (depth 8, 16 nodes: the bench's sweep), `goodput` (the real controller, its cost model built
@@ -63,6 +63,13 @@ class Charges:
         self.cost = CostModel(self.points, stepwise=True)
         self.rng = random.Random(0)
 
+    def plain_run(self, steps: int) -> float:
+        """A chained plain run of `steps`: its first step costs a single plain step (verify_s(0): one host round trip
+        each run), the others `ar`'s chained token less that step's share of its runs of 8."""
+        first = self.points[0]
+        chained = max((8 * self.plain - first) / 7, 0.0)
+        return first + (steps - 1) * chained
+
     def jitter(self, seconds: float) -> float:
         return seconds * (1.0 + self.rng.uniform(-NOISE, NOISE)) if NOISE else seconds
 
@@ -80,6 +87,7 @@ def replay(policy: str, cases: list, charges: Charges) -> dict:
         if controller is not None:
             controller._unmeasured = True  # as `prepare` leaves it for a new sequence
         position, seconds = 0, 0.0
+        charged = controller._counters["controller_s"] if controller is not None else 0.0
         while position < len(answer):
             if policy == "ar":
                 budget = Budget(0, 0, plain_steps=8)
@@ -87,10 +95,14 @@ def replay(policy: str, cases: list, charges: Charges) -> dict:
                 budget = Budget(16, 8)
             else:
                 budget = controller.budget([])
+            if controller is not None:  # the controller's own host time so far, charged as the loop pays it
+                spent = controller._counters["controller_s"]
+                seconds += spent - charged
+                charged = spent
             left = len(answer) - position
             if budget.max_nodes == 0:
                 steps = min(budget.plain_steps, left)
-                run_s = charges.jitter(steps * charges.plain)
+                run_s = charges.jitter(charges.plain_run(steps))
                 seconds += run_s
                 position += steps
                 if controller is not None:
