@@ -103,9 +103,9 @@ class AcceptanceModel:
     def best_tree(self, max_nodes: int, max_depth: int, width: int = RANKS) -> tuple[numpy.ndarray, numpy.ndarray]:
         """The `max_nodes` nodes of highest value in the tree of every rank < width to depth max_depth (best
         first: Sequoia's optimal tree under these positional rates) -> (values, depths), best first."""
-        rates, last = self.rates(), self.tested.shape[0] - 1
+        rates, last = self.rates().tolist(), self.tested.shape[0] - 1  # Python floats: ~3x faster than numpy's here
         width = min(width, RANKS)
-        heap = [(-rates[1, r], 1, r) for r in range(width)]
+        heap = [(-rates[1][r], 1, r) for r in range(width)]
         heapq.heapify(heap)
         values, depths = [], []
         while heap and len(values) < max_nodes:
