@@ -379,6 +379,31 @@ def test_goodput_follows_runs_of_matches_and_never_loses_to_plain_runs(token_s, 
             assert rates["goodput"] > max(rates["plain"], rates["static"]), (span, rates)
 
 
+@pytest.mark.parametrize("per_node, max_nodes", [(1e-5, 64), (1e-3, 16), (5e-3, 64), (1e-4, 4)])
+def test_goodput_solves_the_best_depth_and_node_count_as_a_loop_over_them_would(per_node, max_nodes):
+    """The solve's one pass of array operations picks what trying every solve depth and node count picks."""
+    controller = prepared(GoodputController(max_nodes=max_nodes, max_depth=16), linear_cost(0.01, per_node))
+    generator = random.Random(int(per_node * 1e6) + max_nodes)
+    for _ in range(30):  # a learnt acceptance model: trees of 1-3 paths, each accepting its first 0-2 tokens
+        depth = generator.randrange(1, 9)
+        tree = DraftTree.from_paths([[generator.randrange(50) for _ in range(depth)] for _ in range(3)])
+        accepted = generator.randrange(0, min(depth, 2) + 1)
+        controller._learn(StepStats(len(tree), depth, accepted, 0.001 * depth, 0.01, 0.02, tree,
+                                    tuple(range(accepted))))
+    controller._verify_table = controller.cost.verify_table(controller.max_nodes)
+    values, depths = controller._best_first()
+    best, best_rate = None, -1.0
+    for depth in (d for d in (1, 2, 3, 4, 5, 6, 8, 10, 12, 16) if d <= controller.max_depth):
+        within = values[depths <= depth][:max_nodes]
+        for n in range(1, len(within) + 1):
+            rate = (1 + within[:n].sum()) / (controller._verify_table[n] + controller.cost.draft_s(depth)
+                                            + controller.cost.other)
+            if rate > best_rate + 1e-12:
+                best, best_rate = Budget(n, depth), rate
+    budget, rate = controller._solve()
+    assert budget == best and rate == pytest.approx(best_rate)
+
+
 def test_goodput_drafts_deep_when_verification_is_flat_and_drafts_are_accepted():
     controller = prepared(GoodputController(resolve_every=1), linear_cost(per_node=0.00001))
     for _ in range(60):

@@ -344,19 +344,23 @@ class GoodputController(CostAware):
     docstring); the proposal is then cut to its best-ratio subtree."""
 
     def _solve(self) -> tuple[Budget, float]:
+        """For every solve depth d at once (a row each): the best-first nodes within d, their running gain 1 + E(n)
+        and cost t_verify(n) + t_draft(d) + t_rest -> the (n, d) of the highest ratio (ties: the shallower, then
+        the fewer nodes). One pass of array operations: re-solving runs after every probe."""
         values, depths = self._best_first()
-        best, best_rate = Budget(1, 1), -1.0
-        for depth in SOLVE_DEPTHS:
-            if depth > self.max_depth:
-                break
-            within = values[depths <= depth]
-            if not len(within):
-                continue
-            ratios = self._ratios(within, depth)
-            n = int(numpy.argmax(ratios))
-            if ratios[n] > best_rate:
-                best, best_rate = Budget(n + 1, depth), float(ratios[n])
-        return best, best_rate
+        solve_depths = numpy.array([depth for depth in SOLVE_DEPTHS if depth <= self.max_depth])
+        if not len(values) or not len(solve_depths):
+            return Budget(1, 1), -1.0
+        inside = depths[None, :] <= solve_depths[:, None]  # (D, N): node k lies within depth d
+        counts = numpy.cumsum(inside, axis=1)  # at each node within d: how many nodes the budget has up to it
+        gains = 1.0 + numpy.cumsum(numpy.where(inside, values[None, :], 0.0), axis=1)
+        fixed = numpy.array([self.cost.draft_s(int(depth)) for depth in solve_depths]) + self.cost.other
+        seconds = self._verify_table[numpy.minimum(counts, self.max_nodes)] + fixed[:, None]
+        ratios = numpy.where(inside & (counts <= self.max_nodes), gains / seconds, -numpy.inf)
+        row, column = divmod(int(numpy.argmax(ratios)), ratios.shape[1])
+        if not numpy.isfinite(ratios[row, column]):
+            return Budget(1, 1), -1.0
+        return Budget(int(counts[row, column]), int(solve_depths[row])), float(ratios[row, column])
 
     def trim(self, tree: DraftTree, draft_s: float) -> DraftTree:
         if self.cost is None or len(tree) < max(self._trim_from, 1) or self._probing:
