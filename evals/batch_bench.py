@@ -14,6 +14,8 @@ GPU run's wall time varies by tens of percent."""
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from rich.table import Table
 
@@ -71,14 +73,8 @@ def differences(context: BenchContext, prompts: list[list[int]], answers: list[l
             continue
         position = next((i for i, (a, b) in enumerate(zip(expected, answer)) if a != b), min(len(expected),
                                                                                              len(answer)))
-        gap, tolerance = tie_gap(model, prompt, expected, answer, position, tie_tolerance, exact)
-        if half and context.backend == "native" and gap is not None:  # the rounding error of the path that ran:
-            from specdec.evals.runner import logit_gap  # the native forward's gap against the float32 one
-
-            ids = list(prompt) + list(expected[:position])
-            exact_gap = logit_gap(exact(), ids, expected[position], answer[position])[0]
-            native = native_row_gap(model, ids, expected[position], answer[position])
-            tolerance = max(tolerance, 2 * abs(native - exact_gap))
+        gap, tolerance = tie_gap(model, prompt, expected, answer, position, tie_tolerance, exact,
+                                 native_row_gap if context.backend == "native" else None)
         near = gap is not None and gap <= tolerance
         counts["near_ties" if near else "algorithmic"] += 1
         if not near:  # what to examine: the prompt, where, and by how much
@@ -88,15 +84,17 @@ def differences(context: BenchContext, prompts: list[list[int]], answers: list[l
 
 
 @torch.inference_mode()
-def native_row_gap(model, token_ids: list[int], expected: int, got: int) -> float:
-    """logit(expected) - logit(got) after `token_ids` by the native batched forward (one row: the context prefilled
-    but its last token, which one step scores), the path batched `ar` runs on a native backend."""
+def native_row_gap(model, token_ids: list[int], expected: int, got: int, neighbours: Sequence = ()) -> float:
+    """logit(expected) - logit(got) after `token_ids` by the native batched forward (the context prefilled but its
+    last token, which one step scores), the path batched `ar` runs on a native backend; `neighbours`: other rows'
+    contexts, prefilled and scored in the same step (row 0 is this one)."""
     from specdec.batch_native import NativeBatchedBackend
     from specdec.tree import DraftTree
 
-    backend = NativeBatchedBackend(model, 1, len(token_ids) + 8, graphs=False)
-    backend.prefill_rows(0, [token_ids[:-1]])
-    logits = backend.score([token_ids[-1]], [DraftTree.empty()])[0][0].float()
+    contexts = [list(token_ids), *map(list, neighbours)]
+    backend = NativeBatchedBackend(model, len(contexts), max(map(len, contexts)) + 8, graphs=False)
+    backend.prefill_rows(0, [context[:-1] for context in contexts])
+    logits = backend.score([context[-1] for context in contexts], [DraftTree.empty()] * len(contexts))[0][0].float()
     return float(logits[expected] - logits[got])
 
 

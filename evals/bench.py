@@ -307,7 +307,7 @@ def batch_command(config: BenchConfig, argv: list[str]) -> int:
     """`specdec bench --batch-size 1,4,16`: every method at every batch size (`specdec.evals.batch_bench`)."""
     from specdec.backends.hf import context_window
     from specdec.evals import batch_bench
-    from specdec.evals.runner import BenchSettings, encode_turn
+    from specdec.evals.runner import BenchSettings, first_turn_ids
 
     try:
         sizes = [int(size) for size in config.batch_size.split(",")]
@@ -323,8 +323,7 @@ def batch_command(config: BenchConfig, argv: list[str]) -> int:
     template = BenchSettings(["ar"], template=config.template).template
     prompts = []
     for question in questions:
-        raw = question.category.startswith("code") and template == "auto"
-        ids = encode_turn(tokenizer, [{"role": "user", "content": question.turns[0]}], "none" if raw else template)
+        ids = first_turn_ids(tokenizer, question, template)
         prompts.append(ids[-room:] if room else ids)
     result = batch_bench.run_batches(context, prompts, split_methods(config.methods), sizes, config.max_new_tokens,
                                      config.tie_tolerance, config.runs)

@@ -81,12 +81,22 @@ def encode_turn(tokenizer, history: list[dict], template: str) -> list[int]:
     return list(tokenizer(text).input_ids)
 
 
+def question_template(question: Question, template: str) -> str:
+    """The template a question's turns are encoded with: raw text for code completion under `auto`."""
+    return "none" if question.category.startswith("code") and template == "auto" else template
+
+
+def first_turn_ids(tokenizer, question: Question, template: str) -> list[int]:
+    """Token ids of a question's first turn, as the bench prompts it (`question_template`)."""
+    return encode_turn(tokenizer, [{"role": "user", "content": question.turns[0]}],
+                       question_template(question, template))
+
+
 def answer(method: Method, tokenizer, question: Question,
            settings: BenchSettings) -> list[tuple[list[int], TurnRun]]:
     """All turns of one question: [(prompt ids, result)]; each turn sees this method's own earlier answers."""
     history, turns = [], []
-    raw_text = question.category.startswith("code") and settings.template == "auto"
-    template = "none" if raw_text else settings.template
+    template = question_template(question, settings.template)
     for user_turn in question.turns:
         history.append({"role": "user", "content": user_turn})
         prompt_ids = encode_turn(tokenizer, history, template)
@@ -203,10 +213,12 @@ def _classify(record: TurnRecord, reference: TurnRecord, position: int, model, t
 
 
 def tie_gap(model, prompt_ids: list[int], expected: list[int], got: list[int], position: int,
-            tie_tolerance: float = 0.0, exact=None) -> tuple[float | None, float | None]:
+            tie_tolerance: float = 0.0, exact=None, path_gap=None) -> tuple[float | None, float | None]:
     """(the target's logit gap between the two answers' tokens at their first differing `position`, the near-tie
     tolerance there); (None, None) where one answer ended first. exact: a float32 copy of a half-precision target
-    (a callable), whose gap bounds this position's own rounding error (`check_lossless`)."""
+    (a callable), whose gap bounds this position's own rounding error (`check_lossless`); path_gap: with exact,
+    `path_gap(model, context, expected, got)` -> the gap by the half-precision path that ran (where it is not HF's
+    forward), whose own rounding error bounds it too."""
     if position >= min(len(expected), len(got)):
         return None, None
     context = list(prompt_ids) + list(expected[:position])
@@ -214,7 +226,10 @@ def tie_gap(model, prompt_ids: list[int], expected: list[int], got: list[int], p
     gap, tolerance = abs(signed), near_tie_tolerance(model.dtype, scale, tie_tolerance)
     if exact is not None:  # this position's own rounding error of the gap, against a float32 copy
         exact_signed, _ = logit_gap(exact(), context, expected[position], got[position])
-        tolerance = max(tolerance, 2 * abs(signed - exact_signed))
+        rounded = [signed]
+        if path_gap is not None:
+            rounded.append(path_gap(model, context, expected[position], got[position]))
+        tolerance = max(tolerance, *(2 * abs(value - exact_signed) for value in rounded))
         gap = min(gap, abs(exact_signed))
     return gap, tolerance
 

@@ -93,14 +93,15 @@ class NativeBatchedBackend(BatchedCache):
     def prefill_rows(self, first: int, prompts: Sequence[Sequence[int]]) -> None:
         """Rows first, first + 1, ... now hold `prompts` (each a prompt but its last token). With graphs, each row
         through the single-sequence native backend's captured prefill chunks (`prefill_single`), its KV then copied
-        into the row (one copy): on an H100 one eager forward spent 12-22 ms launching ~300 kernels, whatever the length, where its
-        GPU work took ~1 ms. Else in one eager forward padded to the longest (a padding query sees only itself and
-        writes past its row's length); no LM head."""
+        into the row (one copy): on an H100 one eager forward spent 12-22 ms launching ~300 kernels, whatever the
+        length, where its GPU work took ~1 ms. Else in one eager forward padded to the longest (a padding query sees
+        only itself and writes past its row's length); no LM head."""
         if self.prefill_single:
+            prefiller = self._prefiller()
             for offset, (count, token_ids) in enumerate(zip(self._start_rows(first, prompts), prompts)):
                 if count:
-                    scratch = self._prefiller().new_state()  # the prefiller's one cache, emptied
-                    self._prefiller().prefill_chunks(scratch, list(token_ids))
+                    scratch = prefiller.new_state()  # the prefiller's one cache, emptied
+                    prefiller.prefill_chunks(scratch, token_ids)
                     row = (first + offset) * self.max_len
                     self.buffer[..., row: row + count, :].copy_(scratch.buffer[..., :count, :])
             return

@@ -27,36 +27,17 @@ import torch
 
 from specdec import SpeculativeGenerator
 from specdec.batch import decode_batch
-from specdec.batch_native import NativeBatchedBackend
 from specdec.evals.batch_bench import native_row_gap
 from specdec.evals.data import load_questions
-from specdec.evals.runner import BenchSettings, encode_turn, logit_gap
+from specdec.evals.runner import BenchSettings, first_turn_ids, logit_gap
 from specdec.models import load_model
-from specdec.tree import DraftTree
 
 
 def bench_prompts(tokenizer, limit: int) -> list[list[int]]:
     """The prompts of `specdec bench --data spec_bench --limit LIMIT --batch-size ...` (template auto, raw code)."""
     template = BenchSettings(["ar"], template="auto").template
-    prompts = []
-    for question in load_questions("spec_bench", (), limit, None, "turns"):
-        raw = question.category.startswith("code") and template == "auto"
-        prompts.append(encode_turn(tokenizer, [{"role": "user", "content": question.turns[0]}],
-                                   "none" if raw else template))
-    return prompts
-
-
-@torch.inference_mode()
-def native_gap(model, contexts: list[list[int]], row: int, expected: int, got: int) -> float:
-    """The gap at the end of contexts[row], the rows prefilled together (each its context but the last token) and
-    scored in one step of the native batched backend."""
-    backend = NativeBatchedBackend(model, len(contexts), max(map(len, contexts)) + 8, graphs=False)
-    backend.prefill_rows(0, [context[:-1] for context in contexts])
-    for b, context in enumerate(contexts):
-        backend.lengths[b] = len(context) - 1
-    logits = backend.score([context[-1] for context in contexts], [DraftTree.empty()] * len(contexts))
-    last = logits[row][0].float()
-    return float(last[expected] - last[got])
+    return [first_turn_ids(tokenizer, question, template)
+            for question in load_questions("spec_bench", (), limit, None, "turns")]
 
 
 def main(out: str, target: str, limit: str, max_new: str, size: str, which: str) -> None:
@@ -79,13 +60,13 @@ def main(out: str, target: str, limit: str, max_new: str, size: str, which: str)
             expected, got = reference[position], answer[position]
             context = prompts[index] + reference[:position]
             first = index - index % batch  # its first batch's neighbours (later refills differ: an approximation)
-            neighbours = [prompts[i] + batched[i][:position] for i in range(first, min(first + batch, len(prompts)))]
+            neighbours = [prompts[i] + batched[i][:position]
+                          for i in range(first, min(first + batch, len(prompts))) if i != index]
             case.update(expected=expected, got=got, gaps={
                 "fp32-hf": logit_gap(exact, context, expected, got)[0],
                 "bf16-hf": logit_gap(model, context, expected, got)[0],
                 "native-b1": native_row_gap(model, context, expected, got),
-                f"native-b{len(neighbours)}": native_gap(model, [context if i == index else c for i, c in zip(
-                    range(first, first + len(neighbours)), neighbours)], index - first, expected, got),
+                f"native-b{len(neighbours) + 1}": native_row_gap(model, context, expected, got, neighbours),
             })
         report.append(case)
         print(json.dumps(case))

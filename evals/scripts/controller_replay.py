@@ -32,7 +32,7 @@ from specdec.controllers.cost import CostModel
 from specdec.drafters.base import DraftContext
 from specdec.drafters.ngram import NgramDrafter
 from specdec.evals.data import load_questions
-from specdec.evals.runner import BenchSettings, encode_turn
+from specdec.evals.runner import BenchSettings, first_turn_ids
 from specdec.models import load_model
 from specdec.sampling import SamplingParams
 from specdec.tree import DraftTree, max_depth
@@ -145,8 +145,7 @@ def main(results_path: str, costs_path: str, static: str = "ngram@static:max_dep
         if record["method"] != "ar" or record["turn"] != 0 or record["run"] != 0:
             continue
         question = questions[record["question_id"]]
-        raw = question.category.startswith("code") and template == "auto"
-        prompt = encode_turn(tokenizer, [{"role": "user", "content": question.turns[0]}], "none" if raw else template)
+        prompt = first_turn_ids(tokenizer, question, template)
         answer = record["token_ids"]
         answer = json.loads(answer) if isinstance(answer, str) else answer
         if len(prompt) != record["prompt_tokens"]:

@@ -9,60 +9,28 @@ Per prompt length L: CUDA-synchronised wall time (median of REPS after warm-up) 
     native-rows x4  four rows of length L at once
     hf-rows         BatchedStaticBackend.prefill_rows (HF's modules, SDPA)
     native-single   NativeBackend.prefill (the single-sequence path: square graph chunks)
-and the host part of native-rows (its inputs built, no forward). Then a torch.profiler table of one native-rows
-prefill: where the time goes.
+and the host part of native-rows (its inputs built, no forward); timed as `batch_step_cost.py` times (REPS, default
+20). Then a torch.profiler table of one native-rows prefill: where the time goes.
 
     python3 evals/scripts/prefill_cost.py OUT_DIR [lengths: 40,100,200,400,770]
 """
 
 from __future__ import annotations
 
-import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from batch_step_cost import DEVICE, REPS, model_of, sync, timed  # this folder's step-cost script: its timing helpers
 from specdec.backends.native import native_backend
 from specdec.batch import BatchedStaticBackend
 from specdec.batch_native import NativeBatchedBackend
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-REPS = int(os.environ.get("REPS", 10))
-
-
-def model_135m() -> LlamaForCausalLM:
-    config = LlamaConfig(hidden_size=576, num_hidden_layers=30 if DEVICE == "cuda" else 2, num_attention_heads=9,
-                         num_key_value_heads=3, intermediate_size=1536, vocab_size=49152,
-                         max_position_embeddings=2048, torch_dtype="bfloat16")
-    with torch.device(DEVICE):
-        return LlamaForCausalLM(config).to(torch.bfloat16 if DEVICE == "cuda" else torch.float32).eval()
-
-
-def sync() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, reps: int = REPS) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(reps):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
 
 def main(out: str, lengths: str = "40,100,200,400,770") -> None:
     Path(out).mkdir(parents=True, exist_ok=True)
-    model = model_135m()
+    model = model_of("135m" if DEVICE == "cuda" else "tiny")  # (a dry run of this script on a CPU: tiny)
     generator = torch.Generator().manual_seed(0)
     lines = [f"{torch.cuda.get_device_name() if DEVICE == 'cuda' else 'CPU'} · torch {torch.__version__} · "
              f"SmolLM2-135M shape, random init, ms (median of {REPS})"]

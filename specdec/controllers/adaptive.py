@@ -25,8 +25,9 @@ ran plainly). Drafts come in runs (an n-gram match, a copied span): a speculativ
 second at least the plain rate) is followed by another, whatever the average says. A drafter whose measured draft
 costs at most CHEAP_DRAFT of a plain token is **cheap** (model-free drafters): its probes are single measured steps
 (no catch-up to pay), after 1, 2, 4, ... plain tokens, at most as many as make a probe that finds nothing cost
-PROBE_SHARE of them, so a match is found within a few tokens of appearing (on an H100 the average alone kept `ngram` 100% plain: 0.99x of `ar` against 1.19x for a static
-depth 8). Decisions read host numbers only: no device sync is added."""
+PROBE_SHARE of them, so a match is found within a few tokens of appearing (on an H100 the average alone kept `ngram`
+100% plain: 0.99x of `ar` against 1.19x for a static depth 8). Decisions read host numbers only: no device sync is
+added."""
 
 from __future__ import annotations
 
@@ -53,6 +54,11 @@ PLAIN_PROBE_FIRST, PLAIN_PROBE_MAX = 4, 128  # speculative steps before a plain 
 CHEAP_DRAFT = 0.5  # a drafter is cheap if its measured draft seconds are at most this share of a plain token's
 PROBE_SHARE = 0.02  # a cheap drafter's probes (a step that finds nothing) may cost this share of the plain tokens
 DRAFT_DECAY = 0.8  # draft seconds, steps that did not pay: moving averages over about the last 5 of them
+
+
+def _moving(average: float | None, value: float) -> float:
+    """A DRAFT_DECAY moving average (the first value where there is none yet)."""
+    return value if average is None else DRAFT_DECAY * average + (1.0 - DRAFT_DECAY) * value
 
 
 class CostAware(abc.ABC):
@@ -165,10 +171,8 @@ class CostAware(abc.ABC):
                     self._measure("spec", 1.0, seconds, 0.5 if self._probe_measure else MEASURE_DECAY)
                     self._probe_measure = False
                     if not self._last_paid:
-                        self._miss_avg = seconds if self._miss_avg is None else (
-                            DRAFT_DECAY * self._miss_avg + (1.0 - DRAFT_DECAY) * seconds)
-                    self._draft_avg = step.draft_s if self._draft_avg is None else (
-                        DRAFT_DECAY * self._draft_avg + (1.0 - DRAFT_DECAY) * step.draft_s)
+                        self._miss_avg = _moving(self._miss_avg, seconds)
+                    self._draft_avg = _moving(self._draft_avg, step.draft_s)
             self._sequence_start = False
         self._steps_since_solve += 1
         self._counters["controller_s"] += time.perf_counter() - started
@@ -243,10 +247,11 @@ class CostAware(abc.ABC):
             self._spec_steps += 1
             return self._choice
         self._plain_gap = PLAIN_PROBE_FIRST
+        cheap = self._cheap()
         if not self._probe_gap:  # plain runs start: the first probe after 1 plain token (a cheap drafter) or more
-            self._probe_gap = 1 if self._cheap() else self.probe_every
+            self._probe_gap = 1 if cheap else self.probe_every
         if self._since_draft >= self._probe_gap:  # probe: draft once, uncut, so the acceptance model learns
-            self._probe_gap = min(2 * self._probe_gap, self._cheap_gap() if self._cheap() else self.probe_max)
+            self._probe_gap = min(2 * self._probe_gap, self._cheap_gap() if cheap else self.probe_max)
             self._probing = True
             self._counters["probes"] += 1
             return self._choice
