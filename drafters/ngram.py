@@ -42,8 +42,8 @@ class NgramDrafter:
     def propose(self, ctx: DraftContext) -> DraftTree:
         self._index(ctx.token_ids)
         budget = ctx.budget
-        continuations = self._continuations(budget.max_depth)
-        return DraftTree.from_paths(continuations, source="ngram", max_nodes=budget.max_nodes)
+        continuations, matched = self._continuations(budget.max_depth)
+        return DraftTree.from_paths(continuations, source="ngram", max_nodes=budget.max_nodes, match_len=matched)
 
     def _index(self, token_ids) -> None:
         """Add the n-grams ending at the tokens committed since the last call (a new sequence is re-indexed)."""
@@ -56,9 +56,10 @@ class NgramDrafter:
             for n in range(self.min_n, min(self.max_n, end) + 1):
                 self._starts[tuple(self._tokens[end - n:end])].append(end - n)
 
-    def _continuations(self, max_depth: int) -> list[list[int]]:
-        """Distinct continuations of the context's suffix, longest match then most recent first."""
-        tokens, found, seen = self._tokens, [], set()
+    def _continuations(self, max_depth: int) -> tuple[list[list[int]], int]:
+        """Distinct continuations of the context's suffix, longest match then most recent first, and the first
+        one's match length (0: none found)."""
+        tokens, found, seen, matched = self._tokens, [], set(), 0
         for n in range(min(self.max_n, len(tokens) - 1), self.min_n - 1, -1):
             suffix_start = len(tokens) - n
             for start in reversed(self._starts.get(tuple(tokens[suffix_start:]), ())):
@@ -68,6 +69,7 @@ class NgramDrafter:
                 if continuation and continuation not in seen:
                     seen.add(continuation)
                     found.append(list(continuation))
+                    matched = matched or n
                 if len(found) >= self.max_matches:
-                    return found
-        return found
+                    return found, matched
+        return found, matched

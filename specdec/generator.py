@@ -226,16 +226,21 @@ class SpeculativeGenerator:
         while end is None:
             budget = self._clamp(self.controller.budget(history), len(committed), rule.limit - len(generated))
             spent_before = dict(timer.seconds)
-            if budget.max_nodes == 0:  # a plain run: the drafter is not called
-                new_tokens, result, tree, proposed = self._plain_run(state, committed[-1], budget.plain_steps,
-                                                                     params, generator, timer), None, _EMPTY_TREE, 0
-            else:
+            tree, proposed = _EMPTY_TREE, 0
+            if budget.max_nodes:
                 with timer("draft"):
                     tree = self._propose(DraftContext(committed, budget, params, self.target_view, prefix_kv,
                                                       hooks["keep_drafting"]), budget, stats)
                     proposed = len(tree)
-                    if hooks["trim"] is not None and proposed:
+                    if hooks["trim"] is not None:  # the subtree worth verifying, or a plain run instead
                         tree = hooks["trim"](tree, timer.seconds["draft"] - spent_before.get("draft", 0.0))
+                    if isinstance(tree, Budget):
+                        budget = self._clamp(tree, len(committed), rule.limit - len(generated))
+                        tree = _EMPTY_TREE
+            if budget.max_nodes == 0:  # a plain run: the drafter was not called, or its tree not worth verifying
+                new_tokens, result = self._plain_run(state, committed[-1], budget.plain_steps, params, generator,
+                                                     timer), None
+            else:
                 result = verify(self.backend, state, committed[-1], tree, params, generator, timer)
                 new_tokens = result.committed_tokens
             start = len(generated)

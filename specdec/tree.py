@@ -38,6 +38,9 @@ class DraftTree:
     host_tokens: `tokens` as a tuple on the host where that costs no device read: filled at construction when
                  `tokens` is on the CPU (else None, unless given); `.to()` carries it over.
     origin:      for a tree cut from a drafter's proposal (`subtree`): node i was node origin[i] there; else None.
+    match_len:   for a drafter that copies from the context (`ngram`): how many of the context's last tokens its
+                 first path's earlier occurrence matched (a longer match is likelier to continue); 0: none given.
+                 Controllers learn acceptance per match length.
     """
 
     tokens: torch.Tensor
@@ -47,6 +50,7 @@ class DraftTree:
     host_parents: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
     host_tokens: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
     origin: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
+    match_len: int = field(default=0, compare=False)
 
     def __post_init__(self) -> None:
         tokens, parents = self.tokens, self.parents
@@ -78,14 +82,14 @@ class DraftTree:
 
     @classmethod
     def _built(cls, tokens: Sequence[int], parents: Sequence[int], source: tuple[str, ...] | None = None,
-               origin: tuple[int, ...] | None = None) -> DraftTree:
+               origin: tuple[int, ...] | None = None, match_len: int = 0) -> DraftTree:
         """A deterministic host tree from lists this module built in topological order (`from_paths`, `subtree`):
         the checks of `__post_init__` hold by construction and are skipped (a batch of 64 rows builds two trees a
         row a step; the checks were half of each tree's host time)."""
         tree = object.__new__(cls)
         for name, value in (("tokens", _long_tensor(tokens)), ("parents", _long_tensor(parents)),
                             ("draft_probs", None), ("source", source), ("host_parents", tuple(parents)),
-                            ("host_tokens", tuple(tokens)), ("origin", origin)):
+                            ("host_tokens", tuple(tokens)), ("origin", origin), ("match_len", match_len)):
             object.__setattr__(tree, name, value)
         return tree
 
@@ -106,7 +110,7 @@ class DraftTree:
 
     @classmethod
     def from_paths(cls, paths: Sequence[Sequence[int]], source: str | None = None,
-                   max_nodes: int | None = None) -> DraftTree:
+                   max_nodes: int | None = None, match_len: int = 0) -> DraftTree:
         """A deterministic tree (a trie) from token sequences; shared prefixes become shared nodes.
 
         Paths are inserted in order, so put the most promising first: with `max_nodes`, insertion stops at the
@@ -127,14 +131,15 @@ class DraftTree:
                     parents.append(parent)
                 parent = node
         names = None if source is None else (source,) * len(tokens)
-        return cls._built(tokens, parents, names)
+        return cls._built(tokens, parents, names, match_len=match_len)
 
     def to(self, device: torch.device | str) -> DraftTree:
         tokens, parents = self.tokens.to(device), self.parents.to(device)
         probs = None if self.draft_probs is None else self.draft_probs.to(device)
         if tokens is self.tokens and parents is self.parents and probs is self.draft_probs:
             return self  # already there (like `Tensor.to`); a frozen tree is safe to share
-        return DraftTree(tokens, parents, probs, self.source, self.host_parents, self.host_tokens, self.origin)
+        return DraftTree(tokens, parents, probs, self.source, self.host_parents, self.host_tokens, self.origin,
+                         self.match_len)
 
 
 def subtree(tree: DraftTree, keep: Sequence[int]) -> DraftTree:
@@ -154,14 +159,14 @@ def subtree(tree: DraftTree, keep: Sequence[int]) -> DraftTree:
     origin = tuple(keep) if tree.origin is None else tuple(tree.origin[old] for old in keep)
     on_host = tree.tokens.device.type == "cpu" and tree.parents.device.type == "cpu"
     if host_tokens is not None and on_host and tree.draft_probs is None:
-        return DraftTree._built(host_tokens, parents, source, origin)
+        return DraftTree._built(host_tokens, parents, source, origin, tree.match_len)
     if host_tokens is not None and tree.tokens.device.type == "cpu":
         tokens = _long_tensor(list(host_tokens))
     else:
         tokens = tree.tokens[torch.tensor(keep, dtype=torch.long).to(tree.tokens.device)]
     probs = None if tree.draft_probs is None else tree.draft_probs[torch.tensor(keep).to(tree.draft_probs.device)]
     return DraftTree(tokens, _long_tensor(parents).to(tree.parents.device), probs, source, tuple(parents),
-                     host_tokens, origin)
+                     host_tokens, origin, tree.match_len)
 
 
 def _long_tensor(values: list[int]) -> torch.Tensor:

@@ -24,7 +24,7 @@ from specdec.drafters.model import ModelDrafter
 from specdec.reference import reference_decode
 from specdec.sampling import SamplingParams
 from specdec.stopping import StopRule
-from specdec.tree import DraftTree, subtree
+from specdec.tree import DraftTree, max_depth, subtree
 
 from tiny_models import fresh_tiny_model, repetitive_prompt, single_thread, tiny_model
 
@@ -258,13 +258,14 @@ def test_a_drafters_slow_first_step_does_not_turn_speculation_off():
 
 
 def run_trace(controller, steps: int, spec_s: float, plain_s: float) -> list[int]:
-    """Each budget's nodes (0: a plain run); a speculative step makes 5 tokens in spec_s, a plain run of 8 plain_s."""
+    """Each budget's nodes (0: a plain run); a speculative step makes 5 tokens in spec_s (half of it a model-like
+    drafter's draft: not cheap), a plain run of 8 plain_s."""
     decisions = []
     for _ in range(steps):
         budget = controller.budget([])
         decisions.append(budget.max_nodes)
         if budget.max_nodes:
-            controller.observe(chain_step(4, 4, verify_s=0.0101, step_s=spec_s))
+            controller.observe(chain_step(4, 4, draft_s=spec_s / 2, verify_s=0.0101, step_s=spec_s))
         else:
             run_s = plain_s * budget.plain_steps / 8
             controller.observe(StepStats(0, 0, 0, verify_s=run_s, step_s=run_s, plain_steps=budget.plain_steps))
@@ -316,50 +317,87 @@ def test_a_probe_that_accepts_nothing_does_not_lock_goodput_into_plain_runs():
     assert spec_tokens >= 3 * plain_tokens
 
 
-def test_a_cheap_drafter_is_probed_after_1_2_4_plain_tokens_up_to_a_gap_its_misses_make_cheap():
-    """A drafter whose drafts cost ~nothing (0.1 ms against 10 ms a plain token) and never match: each probe is one
-    measured step (no second draft), after 1, 2, 4, ... plain tokens, at most 11: a probe that finds nothing costs
-    0.22 plain tokens (12.2 ms against 10), 2% (PROBE_SHARE) of 11."""
+def gated_step(controller, tree: DraftTree, accepted: int, draft_s: float, spec_s: float, token_s: float):
+    """One decision of a cheap drafter under goodput, as the generator makes it: budget, draft (`tree`, cut to the
+    budget's depth), trim -> (tokens made, seconds, whether the tree was verified; None: not drafted). A verified step accepts
+    `accepted` tokens of the tree and costs draft_s + spec_s; a plain run costs draft_s + token_s a token."""
+    budget = controller.budget([])
+    if not budget.max_nodes:  # plain runs without a draft (verified: None)
+        run_s = budget.plain_steps * token_s
+        controller.observe(StepStats(0, 0, 0, verify_s=run_s, step_s=run_s, plain_steps=budget.plain_steps))
+        return budget.plain_steps, run_s, None
+    decision = controller.trim(tree, draft_s)
+    if isinstance(decision, Budget):
+        run_s = decision.plain_steps * token_s
+        controller.observe(StepStats(0, 0, 0, draft_s=draft_s, verify_s=run_s, step_s=draft_s + run_s,
+                                     plain_steps=decision.plain_steps, proposed_nodes=len(tree)))
+        return decision.plain_steps, draft_s + run_s, False
+    accepted = min(accepted, max_depth(decision))
+    controller.observe(StepStats(len(decision), max_depth(decision), accepted, draft_s, spec_s, draft_s + spec_s,
+                                 decision, tuple(range(accepted)), proposed_nodes=len(tree)))
+    return accepted + 1, draft_s + spec_s, True
+
+
+def test_a_cheap_drafters_trees_that_never_match_run_plain_runs_with_a_check_as_often_as_it_is_cheap():
+    """A drafter whose drafts cost ~nothing (0.1 ms against 10 ms a plain token) and never match: once its class of
+    trees is learnt to be worth less than plain runs (after a few checks from the prior), its proposals run a plain
+    run of 8 instead, and the next is checked. A check that finds nothing costs 0.23 plain tokens (12.3 ms against
+    10) more than a plain token: PROBE_SHARE (2%) of 1.4 runs of 8, so the gap between checks stays at 1 run. (With
+    a GPU's costs a check costs most of a token, and the gap grows: the next test.)"""
     controller = prepared(GoodputController(resolve_every=1, plain_chain=8), linear_cost(0.010, 1e-5))
     controller.cost.seed_plain({8: 0.080})
-    gaps, plain = [], 0
-    for _ in range(60):
-        budget = controller.budget([])
-        if budget.max_nodes:
-            gaps.append(plain)
-            plain = 0
-            controller.observe(chain_step(4, 0, draft_s=0.0001, verify_s=0.012, step_s=0.0122))
-        else:
-            plain += budget.plain_steps
-            run_s = 0.010 * budget.plain_steps
-            controller.observe(StepStats(0, 0, 0, verify_s=run_s, step_s=run_s, plain_steps=budget.plain_steps))
-    # the first two steps draft (nothing measured yet; the first is a sequence's first draft: not measured)
-    assert gaps[:6] == [0, 0, 1, 2, 4, 8] and set(gaps[6:]) == {11}
+    tree = DraftTree.from_paths([[5, 6, 7, 8]], match_len=1)
+    verified = [gated_step(controller, tree, 0, draft_s=0.0001, spec_s=0.0122, token_s=0.010)[2] for _ in range(80)]
+    assert verified[:4] == [True] * 4 and verified[4:] == [False, True] * 38
+    assert controller.report()["gate_gap"] == controller._cheap_gap(8) == 1
+
+
+def test_a_gated_cheap_drafter_verifies_long_matches_and_skips_short_ones():
+    """`ngram`-like trees: matches of 3 tokens are accepted to depth 4, matches of 1 never. On H100-like costs (a
+    step 1.3 ms, a plain token 0.7 ms) goodput learns the two classes apart: it verifies the long matches and runs
+    plain runs for the short ones (checking one now and then)."""
+    controller = prepared(GoodputController(resolve_every=1, plain_chain=8), linear_cost(0.00092, 1e-6))
+    controller.cost.seed_plain({8: 0.0056})
+    long_match = DraftTree.from_paths([[1, 2, 3, 4, 5, 6, 7, 8]], match_len=3)
+    short_match = DraftTree.from_paths([[9, 10, 11, 12, 13, 14, 15, 16]], match_len=1)
+    verified, drafted, proposals = {1: 0, 3: 0}, {1: 0, 3: 0}, itertools.cycle([short_match, long_match])
+    tree = next(proposals)
+    for step in range(400):
+        made, _, was = gated_step(controller, tree, 4 if tree is long_match else 0, draft_s=0.0001, spec_s=0.0013,
+                                  token_s=0.0007)
+        if was is not None:  # the drafter proposed it: the next decision sees the other class
+            if step >= 200:
+                verified[tree.match_len] += was
+                drafted[tree.match_len] += 1
+            tree = next(proposals)
+    assert drafted[3] >= 50 and verified[3] == drafted[3]  # every long match, in the second half
+    assert verified[1] <= drafted[1] / 3  # short ones: checks only, after 1, 2, 4 skips, then every ~5
+    assert controller.report()["gate_gap"] >= 4 and controller._cheap_gap(8) >= 4
 
 
 def simulate(policy: str, match_span: int, period: int = 200, total: int = 3000, spec_s: float = 0.012,
              token_s: float = 0.010, draft_s: float = 0.0002) -> float:
     """Tokens per second of an n-gram-like drafter on a text whose first `match_span` positions of every `period`
-    are matched (a draft there is accepted up to the span's end; elsewhere nothing is): `goodput`, `plain` (runs
-    of 8), or `static` (always a depth-8 draft). A speculative step takes draft_s + spec_s, a plain token token_s."""
+    are matched (a draft there is a match of 3 tokens, accepted up to the span's end; elsewhere the drafter proposes
+    a match of 1 token that is never accepted): `goodput` (the generator's protocol: budget, draft, trim), `plain`
+    (runs of 8), or `static` (always a depth-8 draft). A speculative step takes draft_s + spec_s, a plain token
+    token_s."""
     controller = prepared(GoodputController(resolve_every=1, plain_chain=8), linear_cost(0.010, 1e-5))
     controller.cost.seed_plain({8: 8 * token_s})
+    long_match = DraftTree.from_paths([list(range(1, 9))], match_len=3)
+    short_match = DraftTree.from_paths([list(range(11, 19))], match_len=1)
     position, seconds = 0, 0.0
     while position < total:
-        budget = controller.budget([]) if policy == "goodput" else Budget(0 if policy == "plain" else 8, 8, None, 8)
-        if not budget.max_nodes:
-            seconds += budget.plain_steps * token_s
-            position += budget.plain_steps
-            if policy == "goodput":
-                run_s = budget.plain_steps * token_s
-                controller.observe(StepStats(0, 0, 0, verify_s=run_s, step_s=run_s, plain_steps=budget.plain_steps))
-            continue
         left = match_span - position % period
-        accepted = min(budget.max_depth, left - 1) if left > 1 else 0
-        seconds += draft_s + spec_s
-        position += accepted + 1
+        accepted = min(8, left - 1) if left > 1 else 0
         if policy == "goodput":
-            controller.observe(chain_step(budget.max_depth, accepted, draft_s, spec_s, draft_s + spec_s))
+            made, spent, _ = gated_step(controller, long_match if left > 1 else short_match, accepted, draft_s,
+                                        spec_s, token_s)
+        elif policy == "plain":
+            made, spent = 8, 8 * token_s
+        else:
+            made, spent = accepted + 1, draft_s + spec_s
+        position, seconds = position + made, seconds + spent
     return position / seconds
 
 
@@ -367,10 +405,10 @@ def simulate(policy: str, match_span: int, period: int = 200, total: int = 3000,
                          ids=["cpu-like", "gpu-like"])
 def test_goodput_follows_runs_of_matches_and_never_loses_to_plain_runs(token_s, spec_s, draft_s):
     """Matches come in runs. Always drafting loses where they are rare (a step that finds nothing costs more than
-    a plain token); plain runs lose where they are common. goodput speculates after a step that paid and probes
-    at growing gaps after one that did not: >= 0.97x the better of the two everywhere (probes may cost 2% of the
-    plain tokens, PROBE_SHARE, and a backoff misses a run's first tokens), better than both where matches are
-    neither rare nor everywhere. (A CPU's costs, and an H100's for SmolLM2-135M with `ngram`.)"""
+    a plain token); plain runs lose where they are common. goodput drafts at every decision and verifies the trees
+    whose class (match length) pays: >= 0.97x the better of the two everywhere (checks may cost 2% of the plain
+    tokens, PROBE_SHARE, and a plain run of 8 misses up to 7 of a run's first tokens), better than both where
+    matches are neither rare nor everywhere. (A CPU's costs, and an H100's for SmolLM2-135M with `ngram`.)"""
     costs = dict(token_s=token_s, spec_s=spec_s, draft_s=draft_s)
     for span in (0, 8, 20, 60, 150):
         rates = {policy: simulate(policy, span, **costs) for policy in ("goodput", "plain", "static")}

@@ -115,8 +115,16 @@ def replay(policy: str, cases: list, charges: Charges) -> dict:
             context = DraftContext(prompt + answer[:position], Budget(budget.max_nodes, max(depth, 0)),
                                    SamplingParams(), None)
             tree = drafter.propose(context) if depth > 0 else DraftTree.empty()
-            if controller is not None and len(tree):
+            if controller is not None:
                 tree = controller.trim(tree, charges.draft)
+            if isinstance(tree, Budget):  # not worth verifying: a plain run instead (the draft was paid)
+                steps = min(tree.plain_steps, left)
+                draft_s, run_s = charges.jitter(charges.draft), charges.jitter(charges.plain_run(steps))
+                seconds += draft_s + run_s
+                position += steps
+                controller.observe(StepStats(0, 0, 0, draft_s=draft_s, verify_s=run_s, step_s=draft_s + run_s,
+                                             plain_steps=steps, proposed_nodes=1))
+                continue
             accepted = accepted_length(tree, answer, position)
             draft_s, verify_s = charges.jitter(charges.draft), charges.jitter(charges.cost.verify_s(len(tree)))
             step_s = draft_s + verify_s + charges.jitter(charges.other)

@@ -26,7 +26,12 @@ second at least the plain rate) is followed by another, whatever the average say
 costs at most CHEAP_DRAFT of a plain token is **cheap** (model-free drafters): its probes are single measured steps
 (no catch-up to pay), after 1, 2, 4, ... plain tokens, at most as many as make a probe that finds nothing cost
 PROBE_SHARE of them, so a match is found within a few tokens of appearing (on an H100 the average alone kept `ngram`
-100% plain: 0.99x of `ar` against 1.19x for a static depth 8). Decisions read host numbers only: no device sync is
+100% plain: 0.99x of `ar` against 1.19x for a static depth 8). Under `goodput` a cheap drafter is **gated** instead:
+it drafts at every decision, and `trim` verifies its tree only where the tree's expected tokens (learnt per
+match-length class, `DraftTree.match_len`: an n-gram matched on 3 tokens continues far more often than one matched
+on 1) per second of verification reach the plain rate; else a plain run of `plain_chain` runs (the generator's
+trim -> Budget), and a skipped class is checked now and then. (Replayed on the H100 run's answers: 1.09x of `ar`
+against 1.02x for the probes and 0.93x for static depth 8.) Decisions read host numbers only: no device sync is
 added."""
 
 from __future__ import annotations
@@ -53,7 +58,10 @@ LEARN_GAP_MAX = 8
 PLAIN_PROBE_FIRST, PLAIN_PROBE_MAX = 4, 128  # speculative steps before a plain probe while speculation wins (doubling)
 CHEAP_DRAFT = 0.5  # a drafter is cheap if its measured draft seconds are at most this share of a plain token's
 PROBE_SHARE = 0.02  # a cheap drafter's probes (a step that finds nothing) may cost this share of the plain tokens
+DRAFT_SHARE = 0.01  # while a cheap drafter's trees are skipped, its drafts may cost this share of the plain runs
+SKIP_STREAK = 4  # ... once this many proposals in a row were skipped (before that: a draft after every run)
 DRAFT_DECAY = 0.8  # draft seconds, steps that did not pay: moving averages over about the last 5 of them
+MATCH_CLASSES = (1, 2, 3, 4, 8)  # a copying drafter's match lengths, learnt apart: 1, 2, 3, 4-7, 8+
 
 
 def _moving(average: float | None, value: float) -> float:
@@ -72,6 +80,7 @@ class CostAware(abc.ABC):
     at `prepare`; a run past the answer's end wastes at most plain_chain - 1 steps)."""
 
     plain_fallback = True
+    gated = False  # cheap drafters' trees are gated after drafting (`_gate`)
 
     def __init__(self, max_depth: int = 16, max_nodes: int = 64, profile_reps: int = 10,
                  profile_seconds: float | None = None, probe_every: int = 8, probe_max: int = 256,
@@ -110,6 +119,10 @@ class CostAware(abc.ABC):
         self._last_paid = False  # the last measured speculative step made tokens at least at the plain rate
         self._miss_avg = None  # moving average of the seconds of measured speculative steps that did not pay
         self._sequence_start = False  # no speculative step yet in this sequence (`prepare` sets it)
+        self._by_match: dict[int, AcceptanceModel] = {}  # acceptance per match-length class (`DraftTree.match_len`)
+        self._gate_checks: dict[int, list[int]] = {}  # per match class: [proposals skipped since one was verified,
+        self._skipping, self._runs_since_draft = 0, 0  # skips before the next check]; proposals skipped in a row
+        self._verify_scale = None  # measured / predicted seconds of a step's verify and rest (moving average)
 
     # ---- the generator's hooks ------------------------------------------------------------------------------------
 
@@ -173,6 +186,9 @@ class CostAware(abc.ABC):
                     if not self._last_paid:
                         self._miss_avg = _moving(self._miss_avg, seconds)
                     self._draft_avg = _moving(self._draft_avg, step.draft_s)
+                    predicted = self.cost.verify_s(step.drafted_nodes) + self.cost.other if self.cost else 0.0
+                    if predicted > 0 and seconds > step.draft_s:
+                        self._verify_scale = _moving(self._verify_scale, (seconds - step.draft_s) / predicted)
             self._sequence_start = False
         self._steps_since_solve += 1
         self._counters["controller_s"] += time.perf_counter() - started
@@ -184,6 +200,8 @@ class CostAware(abc.ABC):
         if step.tree is not None and step.drafted_nodes:
             parents = step.tree.host_parents
             self.acceptance.observe(parents, step.accepted_nodes)
+            if step.tree.match_len:
+                self._match_model(step.tree.match_len).observe(parents, step.accepted_nodes)
             if not self._seen_tree or self._width < RANKS:
                 width = int(self.acceptance.shape(parents)[1].max()) + 1
                 self._width = width if not self._seen_tree else max(self._width, width)
@@ -212,6 +230,7 @@ class CostAware(abc.ABC):
         out["plain_token_ms"] = 1e3 / self._plain_rate() if self.cost is not None else 0.0
         out["draft_ms"] = 1e3 * (self._draft_avg or 0.0)
         out["cheap"], out["probe_gap"] = int(self._cheap()) if self.cost is not None else 0, self._probe_gap
+        out["gate_gap"] = max((gap for _, gap in self._gate_checks.values()), default=0)
         if self.cost is not None:
             total, steps = self.cost._errors
             steps -= self._mark[1]
@@ -236,6 +255,11 @@ class CostAware(abc.ABC):
         if self._follow_up:  # the probe's second, measured step
             self._follow_up, self._probing, self._probe_measure = False, True, True
             return self._choice
+        if self._gating():  # a cheap drafter drafts at every decision (`trim` decides between its tree and plain
+            if self._skipping >= SKIP_STREAK and self._runs_since_draft < self._draft_gap():  # runs), or every few
+                self._runs_since_draft += 1  # while its trees are skipped, so drafting costs at most DRAFT_SHARE
+                return Budget(0, 0, plain_steps=self.plain_chain)
+            return self._choice
         # drafts come in runs (a match, a copied span): a step that paid is likely to be followed by another
         if self._last_paid or self._spec_rate() >= self._plain_rate() or self._choice.max_nodes == 0:
             self._probe_gap = 0
@@ -258,18 +282,60 @@ class CostAware(abc.ABC):
         steps = min(self.plain_chain, self._probe_gap - self._since_draft)
         return Budget(0, 0, plain_steps=1 << (steps.bit_length() - 1))  # a power of two: few device chains to capture
 
+    def _gating(self) -> bool:
+        """Decide after drafting (`gated` controllers, cheap drafters): the draft costs ~nothing, and its tree (how
+        long a match it copies) says more about the next step than any average."""
+        return self.gated and self.plain_fallback and self._cheap()
+
+    def _gate(self, tree: DraftTree) -> DraftTree | Budget:
+        """The proposal's best-ratio subtree if its expected tokens per second of verification (the draft is spent;
+        the cost model's seconds scaled by what the steps measured) reach the measured plain rate; else a plain run
+        of `plain_chain`. The acceptance is the tree's match-length class's where the drafter gives one. After a
+        class's `gap` skipped proposals the next is verified anyway, the gap doubling up to where such a check costs
+        PROBE_SHARE of the runs' tokens, so a class judged poor keeps being measured."""
+        plain = Budget(0, 0, plain_steps=self.plain_chain)
+        self._skipping += 1
+        self._runs_since_draft = 1
+        if not len(tree):
+            return plain
+        model = self._match_model(tree.match_len) if tree.match_len else self.acceptance
+        cut, ratio = self._cut_to_ratio(tree, 0.0, model)  # the cost model's seconds, scaled to the measured
+        checks = self._gate_checks.setdefault(min(tree.match_len, MATCH_CLASSES[-1]), [0, 1])
+        if ratio >= self._plain_rate() * (self._verify_scale or 1.0):
+            checks[0], self._skipping = 0, 0
+            return cut
+        checks[0] += 1
+        if checks[0] <= checks[1]:
+            return plain
+        checks[:] = [0, min(2 * checks[1], self._cheap_gap(self.plain_chain))]
+        self._counters["probes"] += 1
+        return tree if len(cut) == 0 else cut
+
+    def _draft_gap(self) -> int:
+        """Plain runs per draft while trees are skipped: a draft (its measured seconds) costs at most DRAFT_SHARE of
+        the runs' tokens."""
+        draft_tokens = (self._draft_avg or 0.0) * self._plain_rate()
+        return 1 + int(draft_tokens / (DRAFT_SHARE * self.plain_chain))
+
+    def _match_model(self, match_len: int) -> AcceptanceModel:
+        key = max(c for c in MATCH_CLASSES if c <= max(match_len, 1))
+        model = self._by_match.get(key)
+        if model is None:
+            model = self._by_match[key] = AcceptanceModel(self.acceptance.tested.shape[0] - 1)
+        return model
+
     def _cheap(self) -> bool:
         """The drafter's measured draft seconds are at most CHEAP_DRAFT of a plain token's: probing costs ~nothing."""
         return self._draft_avg is not None and self._draft_avg * self._plain_rate() <= CHEAP_DRAFT
 
-    def _cheap_gap(self) -> int:
-        """The most plain tokens between a cheap drafter's probes: enough that a probe that does not pay (the measured
-        seconds of such steps, less a plain token's) costs at most PROBE_SHARE of them."""
+    def _cheap_gap(self, tokens_each: int = 1) -> int:
+        """The most plain tokens (runs of `tokens_each`) between a cheap drafter's probes: enough that a probe that
+        does not pay (the measured seconds of such steps, less a plain token's) costs at most PROBE_SHARE of them."""
         miss_s = self._miss_avg  # measured; else the cost model's step of no nodes
         if miss_s is None:
             miss_s = self.cost.verify_s(0) + self.cost.other + (self._draft_avg or 0.0)
         extra = miss_s * self._plain_rate() - 1.0  # in plain tokens
-        return int(min(max(round(extra / PROBE_SHARE), 1), self.probe_max))
+        return int(min(max(round(extra / (PROBE_SHARE * tokens_each)), 1), self.probe_max))
 
     def _spec_rate(self) -> float:
         """Tokens per second of speculative steps: tokens per step averaged over the last ~30 of them (one probe's
@@ -321,10 +387,12 @@ class CostAware(abc.ABC):
         seconds = self._verify_table[1:n + 1] + self.cost.draft_s(depth) + self.cost.other
         return gains / seconds
 
-    def _cut_to_ratio(self, tree: DraftTree, draft_s: float) -> DraftTree:
-        """The subtree of the highest-valued nodes whose count maximises (1 + E) / (t_draft + t_verify + t_rest).
-        Plain Python: for trees of tens of nodes it is several times faster than numpy's per-call overhead."""
-        values = self.acceptance.values(tree.host_parents).tolist()
+    def _cut_to_ratio(self, tree: DraftTree, draft_s: float,
+                      model: AcceptanceModel | None = None) -> tuple[DraftTree, float]:
+        """The subtree of the highest-valued nodes whose count maximises (1 + E) / (t_draft + t_verify + t_rest),
+        and that ratio. Plain Python: for trees of tens of nodes it is several times faster than numpy's per-call
+        overhead."""
+        values = (model or self.acceptance).values(tree.host_parents).tolist()
         order = sorted(range(len(values)), key=lambda node: -values[node])  # stable: parents, earlier siblings first
         table, fixed = self._verify_table, draft_s + self.cost.other
         verify_s = self._verify_list if len(tree) < len(table) else [self.cost.verify_s(n) for n in range(len(tree) + 1)]
@@ -334,7 +402,7 @@ class CostAware(abc.ABC):
             ratio = gain / (verify_s[count] + fixed)
             if ratio > best_ratio:
                 best, best_ratio = count, ratio
-        return self._keep(tree, order[:best])
+        return self._keep(tree, order[:best]), best_ratio
 
     def _keep(self, tree: DraftTree, keep) -> DraftTree:
         if len(keep) == len(tree):
@@ -346,7 +414,10 @@ class CostAware(abc.ABC):
 @register_controller("goodput")
 class GoodputController(CostAware):
     """SmartSpec's goodput, per step, over depths and node counts, with the plain step as an option (module
-    docstring); the proposal is then cut to its best-ratio subtree."""
+    docstring); the proposal is then cut to its best-ratio subtree. A cheap drafter drafts at every decision and
+    its tree is verified only where it is expected to beat a plain run (`_gate`)."""
+
+    gated = True
 
     def _solve(self) -> tuple[Budget, float]:
         """For every solve depth d at once (a row each): the best-first nodes within d, their running gain 1 + E(n)
@@ -367,11 +438,16 @@ class GoodputController(CostAware):
             return Budget(1, 1), -1.0
         return Budget(int(counts[row, column]), int(solve_depths[row])), float(ratios[row, column])
 
-    def trim(self, tree: DraftTree, draft_s: float) -> DraftTree:
-        if self.cost is None or len(tree) < max(self._trim_from, 1) or self._probing:
+    def trim(self, tree: DraftTree, draft_s: float) -> DraftTree | Budget:
+        if self.cost is None:
             return tree
         started = time.perf_counter()
-        cut = self._cut_to_ratio(tree, draft_s)
+        if self._gating():
+            cut = self._gate(tree)
+        elif len(tree) < max(self._trim_from, 1) or self._probing:
+            cut = tree
+        else:
+            cut = self._cut_to_ratio(tree, draft_s)[0]
         self._counters["controller_s"] += time.perf_counter() - started
         return cut
 

@@ -4,8 +4,9 @@ step statistics of the current generation, `observe(step)` may learn across gene
 Optional methods the generator calls where a controller has them (the protocol stays two methods):
     prepare(backend, prompt_ids)   before a generation's prefill: a cost-aware controller profiles the target here
     keep_drafting(frontier) -> bool  between a drafter's depths (`Frontier`): False stops the draft there
-    trim(tree, draft_s) -> DraftTree  after drafting: the subtree worth verifying (closed under parents; an empty
-                                   tree = a plain step)
+    trim(tree, draft_s) -> DraftTree | Budget  after drafting (also an empty proposal): the subtree worth
+                                   verifying (closed under parents; an empty tree = one plain step), or a
+                                   Budget(0, 0, plain_steps=k): the tree is not verified, k plain steps run instead
     report() -> dict               numbers for the generation's stats (cost-model error, controller seconds, ...)
 """
 
