@@ -318,9 +318,9 @@ def test_a_probe_that_accepts_nothing_does_not_lock_goodput_into_plain_runs():
 
 
 def gated_step(controller, tree: DraftTree, accepted: int, draft_s: float, spec_s: float, token_s: float):
-    """One decision of a cheap drafter under goodput, as the generator makes it: budget, draft (`tree`, cut to the
-    budget's depth), trim -> (tokens made, seconds, whether the tree was verified; None: not drafted). A verified step accepts
-    `accepted` tokens of the tree and costs draft_s + spec_s; a plain run costs draft_s + token_s a token."""
+    """One decision of a cheap drafter under goodput, as the generator makes it: budget, draft (`tree`), trim ->
+    (tokens made, seconds, whether the tree was verified; None: not drafted). A verified step accepts `accepted`
+    tokens of the tree and costs draft_s + spec_s; a plain run costs draft_s + token_s a token."""
     budget = controller.budget([])
     if not budget.max_nodes:  # plain runs without a draft (verified: None)
         run_s = budget.plain_steps * token_s
@@ -348,19 +348,21 @@ def test_a_cheap_drafters_trees_that_never_match_run_plain_runs_with_a_check_as_
     controller.cost.seed_plain({8: 0.080})
     tree = DraftTree.from_paths([[5, 6, 7, 8]], match_len=1)
     verified = [gated_step(controller, tree, 0, draft_s=0.0001, spec_s=0.0122, token_s=0.010)[2] for _ in range(80)]
-    assert verified[:4] == [True] * 4 and verified[4:] == [False, True] * 38
+    later = verified[10:]  # (how often the models learn depends on the host's timing: no exact sequence)
+    assert 0.3 <= sum(later) / len(later) <= 0.6 and not any(a and b for a, b in zip(later, later[1:]))
     assert controller.report()["gate_gap"] == controller._cheap_gap(8) == 1
 
 
 def test_a_gated_cheap_drafter_verifies_long_matches_and_skips_short_ones():
-    """`ngram`-like trees: matches of 3 tokens are accepted to depth 4, matches of 1 never. On H100-like costs (a
-    step 1.3 ms, a plain token 0.7 ms) goodput learns the two classes apart: it verifies the long matches and runs
-    plain runs for the short ones (checking one now and then)."""
+    """`ngram`-like trees in runs of 10: matches of 3 tokens are accepted to depth 4, matches of 1 never. On
+    H100-like costs (a step 1.3 ms, a plain token 0.7 ms) goodput learns the two classes apart: it verifies the long
+    matches and runs plain runs for the short ones (the first after a step that paid, and a check now and then)."""
     controller = prepared(GoodputController(resolve_every=1, plain_chain=8), linear_cost(0.00092, 1e-6))
     controller.cost.seed_plain({8: 0.0056})
     long_match = DraftTree.from_paths([[1, 2, 3, 4, 5, 6, 7, 8]], match_len=3)
     short_match = DraftTree.from_paths([[9, 10, 11, 12, 13, 14, 15, 16]], match_len=1)
-    verified, drafted, proposals = {1: 0, 3: 0}, {1: 0, 3: 0}, itertools.cycle([short_match, long_match])
+    verified, drafted = {1: 0, 3: 0}, {1: 0, 3: 0}
+    proposals = itertools.cycle([short_match] * 10 + [long_match] * 10)
     tree = next(proposals)
     for step in range(400):
         made, _, was = gated_step(controller, tree, 4 if tree is long_match else 0, draft_s=0.0001, spec_s=0.0013,
@@ -581,6 +583,37 @@ def test_plain_runs_on_a_static_backend_and_a_failing_drafter_stay_lossless():
         out = generator.generate(prompt, max_new_tokens=200)
     assert out.token_ids == truth
     assert out.stats.controller["plain_tokens"] > 100 and Wrong.calls < 60
+
+
+@pytest.mark.parametrize("backend", ["hf", "static"])
+def test_gated_ngram_on_backends_with_and_without_chains_stays_lossless(backend):
+    """goodput gates `ngram` (cheap): skipped trees run plain runs instead -- a chain where the backend's chained
+    tokens cost less than single steps (measured at `prepare`), else one step (HF: no chains) -- and the output is
+    the reference's."""
+    model = tiny_model("llama")
+    prompt = repetitive_prompt(model.config.vocab_size, seed=3)
+    with single_thread():
+        truth = reference_decode(HFBackend(model), prompt, SamplingParams(), StopRule(120))
+        controller = GoodputController(profile_reps=2)
+        generator = SpeculativeGenerator(model, drafter="ngram", controller=controller, backend=backend)
+        for _ in range(2):
+            out = generator.generate(prompt, max_new_tokens=120)
+            assert out.token_ids == truth and out.stats.drafter_errors == 0
+    assert controller._gating()
+    if backend == "hf":
+        assert controller._gate_run == 1
+    else:
+        chains = controller.cost.plain
+        assert controller._gate_run in (1, controller.plain_chain) and chains.seen
+
+
+def test_first_path_is_each_nodes_first_child_in_turn():
+    from specdec.controllers.adaptive import _first_path
+
+    tree = DraftTree.from_paths([[1, 2], [1, 3, 4], [5, 6]])  # parents [-1, 0, 0, 2, -1, 4]
+    path = _first_path(tree)
+    assert path.host_tokens == (1, 2) and path.host_parents == (-1, 0)
+    assert len(_first_path(DraftTree.empty())) == 0
 
 
 def test_model_drafter_keeps_its_cache_through_trimmed_trees():

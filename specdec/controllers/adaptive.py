@@ -60,6 +60,7 @@ CHEAP_DRAFT = 0.5  # a drafter is cheap if its measured draft seconds are at mos
 PROBE_SHARE = 0.02  # a cheap drafter's probes (a step that finds nothing) may cost this share of the plain tokens
 DRAFT_SHARE = 0.01  # while a cheap drafter's trees are skipped, its drafts may cost this share of the plain runs
 SKIP_STREAK = 4  # ... once this many proposals in a row were skipped (before that: a draft after every run)
+CHAIN_SAVING = 0.95  # a skipped tree runs a plain chain where its tokens cost at most this share of single steps'
 DRAFT_DECAY = 0.8  # draft seconds, steps that did not pay: moving averages over about the last 5 of them
 MATCH_CLASSES = (1, 2, 3, 4, 8)  # a copying drafter's match lengths, learnt apart: 1, 2, 3, 4-7, 8+
 
@@ -123,6 +124,7 @@ class CostAware(abc.ABC):
         self._gate_checks: dict[int, list[int]] = {}  # per match class: [proposals skipped since one was verified,
         self._skipping, self._runs_since_draft = 0, 0  # skips before the next check]; proposals skipped in a row
         self._verify_scale = None  # measured / predicted seconds of a step's verify and rest (moving average)
+        self._gate_run = plain_chain  # a skipped tree's plain run: a chain where chaining pays, else one step
 
     # ---- the generator's hooks ------------------------------------------------------------------------------------
 
@@ -135,7 +137,10 @@ class CostAware(abc.ABC):
                 self.max_nodes = min(self.max_nodes, max(buckets) - 1)
             self.cost = CostModel.load_or_profile(backend, prompt_ids, self.max_nodes, self.profile_reps,
                                                   self.profile_seconds)
-            self.cost.seed_plain(profile_plain(backend, prompt_ids, self.plain_chain))
+            chains = profile_plain(backend, prompt_ids, self.plain_chain)
+            self.cost.seed_plain(chains)
+            longest = max(chains, default=1)  # chained plain tokens cost less (a graph backend's one host read):
+            self._gate_run = longest if chains and chains[longest] / longest <= CHAIN_SAVING * chains[1] else 1
             self._backend, self._choice = backend, None
         total, steps = self.cost._errors
         self._mark = (total, steps)
@@ -258,7 +263,7 @@ class CostAware(abc.ABC):
         if self._gating():  # a cheap drafter drafts at every decision (`trim` decides between its tree and plain
             if self._skipping >= SKIP_STREAK and self._runs_since_draft < self._draft_gap():  # runs), or every few
                 self._runs_since_draft += 1  # while its trees are skipped, so drafting costs at most DRAFT_SHARE
-                return Budget(0, 0, plain_steps=self.plain_chain)
+                return Budget(0, 0, plain_steps=self._gate_run)
             return self._choice
         # drafts come in runs (a match, a copied span): a step that paid is likely to be followed by another
         if self._last_paid or self._spec_rate() >= self._plain_rate() or self._choice.max_nodes == 0:
@@ -289,11 +294,13 @@ class CostAware(abc.ABC):
 
     def _gate(self, tree: DraftTree) -> DraftTree | Budget:
         """The proposal's best-ratio subtree if its expected tokens per second of verification (the draft is spent;
-        the cost model's seconds scaled by what the steps measured) reach the measured plain rate; else a plain run
-        of `plain_chain`. The acceptance is the tree's match-length class's where the drafter gives one. After a
-        class's `gap` skipped proposals the next is verified anyway, the gap doubling up to where such a check costs
-        PROBE_SHARE of the runs' tokens, so a class judged poor keeps being measured."""
-        plain = Budget(0, 0, plain_steps=self.plain_chain)
+        the cost model's seconds scaled by what the steps measured) reach the measured plain rate, or the last step
+        paid (matches come in runs); else a plain run (`_gate_run`: `plain_chain` where the backend's chained tokens
+        cost less than single steps, else one step). The acceptance is the tree's match-length class's where the
+        drafter gives one. After a class's `gap` skipped proposals the next is verified anyway (its best cut, else
+        its first path), the gap doubling up to where such a check costs PROBE_SHARE of the runs' tokens, so a class
+        judged poor keeps being measured."""
+        plain = Budget(0, 0, plain_steps=self._gate_run)
         self._skipping += 1
         self._runs_since_draft = 1
         if not len(tree):
@@ -301,21 +308,21 @@ class CostAware(abc.ABC):
         model = self._match_model(tree.match_len) if tree.match_len else self.acceptance
         cut, ratio = self._cut_to_ratio(tree, 0.0, model)  # the cost model's seconds, scaled to the measured
         checks = self._gate_checks.setdefault(min(tree.match_len, MATCH_CLASSES[-1]), [0, 1])
-        if ratio >= self._plain_rate() * (self._verify_scale or 1.0):
+        if self._last_paid or ratio >= self._plain_rate() * (self._verify_scale or 1.0):  # (a run of matches)
             checks[0], self._skipping = 0, 0
             return cut
         checks[0] += 1
         if checks[0] <= checks[1]:
             return plain
-        checks[:] = [0, min(2 * checks[1], self._cheap_gap(self.plain_chain))]
+        checks[:] = [0, min(2 * checks[1], self._cheap_gap(self._gate_run))]
         self._counters["probes"] += 1
-        return tree if len(cut) == 0 else cut
+        return cut if len(cut) else _first_path(tree)  # a check costs one path at most
 
     def _draft_gap(self) -> int:
         """Plain runs per draft while trees are skipped: a draft (its measured seconds) costs at most DRAFT_SHARE of
         the runs' tokens."""
         draft_tokens = (self._draft_avg or 0.0) * self._plain_rate()
-        return 1 + int(draft_tokens / (DRAFT_SHARE * self.plain_chain))
+        return 1 + int(draft_tokens / (DRAFT_SHARE * self._gate_run))
 
     def _match_model(self, match_len: int) -> AcceptanceModel:
         key = max(c for c in MATCH_CLASSES if c <= max(match_len, 1))
@@ -409,6 +416,15 @@ class CostAware(abc.ABC):
             return tree
         self._counters["trimmed_nodes"] += len(tree) - len(keep)
         return subtree(tree, [int(node) for node in keep])
+
+
+def _first_path(tree: DraftTree) -> DraftTree:
+    """The tree's first root-to-leaf path (each node's first child in turn): a chain."""
+    keep, parents = [], tree.host_parents
+    for node, parent in enumerate(parents):
+        if parent == (keep[-1] if keep else -1):
+            keep.append(node)
+    return subtree(tree, keep)
 
 
 @register_controller("goodput")
