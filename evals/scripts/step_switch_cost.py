@@ -2,7 +2,7 @@
 single-sequence loop on the native backend (SmolLM2-135M shape, random init: nothing to carry).
 
 On the H200 (run h_gate_h200) goodput's gated speculative steps measured 1.7-1.9 ms a step while static depth 8's
-cost 1.05 ms all in, with the same drafter, tree sizes and backend; plain runs cost ~0.68 ms a token in both. This
+cost ~1.2 ms all in, with the same drafter, tree sizes and backend; plain runs cost ~0.68 ms a token in both. This
 script runs the loop with fixed policies on a prompt the `ngram` drafter always matches (a random block repeated)
 and logs every step the controller observes:
     spec      every step a draft of up to 16 nodes, depth 8 (static)
