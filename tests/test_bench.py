@@ -205,6 +205,32 @@ def test_spec_methods_are_timed_without_phase_syncs_and_split_from_a_synced_reru
     assert result.phase_seconds == pytest.approx({k: v * scale for k, v in generate.seconds[1].items()})
 
 
+def test_the_synced_phase_run_does_not_teach_the_controller():
+    """The synchronised run (phases split on a GPU) runs under a copy of the controller: a cost-aware controller's
+    measured rates stay those of the timed run (on an H200 the syncs made goodput's speculative steps look ~0.5 ms
+    dearer, and it ran plain)."""
+    from specdec import SamplingParams
+    from specdec.evals.methods import BenchContext, SpecMethod
+
+    model = fresh_tiny_model("llama").float()
+    method = SpecMethod("ngram@goodput:profile_reps=2", BenchContext(model, None, SamplingParams()))
+    method.synced_phases = True
+    controller, original, seen = method.generator.controller, method.generator.generate, []
+
+    def generate(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append((method.generator.phase_sync, method.generator.controller is controller,
+                     dict(controller._measured), controller.acceptance.tested.sum()))
+        return out
+
+    method.generator.generate = generate
+    method.run(list(range(5, 40)) * 2, 24)
+    (timed_sync, timed_own, *timed_state), (synced_sync, synced_own, *synced_state) = seen
+    assert (timed_sync, synced_sync) == (False, True) and timed_own and not synced_own
+    assert method.generator.controller is controller and synced_state == timed_state
+    assert timed_state[0]["plain"] != (0.0, 0.0) or timed_state[0]["spec"] != (0.0, 0.0)  # it did learn
+
+
 def test_ar_takes_its_chain_length_and_refuses_other_options():
     """`ar` decodes AR_CHAIN greedy tokens per host round trip on the graph backend; `ar:chain=1` one, with the same
     tokens; anything else is a clear error."""
