@@ -71,6 +71,19 @@ class Drafter(Protocol):
 _DRAFTERS: dict[str, Callable[..., Drafter]] = {}
 
 
+MATCH_CAP = 32  # `match_length` looks back at most this far
+
+
+def match_length(tokens: Sequence[int], end: int, cap: int = MATCH_CAP) -> int:
+    """How many tokens before `end` equal the context's last ones: the common suffix of tokens[:end] and tokens (at
+    most `cap`). A copying drafter's evidence that the text after `end` continues the context (`DraftTree.match_len`):
+    a copy found on 20 matching tokens is likelier to go on than one found on a single token."""
+    length, last = 0, len(tokens) - 1
+    while length < cap and end - 1 - length >= 0 and tokens[end - 1 - length] == tokens[last - length]:
+        length += 1
+    return length
+
+
 def register_drafter(name: str):
     """Class decorator: make a drafter constructible by name (`make_drafter(name, **options)`)."""
 

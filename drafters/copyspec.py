@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from specdec.drafters.base import DraftContext, register_drafter
+from specdec.drafters.base import DraftContext, match_length, register_drafter
 from specdec.tree import DraftTree, max_depth
 
 
@@ -38,6 +38,7 @@ class CopySpecDrafter:
         self.copy_len, self.min_copy_len, self.max_copy_len = copy_len, min_copy_len, max_copy_len
         self._tokens: list[int] = []
         self._ends: dict[tuple[int, ...], list[int]] = {}  # γ-gram -> positions just after its occurrences
+        self._first_end = 0  # where the last `spans` call's first span starts
         self.reset()
 
     def reset(self) -> None:
@@ -60,7 +61,8 @@ class CopySpecDrafter:
         spans = self.spans(min(self.copy_len, ctx.budget.max_depth))
         if not spans:
             return DraftTree.empty()
-        return DraftTree.from_paths(spans, source="copyspec", max_nodes=ctx.budget.max_nodes)
+        return DraftTree.from_paths(spans, source="copyspec", max_nodes=ctx.budget.max_nodes,
+                                    match_len=match_length(self._tokens, self._first_end))
 
     def spans(self, length: int) -> list[list[int]]:
         """Distinct spans that followed earlier occurrences of the context's last γ tokens, most recent first."""
@@ -70,6 +72,8 @@ class CopySpecDrafter:
         for end in reversed(self._ends.get(tuple(tokens[-self.gamma:]), ())):
             span = tokens[end: end + length]
             if span and span not in found:  # end == len(tokens) is the key itself: nothing follows it yet
+                if not found:
+                    self._first_end = end  # (the first span's match length is the tree's evidence)
                 found.append(span)
                 if len(found) >= self.max_branches:
                     break

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from specdec.drafters.base import DraftContext, register_drafter
+from specdec.drafters.base import DraftContext, match_length, register_drafter
 from specdec.tree import DraftTree
 
 
@@ -57,8 +57,8 @@ class NgramDrafter:
                 self._starts[tuple(self._tokens[end - n:end])].append(end - n)
 
     def _continuations(self, max_depth: int) -> tuple[list[list[int]], int]:
-        """Distinct continuations of the context's suffix, longest match then most recent first, and the first
-        one's match length (0: none found)."""
+        """Distinct continuations of the context's suffix, longest match then most recent first, and how far the
+        first one's occurrence matches the context looking back (`match_length`, >= its n; 0: none found)."""
         tokens, found, seen, matched = self._tokens, [], set(), 0
         for n in range(min(self.max_n, len(tokens) - 1), self.min_n - 1, -1):
             suffix_start = len(tokens) - n
@@ -69,7 +69,7 @@ class NgramDrafter:
                 if continuation and continuation not in seen:
                     seen.add(continuation)
                     found.append(list(continuation))
-                    matched = matched or n
+                    matched = matched or match_length(tokens, start + n)
                 if len(found) >= self.max_matches:
                     return found, matched
         return found, matched

@@ -38,8 +38,9 @@ class DraftTree:
     host_tokens: `tokens` as a tuple on the host where that costs no device read: filled at construction when
                  `tokens` is on the CPU (else None, unless given); `.to()` carries it over.
     origin:      for a tree cut from a drafter's proposal (`subtree`): node i was node origin[i] there; else None.
-    match_len:   for a drafter that copies from the context (`ngram`): how many of the context's last tokens its
-                 first path's earlier occurrence matched (a longer match is likelier to continue); 0: none given.
+    match_len:   for a drafter that copies from the context (`ngram`, `copyspec`): how many of the context's last
+                 tokens the tokens before its first path's earlier occurrence equal (`match_length`; a longer match
+                 is likelier to continue); 0: none given.
                  Controllers learn acceptance per match length.
     """
 

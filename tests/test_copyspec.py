@@ -142,3 +142,21 @@ def test_sampling_completes_with_valid_ids():
     out = generator.generate(repetitive_prompt(VOCAB, seed=4), max_new_tokens=30, temperature=0.8, seed=3)
     assert len(out.token_ids) == 30 and all(0 <= t < VOCAB for t in out.token_ids)
     assert out.stats.drafter_errors == 0 and out.stats.drafted_nodes > 0
+
+
+def test_copying_drafters_report_how_far_their_match_reaches_back():
+    """`match_length`: the common suffix of tokens[:end] and the context (capped); `ngram` and `copyspec` put their
+    first path's in `DraftTree.match_len` (a drafter's evidence for the controllers' acceptance classes)."""
+    from specdec.drafters.base import match_length
+    from specdec.drafters.ngram import NgramDrafter
+
+    assert match_length([1, 2, 3, 9, 1, 2, 3], 3) == 3 and match_length([5, 2, 3, 9, 1, 2, 3], 3) == 2
+    assert match_length([7, 7, 7, 7], 3, cap=2) == 2 and match_length([1, 2], 0) == 0
+    context = [8, 1, 2, 3, 4, 5, 6, 9, 9, 1, 2, 3, 4]  # "1 2 3 4" occurred before, with "8" before it, not "9"
+    budget = Budget(8, 4)
+    tree = NgramDrafter(max_n=3).propose(DraftContext(context, budget, SamplingParams(), None))
+    assert tree.host_tokens[:2] == (5, 6) and tree.match_len == 4  # the 3-gram "2 3 4", and "1" before it too
+    tree = CopySpecDrafter(gamma=2).propose(DraftContext(context, budget, SamplingParams(), None))
+    assert tree.host_tokens[:2] == (5, 6) and tree.match_len == 4
+    nothing = NgramDrafter().propose(DraftContext([1, 2, 3], budget, SamplingParams(), None))
+    assert len(nothing) == 0 and nothing.match_len == 0
