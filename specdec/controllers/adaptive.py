@@ -29,10 +29,11 @@ PROBE_SHARE of them, so a match is found within a few tokens of appearing (on an
 100% plain: 0.99x of `ar` against 1.19x for a static depth 8). Under `goodput` a cheap drafter is **gated** instead:
 it drafts at every decision, and `trim` verifies its tree only where the tree's expected tokens (learnt per
 match-length class, `DraftTree.match_len`: a copy whose occurrence matches the context's last 20 tokens continues
-far more often than one matching 1) per second of verification reach the plain rate; else a plain run of `plain_chain` runs (the generator's
-trim -> Budget), and a skipped class is checked now and then. (Replayed on the H100 run's answers: 1.09x of `ar`
-against 1.02x for the probes and 0.93x for static depth 8.) Decisions read host numbers only: no device sync is
-added."""
+far more often than one matching 1) per second of verification reach the plain rate, or the last step paid; else a
+plain run runs instead (the generator's trim -> Budget), and a skipped class is checked now and then.
+(`controller_replay.py` on two GPU runs' answers: 1.07-1.13x of `ar`, where the probes gave 1.02x and static depth
+8 0.93x / 1.11x; the replay varies by ~5% run to run: the learning's cadence follows the host's timing.) Decisions
+read host numbers only: no device sync is added."""
 
 from __future__ import annotations
 
