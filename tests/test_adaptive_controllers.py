@@ -608,7 +608,9 @@ def test_gated_ngram_on_backends_with_and_without_chains_stays_lossless(backend)
 
 
 def test_first_path_is_each_nodes_first_child_in_turn():
-    from specdec.controllers.adaptive import _first_path
+    from specdec.controllers.adaptive import _first_path, _match_class
+
+    assert [_match_class(n) for n in (0, 1, 2, 3, 4, 7, 8, 32)] == [0, 1, 2, 3, 4, 4, 8, 8]
 
     tree = DraftTree.from_paths([[1, 2], [1, 3, 4], [5, 6]])  # parents [-1, 0, 0, 2, -1, 4]
     path = _first_path(tree)

@@ -308,10 +308,10 @@ class CostAware(abc.ABC):
             return plain
         model = self._match_model(tree.match_len) if tree.match_len else self.acceptance
         cut, ratio = self._cut_to_ratio(tree, 0.0, model)  # the cost model's seconds, scaled to the measured
-        checks = self._gate_checks.setdefault(min(tree.match_len, MATCH_CLASSES[-1]), [0, 1])
-        if self._last_paid or ratio >= self._plain_rate() * (self._verify_scale or 1.0):  # (a run of matches)
+        checks = self._gate_checks.setdefault(_match_class(tree.match_len), [0, 1])
+        if self._last_paid or len(cut) and ratio >= self._plain_rate() * (self._verify_scale or 1.0):
             checks[0], self._skipping = 0, 0
-            return cut
+            return cut if len(cut) else _first_path(tree)
         checks[0] += 1
         if checks[0] <= checks[1]:
             return plain
@@ -326,7 +326,7 @@ class CostAware(abc.ABC):
         return 1 + int(draft_tokens / (DRAFT_SHARE * self._gate_run))
 
     def _match_model(self, match_len: int) -> AcceptanceModel:
-        key = max(c for c in MATCH_CLASSES if c <= max(match_len, 1))
+        key = _match_class(match_len)
         model = self._by_match.get(key)
         if model is None:
             model = self._by_match[key] = AcceptanceModel(self.acceptance.tested.shape[0] - 1)
@@ -417,6 +417,11 @@ class CostAware(abc.ABC):
             return tree
         self._counters["trimmed_nodes"] += len(tree) - len(keep)
         return subtree(tree, [int(node) for node in keep])
+
+
+def _match_class(match_len: int) -> int:
+    """The MATCH_CLASSES entry a match length falls in (0: no match length given)."""
+    return max((c for c in MATCH_CLASSES if c <= match_len), default=0)
 
 
 def _first_path(tree: DraftTree) -> DraftTree:
