@@ -38,7 +38,6 @@ class CopySpecDrafter:
         self.copy_len, self.min_copy_len, self.max_copy_len = copy_len, min_copy_len, max_copy_len
         self._tokens: list[int] = []
         self._ends: dict[tuple[int, ...], list[int]] = {}  # γ-gram -> positions just after its occurrences
-        self._first_end = 0  # where the last `spans` call's first span starts
         self.reset()
 
     def reset(self) -> None:
@@ -58,23 +57,26 @@ class CopySpecDrafter:
 
     def propose(self, ctx: DraftContext) -> DraftTree:
         self._index(ctx.token_ids)
-        spans = self.spans(min(self.copy_len, ctx.budget.max_depth))
-        if not spans:
+        found = self._occurrences(min(self.copy_len, ctx.budget.max_depth))
+        if not found:
             return DraftTree.empty()
-        return DraftTree.from_paths(spans, source="copyspec", max_nodes=ctx.budget.max_nodes,
-                                    match_len=match_length(self._tokens, self._first_end))
+        return DraftTree.from_paths([span for _, span in found], source="copyspec", max_nodes=ctx.budget.max_nodes,
+                                    match_len=match_length(self._tokens, found[0][0]))
 
     def spans(self, length: int) -> list[list[int]]:
         """Distinct spans that followed earlier occurrences of the context's last γ tokens, most recent first."""
-        tokens, found = self._tokens, []
+        return [span for _, span in self._occurrences(length)]
+
+    def _occurrences(self, length: int) -> list[tuple[int, list[int]]]:
+        """`spans`, each with where it starts in the context: [(end of the γ-gram's occurrence, span)]."""
+        tokens, found, seen = self._tokens, [], []
         if len(tokens) < self.gamma or length < 1:
             return found
         for end in reversed(self._ends.get(tuple(tokens[-self.gamma:]), ())):
             span = tokens[end: end + length]
-            if span and span not in found:  # end == len(tokens) is the key itself: nothing follows it yet
-                if not found:
-                    self._first_end = end  # (the first span's match length is the tree's evidence)
-                found.append(span)
+            if span and span not in seen:  # end == len(tokens) is the key itself: nothing follows it yet
+                seen.append(span)
+                found.append((end, span))
                 if len(found) >= self.max_branches:
                     break
         return found

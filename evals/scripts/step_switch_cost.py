@@ -103,10 +103,9 @@ def main(out: str) -> None:
         results[name] = dict(wall_ms=1e3 * statistics.median(walls), steps=summary(log))
         lines.append(f"{name}: wall {results[name]['wall_ms']:.2f} ms a generation")
         for key, row in results[name]["steps"].items():
+            unit = " a token" if key.startswith("plain") else ""
             lines.append(f"    {key:>22}: n={row['count']:4d} nodes {row['nodes']:4.1f}  draft {row['draft_ms']:.3f}  "
-                         f"verify {row['verify_ms']:.3f}  step {row['step_ms']:.3f} ms" + (" a token" if
-                                                                                              key.startswith("plain")
-                                                                                              else ""))
+                         f"verify {row['verify_ms']:.3f}  step {row['step_ms']:.3f} ms{unit}")
         print("\n".join(lines[-1 - len(results[name]["steps"]):]), flush=True)
     (Path(out) / "step_switch_cost.json").write_text(json.dumps(results, indent=1))
     if DEVICE == "cuda":

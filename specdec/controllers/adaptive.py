@@ -47,7 +47,7 @@ import numpy
 from specdec.controllers.acceptance import RANKS, AcceptanceModel
 from specdec.controllers.base import Budget, Frontier, StepStats, register_controller
 from specdec.controllers.cost import CostModel, profile_plain
-from specdec.tree import DraftTree, subtree
+from specdec.tree import DraftTree, paths, subtree
 
 SOLVE_DEPTHS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)
 SOLVE_SHARE = 0.005  # re-solving may cost at most this share of the steps' time
@@ -311,13 +311,13 @@ class CostAware(abc.ABC):
         checks = self._gate_checks.setdefault(_match_class(tree.match_len), [0, 1])
         if self._last_paid or len(cut) and ratio >= self._plain_rate() * (self._verify_scale or 1.0):
             checks[0], self._skipping = 0, 0
-            return cut if len(cut) else _first_path(tree)
-        checks[0] += 1
-        if checks[0] <= checks[1]:
-            return plain
-        checks[:] = [0, min(2 * checks[1], self._cheap_gap(self._gate_run))]
-        self._counters["probes"] += 1
-        return cut if len(cut) else _first_path(tree)  # a check costs one path at most
+        else:
+            checks[0] += 1
+            if checks[0] <= checks[1]:
+                return plain
+            checks[:] = [0, min(2 * checks[1], self._cheap_gap(self._gate_run))]
+            self._counters["probes"] += 1
+        return cut if len(cut) else _first_path(tree)  # (an empty cut: one path at most)
 
     def _draft_gap(self) -> int:
         """Plain runs per draft while trees are skipped: a draft (its measured seconds) costs at most DRAFT_SHARE of
@@ -425,12 +425,8 @@ def _match_class(match_len: int) -> int:
 
 
 def _first_path(tree: DraftTree) -> DraftTree:
-    """The tree's first root-to-leaf path (each node's first child in turn): a chain."""
-    keep, parents = [], tree.host_parents
-    for node, parent in enumerate(parents):
-        if parent == (keep[-1] if keep else -1):
-            keep.append(node)
-    return subtree(tree, keep)
+    """The tree's first root-to-leaf path (`paths`' first, as a chain)."""
+    return subtree(tree, paths(tree)[0]) if len(tree) else tree
 
 
 @register_controller("goodput")
