@@ -10,7 +10,9 @@ Once the budget is full no node is added, but later drafters still get credit fo
 `source[i]` of the merged tree names every sub-drafter that proposed node i, joined by "+" in list order
 ("copyspec+ngram"). Names are the registered names, "#2", "#3" ... appended to repeats ("ngram", "ngram#2").
 The merged tree is deterministic (`draft_probs` None): a node two drafters sampled from different distributions
-has no single q, and the verifier's one-hot treatment stays lossless for any drafts.
+has no single q, and the verifier's one-hot treatment stays lossless for any drafts. Its `match_len` is the leading
+tree's (the one whose first node is the merged tree's first): a copying drafter's evidence for the controllers'
+acceptance classes survives the merge, and a step where it found nothing (the others' trees lead) is class 0.
 
 Example: drafter a proposes "1 2 3" and "1 4", drafter b "1 2 5" and "6"; max_nodes=5, policy "priority" gives
 tokens [1, 2, 3, 4, 5], parents [-1, 0, 1, 0, 1], sources ["a+b", "a+b", "a", "a", "b"]; "6" did not fit.
@@ -138,7 +140,9 @@ def merge_trees(trees: dict[str, DraftTree], max_nodes: int, max_depth: int | No
             proposers[node_of[key]].add(name)
     rank = {name: i for i, name in enumerate(list(order) or list(trees))}
     source = tuple("+".join(sorted(names, key=rank.__getitem__)) for names in proposers)
-    return DraftTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long), source=source)
+    leading = next((trees[name] for name, node in _visit_order(trees, interleave) if mapped[name][node] == 0), None)
+    return DraftTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long), source=source,
+                     match_len=leading.match_len if leading is not None else 0)
 
 
 def _visit_order(trees: dict[str, DraftTree], interleave: bool):

@@ -92,6 +92,18 @@ def test_merge_respects_depth_and_drops_orphans():
     assert len(merge_trees({}, max_nodes=8)) == 0
 
 
+def test_merged_tree_keeps_the_leading_trees_match_length():
+    """A copying drafter's match length (the controllers' acceptance class) survives the merge where its tree
+    leads; where it found nothing, the tree that leads gives its own (0: none)."""
+    copied = DraftTree.from_paths([[1, 2, 3]], match_len=5)
+    other = DraftTree.from_paths([[1, 4], [6]])
+    assert merge_trees({"copy": copied, "other": other}, max_nodes=8).match_len == 5
+    assert merge_trees({"other": other, "copy": copied}, max_nodes=8).match_len == 0
+    assert merge_trees({"other": other}, max_nodes=8).match_len == 0
+    assert merge_trees({"copy": copied, "other": other}, max_nodes=8, interleave=True).match_len == 5
+    assert merge_trees({}, max_nodes=8).match_len == 0
+
+
 def test_acceptance_policy_interleaves_by_recent_acceptance():
     a, b = Scripted("a", A_PATHS), Scripted("b", B_PATHS)
     fused = FusedDrafter([a, b], policy="acceptance")

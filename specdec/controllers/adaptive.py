@@ -63,7 +63,7 @@ DRAFT_SHARE = 0.01  # while a cheap drafter's trees are skipped, its drafts may 
 SKIP_STREAK = 4  # ... once this many proposals in a row were skipped (before that: a draft after every run)
 CHAIN_SAVING = 0.95  # a skipped tree runs a plain chain where its tokens cost at most this share of single steps'
 DRAFT_DECAY = 0.8  # draft seconds, steps that did not pay: moving averages over about the last 5 of them
-MATCH_CLASSES = (1, 2, 3, 4, 8)  # a copying drafter's match lengths, learnt apart: 1, 2, 3, 4-7, 8+
+MATCH_CLASSES = (1, 2, 3, 4, 8)  # a copying drafter's match lengths, learnt apart: none, 1, 2, 3, 4-7, 8+
 
 
 def _moving(average: float | None, value: float) -> float:
@@ -206,7 +206,7 @@ class CostAware(abc.ABC):
         if step.tree is not None and step.drafted_nodes:
             parents = step.tree.host_parents
             self.acceptance.observe(parents, step.accepted_nodes)
-            if step.tree.match_len:
+            if self.gated:  # per match-length class; class 0 (no match given) too, apart from the matched trees
                 self._match_model(step.tree.match_len).observe(parents, step.accepted_nodes)
             if not self._seen_tree or self._width < RANKS:
                 width = int(self.acceptance.shape(parents)[1].max()) + 1
@@ -297,8 +297,8 @@ class CostAware(abc.ABC):
         """The proposal's best-ratio subtree if its expected tokens per second of verification (the draft is spent;
         the cost model's seconds scaled by what the steps measured) reach the measured plain rate, or the last step
         paid (matches come in runs); else a plain run (`_gate_run`: `plain_chain` where the backend's chained tokens
-        cost less than single steps, else one step). The acceptance is the tree's match-length class's where the
-        drafter gives one. After a class's `gap` skipped proposals the next is verified anyway (its best cut, else
+        cost less than single steps, else one step). The acceptance is the tree's match-length class's (class 0: the
+        trees that give none, learnt apart from the matched ones; `fused` leads with either). After a class's `gap` skipped proposals the next is verified anyway (its best cut, else
         its first path), the gap doubling up to where such a check costs PROBE_SHARE of the runs' tokens, so a class
         judged poor keeps being measured."""
         plain = Budget(0, 0, plain_steps=self._gate_run)
@@ -306,7 +306,7 @@ class CostAware(abc.ABC):
         self._runs_since_draft = 1
         if not len(tree):
             return plain
-        model = self._match_model(tree.match_len) if tree.match_len else self.acceptance
+        model = self._match_model(tree.match_len)
         cut, ratio = self._cut_to_ratio(tree, 0.0, model)  # the cost model's seconds, scaled to the measured
         checks = self._gate_checks.setdefault(_match_class(tree.match_len), [0, 1])
         if self._last_paid or len(cut) and ratio >= self._plain_rate() * (self._verify_scale or 1.0):
