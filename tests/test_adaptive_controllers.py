@@ -656,3 +656,99 @@ def test_sampling_through_goodput_matches_the_target_distribution():
             counts[out.token_ids[0]] += 1
     for token, p in zip(top.indices.tolist(), top.values.tolist()):
         assert abs(counts[token] / trials - p) < 4 * (p * (1 - p) / trials) ** 0.5 + 1e-3
+
+
+# A draft model's regimes: (plain token s, verify points, draft s per depth, catch-up s of a sequence's first draft).
+# bf16 on an AMX Xeon (the issue's Qwen pair): a verify costs about one AR step, a draft token ~0.1 s: chains pay.
+# float32 on this 2-core EPYC (`qwen_fp32_short`): verifying 2 tokens costs 1.8 AR steps, 5 tokens 2.25: none pays.
+MODEL_REGIMES = {
+    "bf16-amx": (0.228, {0: 0.228, 1: 0.21, 2: 0.212, 4: 0.215, 8: 0.225, 16: 0.26, 32: 0.33, 64: 0.47}, 0.10, 0.5),
+    "fp32-2core": (0.40, {0: 0.40, 1: 0.73, 2: 0.76, 4: 0.90, 8: 1.0, 16: 1.3, 32: 2.0, 64: 3.5}, 0.16, 1.0),
+}
+
+
+def simulate_model_drafter(policy: str, regime: str, p_accept: float = 0.85, sequences: int = 12,
+                           tokens: int = 96) -> float:
+    """Tokens per second of a draft model's chains over `sequences` answers of `tokens`: `goodput` (the generator's
+    protocol: budget, draft to its depth, trim, verify, observe; a new sequence's first draft pays the draft model's
+    catch-up, a draft after plain runs the plain tokens' catch-up at a tenth of a depth each), `plain`, or
+    `static` (depth 4). Each drafted token is accepted with p_accept, in order (a fixed pseudo-random sequence)."""
+    token_s, points, depth_s, catch_up_s = MODEL_REGIMES[regime]
+    nodes = sorted(points)
+
+    def verify_s(n: int) -> float:  # the machine's truth: the profile's points, interpolated
+        upper = next(k for k in nodes if k >= n)
+        lower = max(k for k in nodes if k <= n)
+        return points[lower] if upper == lower else points[lower] + (points[upper] - points[lower]) * (
+            n - lower) / (upper - lower)
+
+    controller = prepared(GoodputController(resolve_every=1, plain_chain=8), CostModel(dict(points)))
+    controller.cost.seed_plain({1: token_s, 8: 8 * token_s})
+    rng, made, seconds = random.Random(0), 0, 0.0
+    for _ in range(sequences):
+        if policy == "plain":
+            made, seconds = made + tokens, seconds + tokens * token_s
+            continue
+        controller.prepare(controller._backend, [1, 2, 3])  # a new sequence (the profile is kept)
+        position, fresh, missed = 0, True, 0
+        while position < tokens:
+            budget = controller.budget([]) if policy == "goodput" else Budget(4, 4)
+            if not budget.max_nodes:
+                steps = budget.plain_steps
+                controller.observe(StepStats(0, 0, 0, verify_s=steps * token_s, step_s=steps * token_s,
+                                             plain_steps=steps))
+                position, seconds, missed = position + steps, seconds + steps * token_s, missed + steps
+                continue
+            depth = min(budget.max_depth, budget.max_nodes)
+            draft_s = depth * depth_s + (catch_up_s if fresh else 0.1 * depth_s * missed)
+            fresh, missed = False, 0
+            tree = DraftTree.chain(list(range(1, depth + 1)))
+            if policy == "goodput":
+                tree = controller.trim(tree, draft_s)
+            if isinstance(tree, Budget):  # the draft is spent; a plain run instead of its verify
+                steps = tree.plain_steps
+                controller.observe(StepStats(0, 0, 0, draft_s=draft_s, verify_s=steps * token_s,
+                                             step_s=draft_s + steps * token_s, plain_steps=steps,
+                                             proposed_nodes=depth))
+                position, seconds, missed = position + steps, seconds + draft_s + steps * token_s, steps
+                continue
+            depth = max_depth(tree)
+            accepted = next((k for k in range(depth) if rng.random() >= p_accept), depth)
+            spec_s = verify_s(depth)
+            if policy == "goodput":
+                controller.observe(StepStats(depth, depth, accepted, draft_s, spec_s, draft_s + spec_s, tree,
+                                             tuple(range(accepted)), proposed_nodes=depth))
+            position, seconds = position + accepted + 1, seconds + draft_s + spec_s
+        made += position
+    return made / seconds
+
+
+@pytest.mark.parametrize("p_accept", [0.7, 0.85, 0.95])
+@pytest.mark.parametrize("regime", sorted(MODEL_REGIMES))
+def test_goodput_with_a_draft_model_speculates_where_chains_pay_and_runs_plain_where_none_does(regime, p_accept):
+    """A draft model is no cheap drafter: goodput solves the depth from the learnt acceptance and the measured draft
+    seconds. Where verifying costs about an AR step and a draft token half of one (bf16 on an AMX Xeon), chains pay:
+    goodput speculates, well above plain decoding. Where a verify costs twice an AR step (float32 on 2 cores), only
+    long accepted chains pay. Everywhere >= 0.94x the better of plain decoding and a static depth 4: a sequence's
+    first draft pays the draft model's catch-up, and where speculating and plain runs are near even (float32, 0.85)
+    the switches between them cost their catch-ups. Before the catch-up was kept out of the draft-cost line, the
+    first draft's prefill made every depth past 1 look twice as dear: goodput drafted one token a step, 0.82-0.84x
+    of static depth 4 at p = 0.95."""
+    rates = {policy: simulate_model_drafter(policy, regime, p_accept) for policy in ("goodput", "plain", "static")}
+    assert rates["goodput"] >= 0.94 * max(rates["plain"], rates["static"]), rates
+    if regime == "bf16-amx":
+        assert rates["goodput"] >= 1.15 * rates["plain"], rates
+
+
+def test_online_line_forgets_a_slope_only_faded_points_give():
+    """One old point at another x (a draft model's first draft, its prefill included) must not set the slope
+    forever once every later point sits at one x: the line falls back to cost proportional to x."""
+    line = OnlineLine(decay=0.95)
+    line.add(4, 1.3)  # depth 4: 0.4 s of drafting + 0.9 s of catch-up
+    for _ in range(200):
+        line.add(1, 0.1)
+    assert line(1) == pytest.approx(0.1, rel=1e-3) and line(4) == pytest.approx(0.4, rel=1e-3)
+    mixed = OnlineLine(decay=0.95)
+    for depth in [1, 4] * 50:
+        mixed.add(depth, 0.05 + 0.1 * depth)
+    assert mixed(8) == pytest.approx(0.85)  # depths really mixed: the fitted line, intercept kept

@@ -159,8 +159,9 @@ class CostAware(abc.ABC):
     def observe(self, step: StepStats) -> None:
         started = time.perf_counter()
         self._since_learn += 1
+        catch_up = not step.plain_steps and (self._sequence_start or self._unmeasured and not self._cheap())
         if self._since_learn >= self._learn_gap or step.plain_steps:
-            self._learn(step)
+            self._learn(step, draft=not catch_up)
             spent = time.perf_counter() - started
             seconds = step.step_s or step.draft_s + step.verify_s
             self._since_learn = 0
@@ -199,10 +200,11 @@ class CostAware(abc.ABC):
         self._steps_since_solve += 1
         self._counters["controller_s"] += time.perf_counter() - started
 
-    def _learn(self, step: StepStats) -> None:
-        """The models learn from a step: the cost model its times, the acceptance model its verified tree."""
+    def _learn(self, step: StepStats, draft: bool = True) -> None:
+        """The models learn from a step: the cost model its times (draft=False: not its draft seconds, a catch-up),
+        the acceptance model its verified tree."""
         if self.cost is not None:
-            self.cost.observe(step)
+            self.cost.observe(step, draft)
         if step.tree is not None and step.drafted_nodes:
             parents = step.tree.host_parents
             self.acceptance.observe(parents, step.accepted_nodes)

@@ -40,11 +40,16 @@ import numpy
 import torch
 
 PROFILE_NODES = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+ONE_X = 0.1  # `OnlineLine`: x's spread below this share of their mean counts as one x
 
 
 class OnlineLine:
     """y ~ a + b * x by exponentially weighted least squares (decay: the weight of the past per observation).
-    With one distinct x so far the line goes through the origin and the mean point (cost proportional to x)."""
+    Where the x's weighted standard deviation is under ONE_X of their mean (one x so far, or old points at other x's
+    faded to nothing) the line goes through the origin and the mean point (cost proportional to x): a slope fitted
+    through faded points would keep whatever they said, however old (a draft model's first draft, its prefill
+    included, once taught goodput that every depth past 1 costs twice what it does, and it never drafted deeper
+    again to learn otherwise)."""
 
     def __init__(self, decay: float = 0.95):
         self.decay, self.sums = decay, [0.0] * 5  # weight, Σx, Σy, Σxx, Σxy
@@ -62,7 +67,7 @@ class OnlineLine:
             return 0.0
         mean_x, mean_y = sx / weight, sy / weight
         spread = sxx / weight - mean_x * mean_x
-        if spread <= 1e-9 * max(1.0, mean_x * mean_x):
+        if spread <= max(ONE_X * ONE_X * mean_x * mean_x, 1e-9):
             return mean_y * x / mean_x if mean_x > 0 else mean_y
         slope = (sxy / weight - mean_x * mean_y) / spread
         return max(mean_y + slope * (x - mean_x), 0.0)
@@ -128,8 +133,9 @@ class CostModel:
         """Predicted seconds of a whole speculative step: draft + verify + the rest."""
         return self.draft_s(depth) + self.verify_s(nodes) + self.other
 
-    def observe(self, step) -> None:
-        """Learn from a measured `StepStats` (its error against the prediction is counted first)."""
+    def observe(self, step, draft: bool = True) -> None:
+        """Learn from a measured `StepStats` (its error against the prediction is counted first); draft=False: not
+        its draft seconds (a drafter's catch-up on what it missed, not a draft's cost)."""
         if step.plain_steps:
             measured = step.step_s or step.verify_s
             self._count_error(self.plain_s(step.plain_steps), measured)
@@ -138,7 +144,7 @@ class CostModel:
         if step.step_s:
             self._count_error(self.step_s(step.drafted_nodes, step.draft_depth), step.step_s)
             self.other = self._average(self.other, max(step.step_s - step.draft_s - step.verify_s, 0.0))
-        if step.draft_depth:
+        if step.draft_depth and draft:
             self.draft.add(step.draft_depth, step.draft_s)
         self._refine(step.drafted_nodes, step.verify_s)
 
