@@ -300,9 +300,9 @@ class CostAware(abc.ABC):
         the cost model's seconds scaled by what the steps measured) reach the measured plain rate, or the last step
         paid (matches come in runs); else a plain run (`_gate_run`: `plain_chain` where the backend's chained tokens
         cost less than single steps, else one step). The acceptance is the tree's match-length class's (class 0: the
-        trees that give none, learnt apart from the matched ones; `fused` leads with either). After a class's `gap` skipped proposals the next is verified anyway (its best cut, else
-        its first path), the gap doubling up to where such a check costs PROBE_SHARE of the runs' tokens, so a class
-        judged poor keeps being measured."""
+        trees that give none, learnt apart from the matched ones; `fused` leads with either). After a class's `gap`
+        skipped proposals the next is verified anyway (its best cut, else its first path), the gap doubling up to
+        where such a check costs PROBE_SHARE of the runs' tokens, so a class judged poor keeps being measured."""
         plain = Budget(0, 0, plain_steps=self._gate_run)
         self._skipping += 1
         self._runs_since_draft = 1
