@@ -140,9 +140,9 @@ def merge_trees(trees: dict[str, DraftTree], max_nodes: int, max_depth: int | No
             proposers[node_of[key]].add(name)
     rank = {name: i for i, name in enumerate(list(order) or list(trees))}
     source = tuple("+".join(sorted(names, key=rank.__getitem__)) for names in proposers)
-    leading = next((trees[name] for name, node in _visit_order(trees, interleave) if mapped[name][node] == 0), None)
+    leading = next(iter(trees.values())).match_len if tokens else 0  # merged node 0 is the first tree's node 0
     return DraftTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long), source=source,
-                     match_len=leading.match_len if leading is not None else 0)
+                     match_len=leading)
 
 
 def _visit_order(trees: dict[str, DraftTree], interleave: bool):

@@ -159,8 +159,8 @@ class CostAware(abc.ABC):
     def observe(self, step: StepStats) -> None:
         started = time.perf_counter()
         self._since_learn += 1
-        catch_up = not step.plain_steps and (self._sequence_start or self._unmeasured and not self._cheap())
-        if self._since_learn >= self._learn_gap or step.plain_steps:
+        if self._since_learn >= self._learn_gap or step.plain_steps:  # (a catch-up's draft is not a draft's cost)
+            catch_up = not step.plain_steps and (self._sequence_start or self._unmeasured and not self._cheap())
             self._learn(step, draft=not catch_up)
             spent = time.perf_counter() - started
             seconds = step.step_s or step.draft_s + step.verify_s
