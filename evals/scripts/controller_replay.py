@@ -8,8 +8,10 @@ what the run measured on its device:
     plain run of k   one plain step (verify_s(0)) + k - 1 chained tokens, so that a run of 8 costs `ar`'s 8 tokens
     speculative step the profiled verify_s(nodes) of the run's cost cache + the drafter's seconds per step + the
                      rest of a step (the static method's t_draft and t_other less the prefill, per step)
-Policies: `ar`, `static` (depth 8, 16 nodes: the bench's sweep), `goodput` (the real controller, its cost model built
-from the same profile: it sees the step times the replay charges; its own host time, measured here, is charged
+Policies: `ar`, `static` (depth 8, 16 nodes: the bench's sweep), `oracle` (static's proposals, each verified only
+where it pays, the answer known, else a plain step: the most a gate could make of this drafter), `goodput` (the
+real controller, its cost model built from the same profile: it sees the step times the replay charges; its own
+host time, measured here, is charged
 too). Prints tokens/s and speedup over `ar` per category and overall; NOISE=0.05 jitters each charged time by
 +-5% (seeded); VERBOSE=1 prints goodput's counters. Not charged: the loop's other host work, and what a real
 step costs beyond the profile (on the H100 run g_paid2 the replay said 1.05x for goodput, the run gave 0.88x):
@@ -40,18 +42,18 @@ from specdec.tree import DraftTree, max_depth
 NOISE = float(os.environ.get("NOISE", 0.0))
 
 
-def accepted_length(tree: DraftTree, answer: list[int], at: int) -> int:
-    """The longest root-to-node path of `tree` whose tokens equal answer[at:] (greedy acceptance)."""
+def accepted_path(tree: DraftTree, answer: list[int], at: int) -> tuple[int, ...]:
+    """The nodes of the longest root-to-node path of `tree` whose tokens equal answer[at:] (greedy acceptance:
+    the first matching child at each depth)."""
     if not len(tree):
-        return 0
+        return ()
     parents, tokens = tree.host_parents, tree.host_tokens or tree.tokens.tolist()
-    depth_of, best = {}, 0
+    path: list[int] = []
     for node, (parent, token) in enumerate(zip(parents, tokens)):
-        depth = 1 if parent < 0 else depth_of.get(parent, -1) + 1 if parent in depth_of else 0
-        if depth and at + depth - 1 < len(answer) and answer[at + depth - 1] == token:
-            depth_of[node] = depth
-            best = max(best, depth)
-    return best
+        depth = len(path) + 1
+        if parent == (path[-1] if path else -1) and at + depth - 1 < len(answer) and answer[at + depth - 1] == token:
+            path.append(node)
+    return tuple(path)
 
 
 class Charges:
@@ -94,7 +96,7 @@ def replay(policy: str, cases: list, charges: Charges) -> dict:
         while position < len(answer):
             if policy == "ar":
                 budget = Budget(0, 0, plain_steps=8)
-            elif policy == "static":
+            elif policy in ("static", "oracle"):
                 budget = Budget(16, 8)
             else:
                 budget = controller.budget([])
@@ -125,14 +127,22 @@ def replay(policy: str, cases: list, charges: Charges) -> dict:
                 controller.observe(StepStats(0, 0, 0, draft_s=draft_s, verify_s=run_s, step_s=draft_s + run_s,
                                              plain_steps=steps, proposed_nodes=1))
                 continue
-            accepted = accepted_length(tree, answer, position)
+            path = accepted_path(tree, answer, position)
+            accepted = len(path)
+            if policy == "oracle" and len(tree):  # verify only what pays, knowing the answer (an upper bound)
+                step = charges.draft + charges.cost.verify_s(len(tree)) + charges.other
+                if (accepted + 1) / step < 1.0 / charges.plain:
+                    run_s = charges.jitter(charges.draft + charges.plain_run(1))
+                    seconds += run_s
+                    position += 1
+                    continue
             draft_s, verify_s = charges.jitter(charges.draft), charges.jitter(charges.cost.verify_s(len(tree)))
             step_s = draft_s + verify_s + charges.jitter(charges.other)
             seconds += step_s
             position += accepted + 1
             if controller is not None:
                 controller.observe(StepStats(len(tree), max_depth(tree), accepted,
-                                             draft_s, verify_s, step_s, tree, tuple(range(accepted))))
+                                             draft_s, verify_s, step_s, tree, path))
         per_category[category][0] += len(answer)
         per_category[category][1] += seconds
     if controller is not None and os.environ.get("VERBOSE"):
@@ -165,7 +175,7 @@ def main(results_path: str, costs_path: str, static: str = "ngram@static:max_dep
     print(f"{len(cases)} answers; plain token {1e3 * charges.plain:.3f} ms, draft {1e3 * charges.draft:.3f} ms a "
           f"step, rest {1e3 * charges.other:.3f} ms, verify_s {{n: ms}} "
           f"{ {n: round(1e3 * s, 3) for n, s in charges.points.items()} }, noise {NOISE}")
-    rates = {policy: replay(policy, cases, charges) for policy in ("ar", "static", "goodput")}
+    rates = {policy: replay(policy, cases, charges) for policy in ("ar", "static", "oracle", "goodput")}
     categories = sorted(rates["ar"])
     print(f"{'category':>22} " + " ".join(f"{p:>10}" for p in rates))
     for category in categories + ["overall"]:
