@@ -9,12 +9,12 @@ what the run measured on its device:
     speculative step the profiled verify_s(nodes) of the run's cost cache + the drafter's seconds per step + the
                      rest of a step (the static method's t_draft and t_other less the prefill, per step)
 Policies: `ar`, `static` (depth 8, 16 nodes: the bench's sweep), `oracle` (static's proposals, each verified only
-where it pays, the answer known, else a plain step: the most a gate could make of this drafter), `goodput` (the
-real controller, its cost model built from the same profile: it sees the step times the replay charges; its own
-host time, measured here, is charged
-too). Prints tokens/s and speedup over `ar` per category and overall; NOISE=0.05 jitters each charged time by
-+-5% (seeded); VERBOSE=1 prints goodput's counters. Not charged: the loop's other host work, and what a real
-step costs beyond the profile (on the H100 run g_paid2 the replay said 1.05x for goodput, the run gave 0.88x):
+where it pays, the answer known, else a plain step: the most a gate could make of this drafter), `goodput` (the real
+controller, its cost model built from the same profile: it sees the step times the replay charges; its own host
+time, measured here, is charged too). Prints tokens/s and speedup over `ar` per category and overall; NOISE=0.05
+jitters each charged time by +-5% (seeded); VERBOSE=1 prints goodput's counters. Not charged: the loop's other host
+work, and what a real step costs beyond the profile (on the H100 run g_paid2 the replay said 1.05x for goodput, the
+run gave 0.88x):
 it ranks policies, it does not predict a run.
 
     python3 evals/scripts/controller_replay.py RESULTS.json COSTS.json [STATIC_METHOD]
