@@ -14,8 +14,7 @@ controller, its cost model built from the same profile: it sees the step times t
 time, measured here, is charged too). Prints tokens/s and speedup over `ar` per category and overall; NOISE=0.05
 jitters each charged time by +-5% (seeded); VERBOSE=1 prints goodput's counters. Not charged: the loop's other host
 work, and what a real step costs beyond the profile (on the H100 run g_paid2 the replay said 1.05x for goodput, the
-run gave 0.88x):
-it ranks policies, it does not predict a run.
+run gave 0.88x): it ranks policies, it does not predict a run.
 
     python3 evals/scripts/controller_replay.py RESULTS.json COSTS.json [STATIC_METHOD]
 """
