@@ -100,6 +100,16 @@ def test_cost_model_refines_toward_measured_steps_and_counts_its_error():
     assert cost.plain_s(8) == pytest.approx(0.016)
 
 
+def test_single_plain_steps_keep_a_stale_profiles_plain_step_current():
+    """A profile cached when the machine was faster: single plain steps (the HF backend's plain runs) are predicted
+    from its step of 0 nodes, capped by it; they refine that point, so the predictions follow the machine."""
+    cost = CostModel({0: 0.050, 8: 0.080})
+    for _ in range(60):
+        cost.observe(StepStats(0, 0, 0, verify_s=0.070, step_s=0.070, plain_steps=1))
+    assert cost.plain_s(1) == pytest.approx(0.070, rel=0.01) and cost.verify_s(0) == pytest.approx(0.070, rel=0.01)
+    assert cost.verify_s(8) >= cost.verify_s(0)  # the larger trees stay at least as costly
+
+
 def test_profile_times_every_size_and_is_cached_on_disk(cost_cache):
     model = tiny_model("llama")
     backend = HFBackend(model)

@@ -14,7 +14,7 @@ plain step and one tree size are timed). Backends with query buckets (graph, nat
 `verify_s(n)` is the profiled time of the smallest profiled size >= n there; elsewhere it interpolates linearly.
 
 **Refinement.** Each measured step moves the profiled points it was predicted from toward its time (weight 1 -
-decay); the draft time is a line a + b * depth and the plain-chain time a line c + d * steps, both fitted by
+decay), a plain run of one step the point of 0 nodes (the same forward); the draft time is a line a + b * depth and the plain-chain time a line c + d * steps, both fitted by
 exponentially weighted least squares of the measured steps. The prediction error of every step (before it is
 learnt) is kept: `error()` is the mean absolute percentage error, what `specdec bench` reports.
 
@@ -140,6 +140,8 @@ class CostModel:
             measured = step.step_s or step.verify_s
             self._count_error(self.plain_s(step.plain_steps), measured)
             self.plain.add(step.plain_steps, measured)
+            if step.plain_steps == 1 and step.verify_s:  # one plain step is the forward a tree of 0 nodes runs: its
+                self._refine(0, step.verify_s)  # time keeps `plain_s`'s cap (the single steps) from going stale
             return
         if step.step_s:
             self._count_error(self.step_s(step.drafted_nodes, step.draft_depth), step.step_s)
