@@ -33,6 +33,8 @@ def expand_methods(methods: list[str], controllers: list[str], sweep: list[int],
         for controller in controllers:
             group["controllers"][controller] = f"{drafter}@{controller}"
             out.append(group["controllers"][controller])
+            if controller.partition(":")[0] == "static":  # a static budget named in --controllers is one of the
+                group["static"].append(out[-1])  # statics the best is picked from, as the sweep's are
         for depth in sweep:
             group["static"].append(f"{drafter}@{static_spec(depth, width)}")
             out.append(group["static"][-1])

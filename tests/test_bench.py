@@ -304,3 +304,29 @@ def test_in_bfloat16_a_wrong_token_stays_algorithmic_and_a_rounding_flip_is_a_ne
     scale = float(logits[[best, runner_up]].abs().max())
     assert close.tolerance == pytest.approx(max(near_tie_tolerance(torch.bfloat16, scale),
                                                 2 * abs(half_gap - exact_gap)))
+
+
+def test_static_budgets_in_controllers_or_the_sweep_are_the_statics_the_best_is_picked_from():
+    """`--controllers goodput,static:...` without a sweep: the named static budget is compared as a static (the
+    report's "best static" is it), and still listed as a controller; sweep and named statics pool."""
+    from specdec.evals.controllers import compare, expand_methods
+
+    controllers = ["goodput", "static:max_depth=8,max_nodes=16"]
+    methods, groups = expand_methods(["ar", "ngram"], controllers, [], 2, lambda method: method != "ar")
+    assert methods == ["ar", "ngram@goodput", "ngram@static:max_depth=8,max_nodes=16"]
+    assert groups["ngram"]["static"] == ["ngram@static:max_depth=8,max_nodes=16"]
+
+    def cell(speedup):
+        return {"speedup": {"mean": speedup}}
+
+    summary = {"ngram@goodput": {"overall": cell(1.15), "qa": cell(1.1), "rag": cell(1.2)},
+               "ngram@static:max_depth=8,max_nodes=16": {"overall": cell(1.0), "qa": cell(1.1), "rag": cell(0.9)},
+               "ngram@static:max_depth=2,max_nodes=4": {"overall": cell(0.9), "qa": cell(1.2), "rag": cell(0.8)}}
+    entry = compare(summary, groups)["ngram"]
+    assert entry["best_static"] == "ngram@static:max_depth=8,max_nodes=16" and entry["best_static_speedup"] == 1.0
+    assert entry["controllers"]["goodput"]["vs_best_static"] == pytest.approx(1.15)
+    _, swept = expand_methods(["ngram"], controllers, [2], 2, lambda method: True)
+    assert swept["ngram"]["static"] == ["ngram@static:max_depth=8,max_nodes=16", "ngram@static:max_depth=2,max_nodes=4"]
+    pooled = compare(summary, swept)["ngram"]
+    assert pooled["category_best"]["qa"]["method"] == "ngram@static:max_depth=2,max_nodes=4"
+    assert pooled["controllers"]["goodput"]["min_vs_category_best"] == pytest.approx(1.1 / 1.2)
