@@ -14,9 +14,10 @@ plain step and one tree size are timed). Backends with query buckets (graph, nat
 `verify_s(n)` is the profiled time of the smallest profiled size >= n there; elsewhere it interpolates linearly.
 
 **Refinement.** Each measured step moves the profiled points it was predicted from toward its time (weight 1 -
-decay), a plain run of one step the point of 0 nodes (the same forward); the draft time is a line a + b * depth and the plain-chain time a line c + d * steps, both fitted by
-exponentially weighted least squares of the measured steps. The prediction error of every step (before it is
-learnt) is kept: `error()` is the mean absolute percentage error, what `specdec bench` reports.
+decay), a plain run of one step the point of 0 nodes (the same forward); the draft time is a line a + b * depth and
+the plain-chain time a line c + d * steps, both fitted by exponentially weighted least squares of the measured
+steps. The prediction error of every step (before it is learnt) is kept: `error()` is the mean absolute percentage
+error, what `specdec bench` reports.
 
 **Disk cache.** `<cache>/costs/<key>.json`, key = sha256 of (device name, a checksum of the model's config and
 a sample of its weights, dtype, backend class): a second run on the same machine skips the profile. A file that
