@@ -140,7 +140,7 @@ def merge_trees(trees: dict[str, DraftTree], max_nodes: int, max_depth: int | No
             proposers[node_of[key]].add(name)
     rank = {name: i for i, name in enumerate(list(order) or list(trees))}
     source = tuple("+".join(sorted(names, key=rank.__getitem__)) for names in proposers)
-    leading = next(iter(trees.values())).match_len if tokens else 0  # merged node 0 is the first tree's node 0
+    leading = next((tree.match_len for tree in trees.values() if len(tree)), 0)  # merged node 0: its node 0
     return DraftTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long), source=source,
                      match_len=leading)
 

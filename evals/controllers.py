@@ -10,6 +10,7 @@ questions (again an oracle). `compare` reports each controller's speedup and its
 
 from __future__ import annotations
 
+from specdec.drafters.base import parse_spec
 from specdec.evals.methods import split_controller
 from specdec.evals.metrics import OVERALL
 
@@ -33,7 +34,7 @@ def expand_methods(methods: list[str], controllers: list[str], sweep: list[int],
         for controller in controllers:
             group["controllers"][controller] = f"{drafter}@{controller}"
             out.append(group["controllers"][controller])
-            if controller.partition(":")[0] == "static":  # a static budget named in --controllers is one of the
+            if parse_spec(controller)[0] == "static":  # a static budget named in --controllers is one of the
                 group["static"].append(out[-1])  # statics the best is picked from, as the sweep's are
         for depth in sweep:
             group["static"].append(f"{drafter}@{static_spec(depth, width)}")

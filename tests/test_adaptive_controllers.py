@@ -696,10 +696,7 @@ def simulate_model_drafter(policy: str, regime: str, p_accept: float = 0.85, seq
     nodes = sorted(points)
 
     def verify_s(n: int) -> float:  # the machine's truth: the profile's points, interpolated
-        upper = next(k for k in nodes if k >= n)
-        lower = max(k for k in nodes if k <= n)
-        return points[lower] if upper == lower else points[lower] + (points[upper] - points[lower]) * (
-            n - lower) / (upper - lower)
+        return float(numpy.interp(n, nodes, [points[k] for k in nodes]))
 
     controller = prepared(GoodputController(resolve_every=1, plain_chain=8), CostModel(dict(points)))
     controller.cost.seed_plain({1: token_s, 8: 8 * token_s})
@@ -744,7 +741,8 @@ def simulate_model_drafter(policy: str, regime: str, p_accept: float = 0.85, seq
 
 @pytest.mark.parametrize("p_accept", [0.7, 0.85, 0.95])
 @pytest.mark.parametrize("regime", sorted(MODEL_REGIMES))
-def test_goodput_with_a_draft_model_speculates_where_chains_pay_and_runs_plain_where_none_does(regime, p_accept, learn_every_step):
+def test_goodput_with_a_draft_model_speculates_where_chains_pay_and_runs_plain_where_none_does(
+        regime, p_accept, learn_every_step):
     """A draft model is no cheap drafter: goodput solves the depth from the learnt acceptance and the measured draft
     seconds. Where verifying costs about an AR step and a draft token half of one (bf16 on an AMX Xeon), chains pay:
     goodput speculates, well above plain decoding. Where a verify costs twice an AR step (float32 on 2 cores), only
