@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import numpy
 import torch
+from specdec.backends.cpu_linear import LinearKernel
 from specdec.backends.hf import cache_keyword, context_window
 from specdec.controllers.base import Budget, Frontier
 from specdec.drafters.base import DraftContext, TargetView, register_drafter
@@ -107,6 +108,7 @@ class ModelDrafter:
             self.model, self.path = source.eval(), None
             self.vocab_size = source.get_output_embeddings().weight.shape[0]
         self.graphs, self.kv = bool(graphs), None
+        self._linear: LinearKernel | None = None  # the CPU linear kernel of the model's forwards (made on the first)
         if self.model is not None:
             self._start_learning()
         self.reset()
@@ -436,12 +438,15 @@ class ModelDrafter:
         """`DynamicKV`'s forward: the draft model over `cache` with a 4D float mask (None: causal) -> (T, V)."""
         device = self.model.device
         keep_last = last_only and "logits_to_keep" in inspect.signature(self.model.forward).parameters
-        out = self.model(input_ids=torch.tensor([token_ids], device=device),
-                         position_ids=torch.tensor([positions], device=device),
-                         attention_mask=None if mask is None else mask.to(device),
-                         use_cache=True, **{cache_keyword(self.model.forward): cache},
-                         **({"logits_to_keep": 1} if keep_last else {}),
-                         **({"output_hidden_states": True} if self._record_hidden else {}))
+        if self._linear is None or self._linear.model is not self.model:  # the target backend's CPU kernel choice
+            self._linear = LinearKernel(self.model)
+        with self._linear.active():
+            out = self.model(input_ids=torch.tensor([token_ids], device=device),
+                             position_ids=torch.tensor([positions], device=device),
+                             attention_mask=None if mask is None else mask.to(device),
+                             use_cache=True, **{cache_keyword(self.model.forward): cache},
+                             **({"logits_to_keep": 1} if keep_last else {}),
+                             **({"output_hidden_states": True} if self._record_hidden else {}))
         if self._record_hidden:  # the rows that made the logits (all of them but for a kept last one)
             self._hidden = out.hidden_states[-1][0, -out.logits.shape[1]:]
         return out.logits[0]

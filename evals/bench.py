@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from specdec.backends.cpu_linear import LinearKernel
 from specdec.config import option
 from specdec.drafters.base import parse_spec
 from specdec.evals.controllers import best_static, compare, expand_methods
@@ -128,7 +129,7 @@ def environment(model, target: str) -> dict:
     return {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
             "triton": triton_version, "python": platform.python_version(), "dtype": str(model.dtype).split(".")[-1],
             "target": target, "target_params": sum(p.numel() for p in model.parameters()),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "linear": LinearKernel(model).name}
 
 
 def run(config: BenchConfig, argv: list[str] | None = None, show_progress: bool = True) -> tuple[dict, int]:

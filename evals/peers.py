@@ -4,11 +4,14 @@ wall time."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from specdec.backends.cpu_linear import LinearKernel
 
 
 @dataclass(frozen=True)
@@ -46,9 +49,11 @@ class _ForwardCounter:
 
 
 def hf_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, prompt_lookup_num_tokens: int | None = None,
-                assistant_model=None, eos_token_id=None, cache_implementation: str | None = None) -> PeerRun:
+                assistant_model=None, eos_token_id=None, cache_implementation: str | None = None,
+                linear: str = "auto") -> PeerRun:
     """Greedy HF `generate`; with `prompt_lookup_num_tokens` it is HF prompt lookup, with `assistant_model` HF
-    assisted generation."""
+    assisted generation. linear: the CPU linear kernel of both models (`specdec.backends.cpu_linear`; "auto" makes
+    the choice specdec's backend makes, so a comparison measures the method, not the kernel)."""
     input_ids = torch.tensor([list(prompt_ids)], device=model.device)
     options = dict(max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(input_ids),
                    prompt_lookup_num_tokens=prompt_lookup_num_tokens, assistant_model=assistant_model)
@@ -56,7 +61,10 @@ def hf_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, prompt_lo
         options["cache_implementation"] = cache_implementation
     if eos_token_id is not None:
         options["eos_token_id"] = eos_token_id
-    with _ForwardCounter(model) as counter, torch.inference_mode():
+    kernels = [LinearKernel(one, linear) for one in (model, assistant_model) if one is not None]
+    with _ForwardCounter(model) as counter, torch.inference_mode(), contextlib.ExitStack() as stack:
+        for kernel in kernels:
+            stack.enter_context(kernel.active())
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()

@@ -320,6 +320,8 @@ def _environment_line(payload: dict) -> str:
     parts = [template.format(env[key]) for key, template in labelled if env.get(key) is not None]
     if env.get("target_params"):
         parts.append(f"{env['target_params'] / 1e6:,.1f}M parameters")
+    if env.get("linear") not in (None, "aten"):
+        parts.append(f"{env['linear']} linear kernel")
     if payload.get("created"):
         parts.append(f"run {payload['created']}")
     return "**Environment:** " + " · ".join(parts)
