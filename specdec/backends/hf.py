@@ -12,6 +12,8 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from specdec.backends.cpu_linear import LinearKernel
+from specdec.backends.gqa_attention import GQAAttention
+from specdec.backends.growing_cache import GrowingCache
 from specdec.tree import DraftTree, ancestor_mask, depth_list
 
 
@@ -19,7 +21,7 @@ from specdec.tree import DraftTree, ancestor_mask, depth_list
 class HFState:
     """One sequence's target cache; `length` = cached tokens (the root's position id)."""
 
-    cache: DynamicCache = field(default_factory=DynamicCache)
+    cache: DynamicCache = field(default_factory=GrowingCache)  # appends in place (HF's own copies the cache a step)
     length: int = 0
 
 
@@ -68,6 +70,7 @@ class HFBackend:
 
     def __init__(self, model: PreTrainedModel, linear: str = "auto"):
         self.linear = LinearKernel(model, linear)
+        self.gqa = GQAAttention(model)  # masked (tree) forwards on a CPU: grouped KV not copied per head
         self.model = model.eval()
         self.device = model.device
         self.dtype = next(model.parameters()).dtype
@@ -80,7 +83,7 @@ class HFBackend:
     def _forward(self, state: HFState, token_ids: torch.Tensor, positions: torch.Tensor,
                  mask: torch.Tensor | None, last_only: bool = False) -> torch.Tensor:
         kwargs = {"logits_to_keep": 1} if last_only and self._logits_to_keep else {}
-        with self.linear.active():
+        with self.linear.active(), self.gqa.active(masked=mask is not None):
             out = self.model(input_ids=token_ids[None], position_ids=positions[None], attention_mask=mask,
                              use_cache=True, **{self._cache_keyword: state.cache}, **kwargs)
         state.length += token_ids.numel()
