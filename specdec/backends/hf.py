@@ -68,6 +68,8 @@ class HFBackend:
     linear: the kernel of the model's linear layers on a CPU in float32 (`specdec.backends.cpu_linear`): "auto"
     (oneDNN where it times clearly faster than aten on this machine and model), "aten" or "onednn"."""
 
+    cost_revision = 2  # cost profiles cached before the growing cache and GQA attention are not reused
+
     def __init__(self, model: PreTrainedModel, linear: str = "auto"):
         self.linear = LinearKernel(model, linear)
         self.gqa = GQAAttention(model)  # masked (tree) forwards on a CPU: grouped KV not copied per head

@@ -302,8 +302,8 @@ def profile_plain(backend, prompt_ids: Sequence[int], longest: int = 8, reps: in
 
 
 def cost_key(backend) -> dict:
-    """What a profile depends on: the device, the model (a checksum), its dtype, the backend and its CPU linear
-    kernel where it is not aten's."""
+    """What a profile depends on: the device, the model (a checksum), its dtype, the backend (and its
+    `cost_revision`, where above 1) and its CPU linear kernel where it is not aten's."""
     model = backend.model
     if backend.device.type == "cuda":
         device = torch.cuda.get_device_name(backend.device)
@@ -311,6 +311,9 @@ def cost_key(backend) -> dict:
         device = f"{_cpu_name()} x{torch.get_num_threads()} threads"
     key = {"device": device, "model": model_checksum(model), "dtype": str(next(model.parameters()).dtype),
            "backend": type(backend).__name__}
+    revision = getattr(backend, "cost_revision", 1)
+    if revision != 1:  # the backend's steps changed cost since profiles were first cached
+        key["revision"] = revision
     linear = getattr(getattr(backend, "linear", None), "name", "aten")
     if linear != "aten":  # another kernel, another cost curve (aten's keys stay as they were)
         key["linear"] = linear
