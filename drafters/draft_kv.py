@@ -11,7 +11,8 @@
                                    step's top token the next one's input, on the device
     kv.layer(i) -> (keys, values)  layer i's cached rows, (1, Hkv, length, D) each
 
-`DynamicKV`: a transformers `DynamicCache`, run through the drafter's own forward (HF's eager modules).
+`DynamicKV`: a transformers `DynamicCache` (specdec's `GrowingCache`: appends in place), run through the drafter's own
+forward (HF's eager modules).
 `GraphKV`: the static cache of a `GraphBackend`; every run is a bucketed step, a CUDA graph replay on the GPU
 (the same code eagerly elsewhere).
 """
@@ -21,9 +22,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from transformers import DynamicCache
-
 from specdec.backends.graph import causal_block
+from specdec.backends.growing_cache import GrowingCache
 from specdec.backends.hf import move_cache_rows
 from specdec.backends.static import move_buffer_rows
 
@@ -33,7 +33,7 @@ Forward = Callable[[list[int], list[int], "torch.Tensor | None", object, bool], 
 
 class DynamicKV:
     def __init__(self, forward: Forward, dtype: torch.dtype):
-        self.cache, self.forward, self.dtype = DynamicCache(), forward, dtype
+        self.cache, self.forward, self.dtype = GrowingCache(), forward, dtype
 
     @property
     def length(self) -> int:
@@ -41,7 +41,7 @@ class DynamicKV:
 
     def keep(self, length: int) -> None:
         if length == 0:
-            self.cache = DynamicCache()
+            self.cache = GrowingCache()
         elif self.length > length:
             self.cache.crop(length - self.length)
 

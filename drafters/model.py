@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy
 import torch
 from specdec.backends.cpu_linear import LinearKernel
+from specdec.backends.gqa_attention import GQAAttention
 from specdec.backends.hf import cache_keyword, context_window
 from specdec.controllers.base import Budget, Frontier
 from specdec.drafters.base import DraftContext, TargetView, register_drafter
@@ -109,6 +110,7 @@ class ModelDrafter:
             self.vocab_size = source.get_output_embeddings().weight.shape[0]
         self.graphs, self.kv = bool(graphs), None
         self._linear: LinearKernel | None = None  # the CPU linear kernel of the model's forwards (made on the first)
+        self._gqa: GQAAttention | None = None       # and their attention under a tree mask
         if self.model is not None:
             self._start_learning()
         self.reset()
@@ -438,9 +440,9 @@ class ModelDrafter:
         """`DynamicKV`'s forward: the draft model over `cache` with a 4D float mask (None: causal) -> (T, V)."""
         device = self.model.device
         keep_last = last_only and "logits_to_keep" in inspect.signature(self.model.forward).parameters
-        if self._linear is None or self._linear.model is not self.model:  # the target backend's CPU kernel choice
-            self._linear = LinearKernel(self.model)
-        with self._linear.active():
+        if self._linear is None or self._linear.model is not self.model:  # the CPU step choices the target's has
+            self._linear, self._gqa = LinearKernel(self.model), GQAAttention(self.model)
+        with self._linear.active(), self._gqa.active(masked=mask is not None):
             out = self.model(input_ids=torch.tensor([token_ids], device=device),
                              position_ids=torch.tensor([positions], device=device),
                              attention_mask=None if mask is None else mask.to(device),

@@ -160,3 +160,12 @@ def test_a_layer_with_its_own_forward_is_left_alone():
     with kernel.active():
         pass
     assert "forward" in hooked.__dict__
+
+
+@needs_onednn
+def test_a_prompts_many_rows_stay_on_aten():
+    layer = torch.nn.Linear(16, 8)
+    kernel = LinearKernel(torch.nn.Sequential(layer), "onednn")
+    many = torch.randn(1, cpu_linear.ONEDNN_MAX_ROWS + 1, 16)
+    with torch.inference_mode(), kernel.active():
+        assert torch.equal(layer(many), torch.nn.functional.linear(many, layer.weight, layer.bias))

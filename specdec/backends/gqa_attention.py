@@ -52,13 +52,14 @@ class GQAAttention:
     """Whether a model's masked forwards use `specdec_gqa_sdpa` (`enabled`), and the switch around one."""
 
     def __init__(self, model):
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        config = getattr(model, "config", None)  # any causal LM module may draft; one without a config is left alone
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
         heads = getattr(config, "num_attention_heads", None)
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         parameter = next(model.parameters(), None)
         self.model = model
         self.enabled = (parameter is not None and parameter.device.type == "cpu" and heads is not None
-                        and kv_heads < heads and model.config._attn_implementation == "sdpa"
+                        and kv_heads < heads and getattr(model.config, "_attn_implementation", None) == "sdpa"
                         and hasattr(model, "set_attn_implementation"))
         if self.enabled:
             try:  # a model that refuses a registered implementation keeps its own
