@@ -141,3 +141,32 @@ def test_models_without_grouped_heads_or_sdpa_are_left_alone():
     eager = fresh_tiny_model("llama")
     eager.set_attn_implementation("eager")
     assert not GQAAttention(eager).enabled
+
+
+def test_a_model_that_refuses_or_ignores_the_switch_keeps_its_own_attention(monkeypatch):
+    refusing = fresh_tiny_model("llama")
+    monkeypatch.setattr(refusing, "set_attn_implementation", lambda name: (_ for _ in ()).throw(ValueError(name)))
+    assert not GQAAttention(refusing).enabled
+    ignoring = fresh_tiny_model("llama")
+    monkeypatch.setattr(ignoring, "set_attn_implementation", lambda name: None)  # as transformers does, warning
+    assert not GQAAttention(ignoring).enabled
+
+
+def test_masked_forwards_run_through_the_gqa_function(monkeypatch):
+    import specdec.backends.gqa_attention as gqa_module
+
+    calls = []
+    original = gqa_module.gqa_sdpa_forward
+    monkeypatch.setattr(gqa_module, "gqa_sdpa_forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, gqa_module.gqa_sdpa_forward)
+    try:
+        backend = HFBackend(fresh_tiny_model("llama"))
+        state = backend.prefill(repetitive_prompt(VOCAB, seed=4))
+        backend.decode(state, 3)
+        assert not calls  # a plain step: no mask, the model's own sdpa
+        backend.score_tree(state, 3, DraftTree.chain([4, 5]))
+        assert len(calls) == 2  # one per layer
+    finally:
+        AttentionInterface.register(NAME, original)

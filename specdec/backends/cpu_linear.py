@@ -67,14 +67,15 @@ class LinearKernel:
             if fits and sum(module.weight.numel() for module in self.linears) >= AUTO_MIN_PARAMS:
                 kernel = cached_choice(self.linears)
         self.name = kernel
+        self._forwards = [functools.partial(_onednn_forward, module) for module in self.linears] if kernel == "onednn" else []
 
     @contextlib.contextmanager
     def active(self):
         if self.name == "aten":
             yield
             return
-        for module in self.linears:  # the instance's own `forward` shadows the class's; popped after
-            module.__dict__["forward"] = functools.partial(_onednn_forward, module)
+        for module, forward in zip(self.linears, self._forwards):  # the instance's own `forward` shadows the
+            module.__dict__["forward"] = forward                    # class's; popped after
         try:
             yield
         finally:

@@ -61,20 +61,29 @@ class GQAAttention:
         self.enabled = (parameter is not None and parameter.device.type == "cpu" and heads is not None
                         and kv_heads < heads and getattr(model.config, "_attn_implementation", None) == "sdpa"
                         and hasattr(model, "set_attn_implementation"))
+        self._configs = []  # the configs the model's attention reads (a causal LM and its inner model share one)
         if self.enabled:
-            try:  # a model that refuses a registered implementation keeps its own
+            try:  # a model that refuses a registered implementation (or ignores it, warning) keeps its own
                 model.set_attn_implementation(register())
+                switched = model.config._attn_implementation == NAME
+                self._configs = list({id(m.config): m.config for m in model.modules() if hasattr(m, "config")
+                                      and getattr(m.config, "_attn_implementation", None) == NAME}.values())
                 model.set_attn_implementation("sdpa")
             except (ValueError, TypeError, NotImplementedError, AttributeError):
-                self.enabled = False
+                switched = False
+            self.enabled = switched
 
     @contextlib.contextmanager
     def active(self, masked: bool = True):
+        """Switch the configs directly: `set_attn_implementation` (checked once above) walks every module, ~0.4 ms
+        a call, twice per verify."""
         if not (self.enabled and masked):
             yield
             return
-        self.model.set_attn_implementation(NAME)
+        for config in self._configs:
+            config._attn_implementation_internal = NAME
         try:
             yield
         finally:
-            self.model.set_attn_implementation("sdpa")
+            for config in self._configs:
+                config._attn_implementation_internal = "sdpa"
